@@ -1,0 +1,152 @@
+"""`jaxllm` command line: a thin layer over the Python API.
+
+Exit codes: 0 success; 2 bad usage or bad input (config, data, checkpoint, mesh); 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Subcommands implemented elsewhere: "name" or "group name" -> "module:function(argv) -> int".
+DELEGATED = {
+    "pipeline": "jaxllm.pipeline:pipeline_main",
+    "generate": "jaxllm.generate:generate_main",
+    "chat": "jaxllm.generate:chat_main",
+    "score": "jaxllm.rl:score_main",
+    "eval": "jaxllm.evaluate:eval_main",
+    "bench": "jaxllm.bench:bench_main",
+    "plan": "jaxllm.planning:plan_main",
+    "sweep": "jaxllm.sweep:sweep_main",
+    "tokenizer train": "jaxllm.data.tokenizer:tokenizer_train_main",
+    "data stats": "jaxllm.data.pipeline:data_stats_main",
+    "data filter": "jaxllm.quality:filter_main",
+    "data train-quality": "jaxllm.quality:train_quality_main",
+    "data select": "jaxllm.selection:select_main",
+    "data generate": "jaxllm.teacher:generate_data_main",
+    "analyze knowledge": "jaxllm.analysis:knowledge_main",
+    "analyze shift": "jaxllm.analysis:shift_main",
+    "experiment knowledge": "jaxllm.knowledge_experiment:experiment_main",
+    "convert from-hf": "jaxllm.convert:from_hf_main",
+    "convert to-hf": "jaxllm.convert:to_hf_main",
+}
+
+# Allocator settings measured +33% on the CPU train step (no mmap churn, one arena).
+_CPU_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+
+
+def _maybe_reexec_with_fast_malloc(argv: list[str]) -> None:
+    """glibc reads its malloc settings at process start, so set them and re-exec once."""
+    if os.environ.get("JAXLLM_NO_REEXEC") or not sys.platform.startswith("linux"):
+        return
+    if all(os.environ.get(k) for k in _CPU_MALLOC_ENV):
+        return
+    env = dict(os.environ)
+    for key, value in _CPU_MALLOC_ENV.items():
+        env.setdefault(key, value)
+    env["JAXLLM_NO_REEXEC"] = "1"
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "jaxllm.cli", *argv], env)
+    except OSError:
+        return
+
+
+def _train_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm train", description="Train one stage from a YAML recipe.")
+    parser.add_argument("recipe", help="YAML recipe, e.g. configs/pretrain_tiny.yaml")
+    parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile ahead of time and print parameters, FLOPs/token and memory; no training")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10 init_from=runs/pt")
+    args = parser.parse_args(argv)
+    from jaxllm.config import load_config
+
+    config = load_config(args.recipe, args.overrides)
+    if args.dry_run:
+        from jaxllm.aot import dry_run
+
+        report = dry_run(config)
+        for key, value in report.items():
+            print(f"{key:>28}: {value}")
+        return 0
+    from jaxllm.train import train
+
+    result = train(config, args.workdir)
+    state = "stopped early at" if result.stopped_early else "finished at"
+    print(f"{config.train.stage} {state} step {result.final_step}; workdir {result.workdir}")
+    if result.eval_metrics:
+        print("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.eval_metrics.items())))
+    return 0
+
+
+def _delegate(target: str, argv: list[str]) -> int:
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            print(f"jaxllm: this command is not available in this build ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(getattr(module, function_name)(argv) or 0)
+
+
+def _usage() -> str:
+    commands = ["train"] + sorted(DELEGATED)
+    return "usage: jaxllm COMMAND [ARGS]\n\ncommands:\n  " + "\n  ".join(commands) + \
+        "\n\nRun `jaxllm COMMAND --help` for a command's arguments."
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("--version", "version"):
+        from jaxllm import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] == "train":
+        return _train_command(argv[1:])
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in DELEGATED:
+        return _delegate(DELEGATED[f"{argv[0]} {argv[1]}"], argv[2:])
+    if argv[0] in DELEGATED:
+        return _delegate(DELEGATED[argv[0]], argv[1:])
+    groups = sorted({k.split()[0] for k in DELEGATED if " " in k})
+    if argv[0] in groups:
+        subs = sorted(k.split()[1] for k in DELEGATED if k.startswith(argv[0] + " "))
+        print(f"jaxllm {argv[0]}: choose one of: {', '.join(subs)}", file=sys.stderr)
+        return 2
+    print(f"jaxllm: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("-h", "--help", "--version", "version"):
+        _maybe_reexec_with_fast_malloc(argv)
+    from jaxllm.errors import USAGE_ERRORS, RUNTIME_ERRORS
+
+    try:
+        return run(argv)
+    except USAGE_ERRORS as error:
+        print(f"jaxllm: error: {error}", file=sys.stderr)
+        return 2
+    except RUNTIME_ERRORS as error:
+        print(f"jaxllm: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

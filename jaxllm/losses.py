@@ -1,0 +1,272 @@
+"""Pure loss functions. No jaxllm imports; every function documents its shapes.
+
+Conventions: B batch, T sequence, V vocabulary. Token arrays are aligned so that position t holds
+token t, and `token_logprobs[:, t]` = log p(token t | tokens < t) (position 0 has no prediction: 0).
+Losses return `(loss_sum, denominator, metrics)` so gradient accumulation, packing and
+multi-device reduction stay exact: the mean is sum / denominator over the *whole* batch, and an
+all-masked batch gives 0 / max(0, 1) instead of NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Metrics = dict[str, jax.Array]
+LossOutput = tuple[jax.Array, jax.Array, Metrics]
+
+
+def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+    return total / jnp.maximum(count, 1e-9)
+
+
+def target_weights(loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B,T] float weights of each target token: the loss mask, restricted to tokens whose
+    predecessor is in the same (non-padding) segment, so no document predicts across a boundary."""
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    weights = loss_mask[:, 1:].astype(jnp.float32) * same.astype(jnp.float32)
+    return jnp.pad(weights, ((0, 0), (1, 0)))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """logits [B,T,V] (position t predicts token t+1), tokens [B,T] -> [B,T] log-probs aligned with tokens."""
+    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def cross_entropy(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_loss: float = 0.0) -> LossOutput:
+    """Next-token cross-entropy. logits [B,T,V], tokens [B,T], weights [B,T] (see target_weights).
+
+    Returns (sum of weighted token losses incl. z-loss, sum of weights, metrics with sums)."""
+    shifted = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    w = weights[:, 1:]
+    log_z = jax.nn.logsumexp(shifted, axis=-1)
+    target_logit = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    correct = (jnp.argmax(shifted, axis=-1) == targets).astype(jnp.float32)
+    total = jnp.sum(nll * w)
+    z_term = jnp.sum(jnp.square(log_z) * w)
+    count = jnp.sum(w)
+    metrics = {"nll_sum": total, "correct_sum": jnp.sum(correct * w), "z_loss_sum": z_term, "tokens": count}
+    return total + z_loss * z_term, count, metrics
+
+
+def sequence_logprobs(token_lp: jax.Array, weights: jax.Array) -> jax.Array:
+    """[B,T] token log-probs and weights -> [B] summed log-prob of each sequence's weighted tokens."""
+    return jnp.sum(token_lp * weights, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference losses (DPO family) and reward models.
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
+             reference_rejected: jax.Array, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> LossOutput:
+    """DPO (Rafailov et al. 2023) and variants from per-sequence log-probs [B].
+
+    sigmoid: -(1-ε) log σ(β h) - ε log σ(-β h), h = (π_c - ref_c) - (π_r - ref_r)  (ε: label smoothing)
+    ipo:     (h - 1/(2β))²                                        (Azar et al. 2023)
+    hinge:   max(0, 1 - β h)                                       (SLiC)
+    Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = jnp.square(h - 1.0 / (2.0 * beta))
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1.0 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss type '{loss_type}'; use sigmoid, ipo or hinge")
+    chosen_reward = beta * chosen_ratio
+    rejected_reward = beta * rejected_ratio
+    count = jnp.asarray(losses.shape[0], jnp.float32)
+    metrics = {
+        "pairs": count,
+        "reward_chosen_sum": jnp.sum(chosen_reward),
+        "reward_rejected_sum": jnp.sum(rejected_reward),
+        "reward_margin_sum": jnp.sum(chosen_reward - rejected_reward),
+        "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)),
+    }
+    return jnp.sum(losses), count, metrics
+
+
+def kto_loss(policy_logprobs: jax.Array, reference_logprobs: jax.Array, labels: jax.Array, kl_reference: jax.Array,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
+    """KTO (Ethayarajh et al. 2024) on unpaired feedback. Log-probs [B], labels [B] (+1 good / -1 bad),
+    kl_reference: scalar reference point z0 (clamped at 0, no gradient).
+
+    desirable:   w_d (1 - σ(β (r - z0)));  undesirable: w_u (1 - σ(β (z0 - r))),  r = π - ref."""
+    z0 = jax.lax.stop_gradient(jnp.maximum(kl_reference, 0.0))
+    ratio = policy_logprobs - reference_logprobs
+    desirable = (labels > 0).astype(jnp.float32)
+    undesirable = (labels < 0).astype(jnp.float32)
+    losses = (desirable * desirable_weight * (1 - jax.nn.sigmoid(beta * (ratio - z0)))
+              + undesirable * undesirable_weight * (1 - jax.nn.sigmoid(beta * (z0 - ratio))))
+    count = jnp.sum(desirable + undesirable)
+    metrics = {
+        "examples": count,
+        "reward_desirable_sum": jnp.sum(beta * ratio * desirable),
+        "reward_undesirable_sum": jnp.sum(beta * ratio * undesirable),
+        "desirable": jnp.sum(desirable),
+        "undesirable": jnp.sum(undesirable),
+        "kl_reference": z0,
+    }
+    return jnp.sum(losses), count, metrics
+
+
+def bradley_terry_loss(reward_chosen: jax.Array, reward_rejected: jax.Array) -> LossOutput:
+    """Reward-model loss -log σ(r_c - r_r) on scalar rewards [B]."""
+    losses = -jax.nn.log_sigmoid(reward_chosen - reward_rejected)
+    count = jnp.asarray(losses.shape[0], jnp.float32)
+    metrics = {
+        "pairs": count,
+        "preference_correct_sum": jnp.sum((reward_chosen > reward_rejected).astype(jnp.float32)),
+        "reward_margin_sum": jnp.sum(reward_chosen - reward_rejected),
+    }
+    return jnp.sum(losses), count, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy gradient: advantage estimators and the clipped policy loss, registered by name.
+
+AdvantageFn = Callable[[jax.Array, int], jax.Array]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def register(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return register
+
+
+@register_advantage("reinforce")
+def reinforce_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """REINFORCE with a baseline: reward minus the batch-mean reward. rewards [B] -> [B]."""
+    return rewards - jnp.mean(rewards)
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """REINFORCE leave-one-out: each sample's baseline is the mean of the other samples of its prompt.
+    rewards [P*G] grouped contiguously -> [P*G]."""
+    if group_size < 2:
+        return reinforce_advantages(rewards, group_size)
+    grouped = rewards.reshape(-1, group_size)
+    others = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+    """GRPO: (r - mean of its group) / (std of its group + eps). A group whose rewards are all equal
+    gets zero advantage, hence zero gradient."""
+    grouped = rewards.reshape(-1, group_size)
+    mean = jnp.mean(grouped, axis=1, keepdims=True)
+    std = jnp.std(grouped, axis=1, keepdims=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def equal_reward_groups(rewards: jax.Array, group_size: int) -> jax.Array:
+    """Fraction of groups whose rewards are all equal (they contribute no gradient)."""
+    grouped = rewards.reshape(-1, group_size)
+    return jnp.mean((jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)).astype(jnp.float32))
+
+
+def gae_advantages(rewards: jax.Array, values: jax.Array, weights: jax.Array, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over answer tokens. rewards [B,T] (per token; usually the
+    sequence reward on the last answer token), values [B,T], weights [B,T] answer-token mask.
+    Returns (advantages [B,T], returns [B,T]); zero outside the mask."""
+    values = values * weights
+
+    def step(carry, inputs):
+        next_value, next_advantage = carry
+        reward, value, weight = inputs
+        delta = reward + gamma * next_value - value
+        advantage = delta + gamma * lam * next_advantage
+        advantage = advantage * weight
+        # Outside the answer (weight 0) carry the future through unchanged.
+        new_next_value = jnp.where(weight > 0, value, next_value)
+        new_next_advantage = jnp.where(weight > 0, advantage, next_advantage)
+        return (new_next_value, new_next_advantage), advantage
+
+    init = (jnp.zeros(rewards.shape[0]), jnp.zeros(rewards.shape[0]))
+    _, advantages = jax.lax.scan(step, init, (rewards.T, values.T, weights.T), reverse=True)
+    advantages = advantages.T
+    return advantages, (advantages + values) * weights
+
+
+def kl_penalty(logprobs: jax.Array, reference_logprobs: jax.Array) -> jax.Array:
+    """Per-token k3 estimator of KL(π || ref): exp(ref - π) - (ref - π) - 1 ≥ 0. [B,T] -> [B,T]."""
+    diff = reference_logprobs - logprobs
+    return jnp.exp(diff) - diff - 1.0
+
+
+PolicyLossFn = Callable[..., LossOutput]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES[name] = fn
+        return fn
+    return register
+
+
+@register_policy_loss("clipped")
+def clipped_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, reference_logprobs: jax.Array,
+                        advantages: jax.Array, weights: jax.Array, clip_epsilon: float = 0.2,
+                        kl_coef: float = 0.0) -> LossOutput:
+    """PPO/GRPO clipped surrogate with an optional KL penalty to the reference, token level.
+
+    logprobs/old_logprobs/reference_logprobs [B,T]; advantages [B] (per sequence) or [B,T] (per token);
+    weights [B,T] answer tokens. Loss per token: -(min(ρA, clip(ρ, 1±ε)A) - β KL), summed; the
+    denominator is the number of answer tokens."""
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1 - clip_epsilon, 1 + clip_epsilon) * advantages
+    objective = jnp.minimum(unclipped, clipped)
+    kl = kl_penalty(logprobs, reference_logprobs)
+    per_token = -(objective - kl_coef * kl)
+    count = jnp.sum(weights)
+    metrics = {
+        "tokens": count,
+        "kl_sum": jnp.sum(kl * weights),
+        "clipped_fraction_sum": jnp.sum((jnp.abs(ratio - 1) > clip_epsilon).astype(jnp.float32) * weights),
+    }
+    return jnp.sum(per_token * weights), count, metrics
+
+
+@register_policy_loss("reinforce")
+def reinforce_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, reference_logprobs: jax.Array,
+                          advantages: jax.Array, weights: jax.Array, clip_epsilon: float = 0.2,
+                          kl_coef: float = 0.0) -> LossOutput:
+    """Plain policy gradient -A log π (one update per batch, so no ratio), plus the KL penalty.
+    For a +1 answer this is SFT on it; for a -1 answer the same loss with a minus sign."""
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    kl = kl_penalty(logprobs, reference_logprobs)
+    per_token = -(advantages * logprobs - kl_coef * kl)
+    count = jnp.sum(weights)
+    metrics = {"tokens": count, "kl_sum": jnp.sum(kl * weights),
+               "clipped_fraction_sum": jnp.zeros((), jnp.float32)}
+    return jnp.sum(per_token * weights), count, metrics
+
+
+def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, weights: jax.Array,
+               clip_epsilon: float = 0.2) -> LossOutput:
+    """PPO clipped value loss ½ max((V - R)², (clip(V, V_old ± ε) - R)²) over answer tokens [B,T]."""
+    clipped = old_values + jnp.clip(values - old_values, -clip_epsilon, clip_epsilon)
+    losses = 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
+    count = jnp.sum(weights)
+    return jnp.sum(losses * weights), count, {"value_tokens": count}

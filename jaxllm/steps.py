@@ -1,0 +1,245 @@
+"""Pure train and eval steps, one per stage: `(state, batch[, ref_params]) -> (state, metrics)`.
+
+Each stage is a loss function `(params, batch, reference_params) -> (loss_sum, denominator, sums)`
+built from `jaxllm.losses`; one generic step turns any of them into an update with exact gradient
+accumulation (sums over micro-batches, divided once by the total denominator), global-norm
+clipping (in the optimizer), and a guard that skips updates with a non-finite or spiking loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import losses
+from jaxllm import model as model_lib
+from jaxllm.config import Config
+from jaxllm.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, Metrics]]
+
+# Metric sums divided by a count other than the loss denominator.
+_SUM_DENOMINATORS = {
+    "reward_desirable_sum": "desirable",
+    "reward_undesirable_sum": "undesirable",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage losses.
+
+
+def lm_loss(graphdef, params, batch: Batch, reference_params=None, *, z_loss: float = 0.0):
+    """Pretraining and SFT: next-token cross-entropy on the tokens the loss mask selects."""
+    logits = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    weights = losses.target_weights(batch["loss_mask"], batch["segment_ids"])
+    return losses.cross_entropy(logits, batch["tokens"], weights, z_loss)
+
+
+def sequence_logprobs(graphdef, params, tokens, positions, segment_ids, loss_mask) -> jax.Array:
+    """[B] summed log-prob of each row's masked (answer) tokens."""
+    logits = model_lib.apply(graphdef, params, tokens, positions, segment_ids)
+    weights = losses.target_weights(loss_mask, segment_ids)
+    return losses.sequence_logprobs(losses.token_logprobs(logits, tokens), weights)
+
+
+def _pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """One forward pass over chosen and rejected rows together -> ([B], [B])."""
+    fields = ("tokens", "positions", "segment_ids", "loss_mask")
+    joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
+    logps = sequence_logprobs(graphdef, params, *joined)
+    half = batch["chosen_tokens"].shape[0]
+    return logps[:half], logps[half:]
+
+
+def dpo_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, loss_type: str,
+             label_smoothing: float):
+    """DPO/IPO/hinge against the frozen reference (or precomputed `reference_chosen_logps` /
+    `reference_rejected_logps` in the batch)."""
+    policy_chosen, policy_rejected = _pair_logprobs(graphdef, params, batch)
+    if "reference_chosen_logps" in batch:
+        ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    else:
+        ref_chosen, ref_rejected = _pair_logprobs(graphdef, jax.lax.stop_gradient(reference_params), batch)
+    return losses.dpo_loss(policy_chosen, policy_rejected, jax.lax.stop_gradient(ref_chosen),
+                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing)
+
+
+def kto_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, desirable_weight: float,
+             undesirable_weight: float):
+    """KTO on thumbs up/down. The reference point z0 is the batch mean of log π/ref over all its
+    completions (detached, clamped at 0): a cheap stand-in for the paper's mismatched-pair KL."""
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
+    policy = sequence_logprobs(graphdef, params, *args)
+    reference = jax.lax.stop_gradient(sequence_logprobs(graphdef, reference_params, *args))
+    kl_reference = jnp.mean(jax.lax.stop_gradient(policy) - reference)
+    return losses.kto_loss(policy, reference, batch["label"], kl_reference, beta, desirable_weight,
+                           undesirable_weight)
+
+
+def last_token_index(weights: jax.Array) -> jax.Array:
+    """[B,T] weights -> [B] index of the last weighted token (0 when none)."""
+    positions = jnp.arange(weights.shape[1])[None]
+    return jnp.max(jnp.where(weights > 0, positions, 0), axis=1)
+
+
+def sequence_scores(graphdef, params, tokens, positions, segment_ids, loss_mask, head: str = "reward") -> jax.Array:
+    """Scalar head on the hidden state of each row's last answer token (its EOS) -> [B]."""
+    hidden = model_lib.apply_hidden(graphdef, params, tokens, positions, segment_ids)
+    weights = losses.target_weights(loss_mask, segment_ids)
+    last = last_token_index(weights)
+    final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    head_params = params[model_lib.HEADS_KEY][head]
+    return final @ head_params["kernel"] + head_params["bias"]
+
+
+def reward_loss(graphdef, params, batch: Batch, reference_params=None):
+    """Reward model: Bradley-Terry on preference pairs, scores from the 'reward' head."""
+    fields = ("tokens", "positions", "segment_ids", "loss_mask")
+    joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
+    scores = sequence_scores(graphdef, params, *joined)
+    half = batch["chosen_tokens"].shape[0]
+    return losses.bradley_terry_loss(scores[:half], scores[half:])
+
+
+def stage_loss(config: Config, graphdef) -> LossFn:
+    """The loss function of `config.train.stage` with the graph definition and settings bound."""
+    stage, fb = config.train.stage, config.feedback
+    if stage in ("pretrain", "sft"):
+        return functools.partial(lm_loss, graphdef, z_loss=config.train.z_loss)
+    if stage == "dpo":
+        return functools.partial(dpo_loss, graphdef, beta=fb.beta, loss_type=fb.loss,
+                                 label_smoothing=fb.label_smoothing)
+    if stage == "kto":
+        return functools.partial(kto_loss, graphdef, beta=fb.beta, desirable_weight=fb.desirable_weight,
+                                 undesirable_weight=fb.undesirable_weight)
+    if stage == "reward":
+        return functools.partial(reward_loss, graphdef)
+    raise ValueError(f"stage '{stage}' has no batch loss (the rl stage uses jaxllm.rl)")
+
+
+def needs_reference(stage: str) -> bool:
+    return stage in ("dpo", "kto", "rl")
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic step.
+
+
+def summarize(loss_sum: jax.Array, denominator: jax.Array, sums: Metrics) -> Metrics:
+    """Sums -> means: `x_sum` keys are divided by their count (the loss denominator by default)."""
+    out: Metrics = {"loss": losses.safe_mean(loss_sum, denominator), "denominator": denominator}
+    for key, value in sums.items():
+        if key.endswith("_sum"):
+            count = sums.get(_SUM_DENOMINATORS.get(key, ""), denominator)
+            out[key[: -len("_sum")]] = losses.safe_mean(value, count)
+        else:
+            out[key] = value
+    if "nll" in out:
+        out["perplexity"] = jnp.exp(jnp.minimum(out["nll"], 30.0))
+        out["accuracy"] = out.pop("correct")
+    if "preference_correct" in out:
+        out["preference_accuracy"] = out.pop("preference_correct")
+    return out
+
+
+def _split_micro_batches(batch: Batch, count: int) -> Batch:
+    def split(x):
+        if x.ndim == 0:
+            return jnp.broadcast_to(x, (count,))
+        return x.reshape((count, x.shape[0] // count) + x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch: Batch, reference_params, micro_batches: int):
+    """Sum of loss, denominator, metric sums and gradients of the loss *sum* over micro-batches."""
+    grad_fn = jax.value_and_grad(lambda p, b: _sum_and_aux(loss_fn, p, b, reference_params), has_aux=True)
+    if micro_batches == 1:
+        (loss_sum, (denominator, sums)), grads = grad_fn(params, batch)
+        return loss_sum, denominator, sums, grads
+
+    def body(carry, micro):
+        (loss_sum, (denominator, sums)), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (loss_sum, denominator, sums, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], _split_micro_batches(batch, micro_batches))
+    shapes = jax.eval_shape(lambda b: grad_fn(params, b), first)
+    (loss_shape, (denominator_shape, sums_shape)), grads_shape = shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, denominator_shape, sums_shape, grads_shape))
+    totals, _ = jax.lax.scan(body, zeros, _split_micro_batches(batch, micro_batches))
+    return totals
+
+
+def _sum_and_aux(loss_fn: LossFn, params, batch, reference_params):
+    loss_sum, denominator, sums = loss_fn(params, batch, reference_params)
+    return loss_sum, (denominator, sums)
+
+
+def train_step(state: TrainState, batch: Batch, reference_params=None, loss_limit=jnp.inf, *,
+               loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batches: int = 1):
+    """One update. Skips (keeps params and optimizer state) when the loss or gradient norm is
+    non-finite or the loss exceeds `loss_limit`; the step counter always advances, so the data
+    order stays a function of the step."""
+    loss_sum, denominator, sums, grads = accumulate_gradients(loss_fn, state.params, batch, reference_params,
+                                                              micro_batches)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(denominator, 1e-9), grads)
+    metrics = summarize(loss_sum, denominator, sums)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                              opt_state=keep(new_opt_state, state.opt_state))
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32))
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, reference_params=None, *, loss_fn: LossFn) -> Metrics:
+    """Loss and metrics of one batch without an update (sums kept for exact averaging over batches)."""
+    loss_sum, denominator, sums = loss_fn(params, batch, reference_params)
+    return {"loss_sum": loss_sum, "denominator": denominator, **sums}
+
+
+def summarize_eval(results: list[Metrics]) -> dict[str, float]:
+    """Combines eval_step outputs of several batches exactly (sums first, then means)."""
+    totals = jax.tree.map(lambda *x: sum(float(v) for v in x), *results)
+    loss_sum, denominator = totals.pop("loss_sum"), totals.pop("denominator")
+    return {k: float(v) for k, v in summarize(jnp.asarray(loss_sum), jnp.asarray(denominator),
+                                              {k: jnp.asarray(v) for k, v in totals.items()}).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Named steps for the Python API: each is `(state, batch[, ref_params]) -> (state, metrics)` once
+# the static parts are bound with functools.partial (or built by `build_train_step`).
+
+
+def pretrain_step(state, batch, *, graphdef, optimizer, z_loss: float = 0.0, micro_batches: int = 1):
+    return train_step(state, batch, loss_fn=functools.partial(lm_loss, graphdef, z_loss=z_loss),
+                      optimizer=optimizer, micro_batches=micro_batches)
+
+
+sft_step = pretrain_step  # the same loss: the SFT batch's loss_mask selects the answer tokens
+
+
+def dpo_step(state, batch, reference_params, *, graphdef, optimizer, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, micro_batches: int = 1):
+    loss_fn = functools.partial(dpo_loss, graphdef, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    return train_step(state, batch, reference_params, loss_fn=loss_fn, optimizer=optimizer,
+                      micro_batches=micro_batches)
+
+
+def build_train_step(config: Config, graphdef, optimizer, loss_fn: LossFn | None = None):
+    """The (unjitted) step of the configured stage: (state, batch, reference_params, loss_limit)."""
+    return functools.partial(train_step, loss_fn=loss_fn or stage_loss(config, graphdef), optimizer=optimizer,
+                             micro_batches=config.train.grad_accum_steps)
+
+
+def build_eval_step(config: Config, graphdef, loss_fn: LossFn | None = None):
+    return functools.partial(eval_step, loss_fn=loss_fn or stage_loss(config, graphdef))

@@ -1,0 +1,154 @@
+"""Each loss against an independent NumPy implementation of its paper's formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import losses
+
+
+def np_log_sigmoid(x):
+    return -np.logaddexp(0, -x)
+
+
+def np_log_softmax(x):
+    return x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) - x.max(-1, keepdims=True)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_cross_entropy_matches_numpy(rng):
+    logits = rng.normal(size=(3, 7, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, (3, 7))
+    weights = rng.integers(0, 2, (3, 7)).astype(np.float32)
+    total, count, metrics = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(weights))
+    lp = np_log_softmax(logits[:, :-1])
+    nll = -np.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(total, np.sum(nll * weights[:, 1:]), rtol=1e-5)
+    np.testing.assert_allclose(count, weights[:, 1:].sum())
+
+
+def test_token_logprobs_align_with_tokens(rng):
+    logits = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    tokens = rng.integers(0, 6, (2, 5))
+    got = np.asarray(losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
+    assert np.all(got[:, 0] == 0)
+    np.testing.assert_allclose(got[:, 3], np_log_softmax(logits[:, 2])[np.arange(2), tokens[:, 3]], rtol=1e-5)
+
+
+def test_sft_loss_ignores_targets_of_masked_prompt_tokens(rng):
+    logits = jnp.asarray(rng.normal(size=(2, 8, 10)).astype(np.float32))
+    tokens = rng.integers(0, 10, (2, 8))
+    mask = np.zeros((2, 8), np.float32)
+    mask[:, 5:] = 1  # answer tokens
+    segments = np.ones((2, 8), np.int32)
+    weights = losses.target_weights(jnp.asarray(mask), jnp.asarray(segments))
+    changed = tokens.copy()
+    changed[:, :5] = (changed[:, :5] + 3) % 10  # change prompt tokens (targets that are masked)
+    a = losses.cross_entropy(logits, jnp.asarray(tokens), weights)[0]
+    b = losses.cross_entropy(logits, jnp.asarray(changed), weights)[0]
+    np.testing.assert_allclose(a, b)
+
+
+def test_target_weights_drop_first_token_of_each_document_and_padding():
+    mask = jnp.ones((1, 6))
+    segments = jnp.asarray([[1, 1, 2, 2, 2, 0]])
+    np.testing.assert_array_equal(losses.target_weights(mask, segments), [[0, 1, 0, 1, 1, 0]])
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan(rng):
+    logits = jnp.asarray(rng.normal(size=(2, 4, 5)).astype(np.float32))
+    total, count, _ = losses.cross_entropy(logits, jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4)))
+    assert float(losses.safe_mean(total, count)) == 0.0
+
+
+def np_dpo(pc, pr, rc, rr, beta, kind, eps):
+    h = (pc - rc) - (pr - rr)
+    if kind == "sigmoid":
+        return -(1 - eps) * np_log_sigmoid(beta * h) - eps * np_log_sigmoid(-beta * h)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return np.maximum(0, 1 - beta * h)
+
+
+@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+def test_dpo_family_matches_numpy(rng, kind, eps):
+    pc, pr, rc, rr = (rng.normal(size=6).astype(np.float32) * 3 for _ in range(4))
+    total, count, metrics = losses.dpo_loss(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=0.3, loss_type=kind,
+                                            label_smoothing=eps)
+    np.testing.assert_allclose(total, np_dpo(pc, pr, rc, rr, 0.3, kind, eps).sum(), rtol=1e-5)
+    assert count == 6
+    np.testing.assert_allclose(metrics["reward_chosen_sum"], (0.3 * (pc - rc)).sum(), rtol=1e-5)
+
+
+def test_dpo_with_policy_equal_reference_is_log_two_with_zero_margin(rng):
+    x = jnp.asarray(rng.normal(size=5).astype(np.float32))
+    y = jnp.asarray(rng.normal(size=5).astype(np.float32))
+    total, count, metrics = losses.dpo_loss(x, y, x, y, beta=0.1)
+    np.testing.assert_allclose(total / count, np.log(2), rtol=1e-6)
+    assert float(metrics["reward_margin_sum"]) == 0.0
+
+
+def test_kto_matches_numpy(rng):
+    policy, reference = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    labels = np.array([1, -1] * 4, np.float32)
+    z0, beta, wd, wu = 0.2, 0.5, 1.0, 1.5
+    total, count, _ = losses.kto_loss(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(labels),
+                                      jnp.asarray(z0), beta, wd, wu)
+    r = policy - reference
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    expected = np.where(labels > 0, wd * (1 - sig(beta * (r - z0))), wu * (1 - sig(beta * (z0 - r))))
+    np.testing.assert_allclose(total, expected.sum(), rtol=1e-5)
+    assert count == 8
+
+
+def test_bradley_terry_matches_numpy(rng):
+    rc, rr = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    total, _, _ = losses.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr))
+    np.testing.assert_allclose(total, -np_log_sigmoid(rc - rr).sum(), rtol=1e-5)
+
+
+def test_grpo_clipped_objective_matches_numpy(rng):
+    lp = rng.normal(size=(4, 6)).astype(np.float32) * 0.3
+    old = lp + rng.normal(size=(4, 6)).astype(np.float32) * 0.3
+    ref = lp + rng.normal(size=(4, 6)).astype(np.float32) * 0.3
+    weights = rng.integers(0, 2, (4, 6)).astype(np.float32)
+    rewards = np.array([1.0, 0.0, 0.5, 1.0], np.float32)
+    adv = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), 2))
+    grouped = rewards.reshape(2, 2)
+    expected_adv = ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, keepdims=True) + 1e-6)).ravel()
+    np.testing.assert_allclose(adv, expected_adv, rtol=1e-5)
+    total, count, _ = losses.clipped_policy_loss(*(jnp.asarray(x) for x in (lp, old, ref, adv, weights)),
+                                                 clip_epsilon=0.2, kl_coef=0.05)
+    ratio = np.exp(lp - old)
+    objective = np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None])
+    kl = np.exp(ref - lp) - (ref - lp) - 1
+    np.testing.assert_allclose(total, (-(objective - 0.05 * kl) * weights).sum(), rtol=1e-4)
+    np.testing.assert_allclose(count, weights.sum())
+
+
+def test_advantage_estimators_registry_and_equal_groups():
+    rewards = jnp.asarray([1.0, 1.0, 0.0, 1.0])
+    assert set(losses.ADVANTAGE_ESTIMATORS) >= {"reinforce", "rloo", "grpo"}
+    np.testing.assert_allclose(losses.rloo_advantages(rewards, 2), [0, 0, -1, 1])
+    np.testing.assert_allclose(losses.grpo_advantages(rewards, 2)[:2], [0, 0])
+    assert float(losses.equal_reward_groups(rewards, 2)) == 0.5
+
+
+def test_gae_with_lambda_one_and_zero_values_is_reward_to_go():
+    rewards = jnp.asarray([[0.0, 0.0, 0.0, 1.0]])
+    values = jnp.zeros((1, 4))
+    weights = jnp.asarray([[0.0, 1.0, 1.0, 1.0]])
+    advantages, returns = losses.gae_advantages(rewards, values, weights, gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(advantages, [[0, 1, 1, 1]])
+    np.testing.assert_allclose(returns, [[0, 1, 1, 1]])
+
+
+def test_gradients_of_losses_are_finite(rng):
+    x = jnp.asarray(rng.normal(size=4).astype(np.float32))
+    grad = jax.grad(lambda a: losses.dpo_loss(a, x, x, x)[0])(x)
+    assert np.all(np.isfinite(grad))

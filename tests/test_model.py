@@ -1,0 +1,129 @@
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import model as model_lib
+from jaxllm.config import ModelConfig
+
+CONFIG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                     attention_block_size=8)
+IMPLEMENTATIONS = ["reference", "xla", "blockwise"]
+
+
+def _inputs(batch=2, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 64, (batch, length)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    segments = jnp.ones((batch, length), jnp.int32)
+    return tokens, positions, segments
+
+
+def _forward(impl, params, tokens, positions, segments, **overrides):
+    config = dataclasses.replace(CONFIG, attention=impl, **overrides)
+    graphdef, _ = model_lib.abstract_model(config)
+    return jax.jit(model_lib.apply, static_argnums=0)(graphdef, params, tokens, positions, segments)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model_lib.init_model(CONFIG, seed=0)[1]
+
+
+def test_param_shapes_and_logical_axes_match(params):
+    axes = model_lib.logical_axes(CONFIG)
+    jax.tree.map(lambda p, a: chex.assert_rank(p, len(a)), params, axes, is_leaf=lambda x: isinstance(x, tuple))
+    chex.assert_shape(params["blocks"]["attention"]["q_proj"], (2, 32, 4, 8))
+    chex.assert_shape(params["blocks"]["attention"]["k_proj"], (2, 32, 2, 8))
+    chex.assert_tree_all_finite(params)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_implementations_agree_with_reference(params, impl):
+    tokens, positions, segments = _inputs()
+    expected = _forward("reference", params, tokens, positions, segments)
+    got = _forward(impl, params, tokens, positions, segments)
+    chex.assert_shape(got, (2, 32, 64))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_changing_a_token_never_changes_earlier_logits(params, impl):
+    tokens, positions, segments = _inputs()
+    t = 20
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 64)
+    before = _forward(impl, params, tokens, positions, segments)
+    after = _forward(impl, params, changed, positions, segments)
+    np.testing.assert_allclose(before[:, :t], after[:, :t], atol=1e-6)
+    assert np.abs(np.asarray(before[:, t:] - after[:, t:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_segment_ids_block_cross_document_attention(params, impl):
+    tokens, _, _ = _inputs(length=32)
+    split = 13  # document 1: [0, 13), document 2: [13, 32)
+    segments = jnp.asarray(np.where(np.arange(32) < split, 1, 2)[None].repeat(2, 0), jnp.int32)
+    positions = jnp.asarray(np.where(np.arange(32) < split, np.arange(32), np.arange(32) - split)[None].repeat(2, 0),
+                            jnp.int32)
+    other = tokens.at[:, split:].set((tokens[:, split:] + 7) % 64)
+    first = _forward(impl, params, tokens, positions, segments)
+    second = _forward(impl, params, other, positions, segments)
+    np.testing.assert_allclose(first[:, :split], second[:, :split], atol=1e-6)
+    # Document 2 alone (as the only document of a row) gives the same logits as inside the pack.
+    alone = _forward(impl, params, other[:, split:], positions[:, split:], jnp.ones_like(segments[:, split:]))
+    np.testing.assert_allclose(second[:, split:], alone, atol=2e-5)
+
+
+def test_changing_document_one_never_changes_document_two_in_the_same_row(params):
+    tokens, _, _ = _inputs(length=32)
+    segments = jnp.asarray(np.where(np.arange(32) < 16, 1, 2)[None].repeat(2, 0), jnp.int32)
+    positions = jnp.asarray((np.arange(32) % 16)[None].repeat(2, 0), jnp.int32)
+    other = tokens.at[:, :16].set((tokens[:, :16] + 3) % 64)
+    for impl in IMPLEMENTATIONS:
+        a = _forward(impl, params, tokens, positions, segments)
+        b = _forward(impl, params, other, positions, segments)
+        np.testing.assert_allclose(a[:, 16:], b[:, 16:], atol=1e-6)
+
+
+def test_remat_and_unscanned_layers_give_the_same_logits(params):
+    tokens, positions, segments = _inputs()
+    base = _forward("reference", params, tokens, positions, segments)
+    for overrides in ({"remat": "full"}, {"remat": "dots"}, {"scan_layers": False}):
+        np.testing.assert_allclose(_forward("reference", params, tokens, positions, segments, **overrides), base,
+                                   atol=1e-5)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward(params):
+    tokens, positions, segments = _inputs(length=16)
+    full = _forward("reference", params, tokens, positions, segments)
+    graphdef, _ = model_lib.abstract_model(CONFIG)
+    cache = model_lib.init_cache(CONFIG, 2, 16)
+    logits, cache = model_lib.apply_with_cache(graphdef, params, tokens[:, :10], positions[:, :10], segments[:, :10],
+                                               cache)
+    np.testing.assert_allclose(logits, full[:, :10], atol=2e-5)
+    for t in range(10, 16):
+        step_logits, cache = model_lib.apply_with_cache(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1],
+                                                        segments[:, t:t + 1], cache)
+        np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=2e-5)
+    assert int(cache["index"]) == 16
+
+
+def test_untied_embeddings_and_bfloat16_compute_run():
+    config = dataclasses.replace(CONFIG, tie_embeddings=False, dtype="bfloat16")
+    graphdef, params = model_lib.init_model(config, 0)
+    assert "lm_head" in params
+    tokens, positions, segments = _inputs()
+    logits = jax.jit(model_lib.apply, static_argnums=0)(graphdef, params, tokens, positions, segments)
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+
+
+def test_flops_per_token_counts_dense_and_attention_terms():
+    flops = model_lib.flops_per_token(CONFIG, 32)
+    d, f, layers = 32, CONFIG.resolved_d_ff, 2
+    per_layer = d * 4 * 8 + 2 * d * 2 * 8 + 4 * 8 * d + 3 * d * f
+    assert flops == 6 * (layers * per_layer + d * 64) + 12 * layers * 32 * 4 * 8
