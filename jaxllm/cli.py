@@ -65,7 +65,7 @@ def _train_command(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="compile ahead of time and print parameters, FLOPs/token and memory; no training")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10 init_from=runs/pt")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from jaxllm.config import load_config
 
     config = load_config(args.recipe, args.overrides)
@@ -129,9 +129,16 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("-h", "--help", "--version", "version"):
+    if from_command_line and argv and argv[0] not in ("-h", "--help", "--version", "version"):
         _maybe_reexec_with_fast_malloc(argv)
+    try:  # Orbax and TFDS log through absl; keep the terminal for our own progress lines
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
     from jaxllm.errors import USAGE_ERRORS, RUNTIME_ERRORS
 
     try:

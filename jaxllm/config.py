@@ -38,6 +38,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention: str = "auto"  # auto | xla | blockwise | cudnn | reference
     attention_block_size: int = 128  # query/key block for the blockwise implementation
+    loss_chunk_size: int = 0  # >0: fused lm head + cross-entropy over this many positions at a time (no [B,T,V] logits)
     remat: str = "none"  # none | full | dots
     scan_layers: bool = True
     init_std: float = 0.02
@@ -128,6 +129,8 @@ class RLConfig:
     gae_lambda: float = 0.95
     gamma: float = 1.0
     value_coef: float = 0.5
+    policy_loss: str = "clipped"  # a registered policy loss (jaxllm.losses.POLICY_LOSSES)
+    judge_template: str = ""  # self_judge prompt with {question} {answer} {reference}; "" = jaxllm.rl's default
 
 
 @dataclasses.dataclass
@@ -155,6 +158,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    num_devices: int = 0  # 0 = every device; N = only the first N (debugging, tests)
     distributed: bool = False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
 
 
@@ -334,6 +338,9 @@ def validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}='{value}' is not one of {', '.join(allowed)}{_closest(value, list(allowed))}")
+    if m.loss_chunk_size < 0 or m.attention_block_size < 1:
+        raise ConfigError(f"model.loss_chunk_size={m.loss_chunk_size} must be >= 0 (0 = unfused) and "
+                          f"model.attention_block_size={m.attention_block_size} >= 1")
     if config.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if config.train.batch_size % config.train.grad_accum_steps:

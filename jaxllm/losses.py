@@ -9,6 +9,7 @@ all-masked batch gives 0 / max(0, 1) instead of NaN.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -53,6 +54,106 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_lo
     count = jnp.sum(w)
     metrics = {"nll_sum": total, "correct_sum": jnp.sum(correct * w), "z_loss_sum": z_term, "tokens": count}
     return total + z_loss * z_term, count, metrics
+
+
+def chunked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, tokens: jax.Array, weights: jax.Array,
+                          z_loss: float = 0.0, chunk_size: int = 128) -> LossOutput:
+    """`cross_entropy(hidden @ unembedding, tokens, weights, z_loss)` without the [B,T,V] logits.
+
+    hidden [B,T,D] final normed states, unembedding [D,V] (already in the compute dtype), tokens and
+    weights [B,T]. Positions go through the lm head `chunk_size` at a time, so only [B,C,V] float32
+    logits exist at once. Under differentiation the gradient is computed chunk by chunk in the same
+    pass (Liger-style): the backward pass only scales the stored d/dhidden [B,T,D] and d/dunembedding
+    [D,V] by the incoming cotangent, so the head costs three matmuls, as unfused, and no recompute.
+    Only the loss sum is differentiable; the metric sums carry no gradient."""
+    batch, length, _ = hidden.shape
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t predicts token t+1; the last predicts nothing
+    target_weights_ = jnp.pad(weights[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    chunk = max(1, min(chunk_size, length))
+    padded = -length % chunk
+    if padded:
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padded)))
+        target_weights_ = jnp.pad(target_weights_, ((0, 0), (0, padded)))
+    loss_sum, nll_sum, correct_sum, z_sum = _fused_head_loss(float(z_loss), chunk, hidden, unembedding, targets,
+                                                             target_weights_)
+    metrics = {"nll_sum": jax.lax.stop_gradient(nll_sum), "correct_sum": jax.lax.stop_gradient(correct_sum),
+               "z_loss_sum": jax.lax.stop_gradient(z_sum), "tokens": jnp.sum(target_weights_)}
+    return loss_sum, jnp.sum(target_weights_), metrics
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, n*C, ...] -> [n, B, C, ...] (the scan axis first)."""
+    return jnp.swapaxes(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    """[n, B, C, ...] -> [B, n*C, ...]."""
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _chunk_statistics(h, unembedding, targets, weights, z_loss):
+    """One chunk: h [B,C,D], targets/weights [B,C] -> (logits [B,C,V] f32, log Z [B,C], per-token loss, sums)."""
+    logits = jnp.einsum("bcd,dv->bcv", h, unembedding, preferred_element_type=jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    z_term = jnp.square(log_z)
+    per_token = nll + z_loss * z_term  # d loss / d weight
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    sums = jnp.stack([jnp.sum(per_token * weights), jnp.sum(nll * weights), jnp.sum(correct * weights),
+                      jnp.sum(z_term * weights)])
+    return logits, log_z, per_token, sums
+
+
+def _fused_primal(z_loss, chunk, hidden, unembedding, targets, weights):
+    def body(totals, xs):
+        _, _, _, sums = _chunk_statistics(*xs[:1], unembedding, *xs[1:], z_loss)
+        return totals + sums, None
+
+    xs = (_to_chunks(hidden, chunk), _to_chunks(targets, chunk), _to_chunks(weights, chunk))
+    totals, _ = jax.lax.scan(body, jnp.zeros(4, jnp.float32), xs)
+    return tuple(totals)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_head_loss(z_loss, chunk, hidden, unembedding, targets, weights):
+    return _fused_primal(z_loss, chunk, hidden, unembedding, targets, weights)
+
+
+def _fused_forward(z_loss, chunk, hidden, unembedding, targets, weights):
+    vocab = unembedding.shape[-1]
+
+    def body(carry, xs):
+        totals, d_unembedding = carry
+        h, t, w = xs
+        logits, log_z, per_token, sums = _chunk_statistics(h, unembedding, t, w, z_loss)
+        # d(sum_t w_t (log Z_t - logit_t[y_t] + z log Z_t^2)) / d logits = w (1 + 2 z log Z) softmax - w onehot(y).
+        probs = jnp.exp(logits - log_z[..., None])
+        scale = w * (1.0 + 2.0 * z_loss * log_z)
+        onehot = jnp.arange(vocab, dtype=t.dtype) == t[..., None]
+        d_logits = (probs * scale[..., None] - jnp.where(onehot, w[..., None], 0.0)).astype(h.dtype)
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, unembedding, preferred_element_type=jnp.float32)
+        d_unembedding = d_unembedding + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        return (totals + sums, d_unembedding), (d_h.astype(h.dtype), per_token)
+
+    xs = (_to_chunks(hidden, chunk), _to_chunks(targets, chunk), _to_chunks(weights, chunk))
+    init = (jnp.zeros(4, jnp.float32), jnp.zeros(unembedding.shape, jnp.float32))
+    (totals, d_unembedding), (d_hidden, per_token) = jax.lax.scan(body, init, xs)
+    residuals = (_from_chunks(d_hidden), d_unembedding.astype(unembedding.dtype), _from_chunks(per_token))
+    return tuple(totals), residuals
+
+
+def _fused_backward(z_loss, chunk, residuals, cotangents):
+    del z_loss, chunk
+    d_hidden, d_unembedding, per_token = residuals
+    g = cotangents[0]  # only the loss sum is differentiable
+    return ((g * d_hidden).astype(d_hidden.dtype), (g * d_unembedding).astype(d_unembedding.dtype), None,
+            g * per_token)
+
+
+_fused_head_loss.defvjp(_fused_forward, _fused_backward)
 
 
 def sequence_logprobs(token_lp: jax.Array, weights: jax.Array) -> jax.Array:

@@ -99,6 +99,15 @@ def xla_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, implementat
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def cudnn_attention(q, k, v, q_index, kv_index, q_segment, kv_segment) -> jax.Array:
+    """cuDNN flash attention (GPU, 16-bit compute) for training (T == S, rows in order): the kernel's
+    own causal mask, so it skips the upper triangle of tiles, plus the segment mask as a bias."""
+    del q_index, kv_index  # causality by row order, which the kernel's causal mask uses
+    same_segment = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
+                                        implementation="cudnn")
+
+
 def blockwise_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, block_size: int) -> jax.Array:
     """Block-causal attention for training (T == S, rows in order): query block i only scores key
     blocks 0..i, so the upper triangle of the T x T scores is never built. Exact."""
@@ -135,8 +144,10 @@ def attend(impl: str, block_size: int, q, k, v, q_index, kv_index, q_segment, kv
         return reference_attention(*args)
     if impl == "blockwise":
         return blockwise_attention(*args, block_size=block_size)
-    if impl in ("xla", "cudnn"):
-        return xla_attention(*args, implementation=impl)
+    if impl == "cudnn":
+        return cudnn_attention(*args)
+    if impl == "xla":
+        return xla_attention(*args)
     raise ValueError(f"unknown attention implementation '{impl}'")
 
 

@@ -60,6 +60,10 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if config.num_devices:
+        if config.num_devices > len(devices):
+            raise MeshError(f"mesh.num_devices={config.num_devices} but only {len(devices)} devices are available")
+        devices = devices[: config.num_devices]
     shape = mesh_shape(config, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

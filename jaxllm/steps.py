@@ -35,10 +35,15 @@ _SUM_DENOMINATORS = {
 # Stage losses.
 
 
-def lm_loss(graphdef, params, batch: Batch, reference_params=None, *, z_loss: float = 0.0):
-    """Pretraining and SFT: next-token cross-entropy on the tokens the loss mask selects."""
-    logits = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+def lm_loss(graphdef, params, batch: Batch, reference_params=None, *, z_loss: float = 0.0, loss_chunk_size: int = 0):
+    """Pretraining and SFT: next-token cross-entropy on the tokens the loss mask selects.
+    `loss_chunk_size` > 0 fuses the lm head into the loss (no [B,T,V] float32 logits; same sums)."""
     weights = losses.target_weights(batch["loss_mask"], batch["segment_ids"])
+    if loss_chunk_size:
+        hidden = model_lib.apply_hidden(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        unembedding = model_lib.unembedding(graphdef, params).astype(hidden.dtype)
+        return losses.chunked_cross_entropy(hidden, unembedding, batch["tokens"], weights, z_loss, loss_chunk_size)
+    logits = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
     return losses.cross_entropy(logits, batch["tokens"], weights, z_loss)
 
 
@@ -112,7 +117,8 @@ def stage_loss(config: Config, graphdef) -> LossFn:
     """The loss function of `config.train.stage` with the graph definition and settings bound."""
     stage, fb = config.train.stage, config.feedback
     if stage in ("pretrain", "sft"):
-        return functools.partial(lm_loss, graphdef, z_loss=config.train.z_loss)
+        return functools.partial(lm_loss, graphdef, z_loss=config.train.z_loss,
+                                 loss_chunk_size=config.model.loss_chunk_size)
     if stage == "dpo":
         return functools.partial(dpo_loss, graphdef, beta=fb.beta, loss_type=fb.loss,
                                  label_smoothing=fb.label_smoothing)
@@ -220,9 +226,10 @@ def summarize_eval(results: list[Metrics]) -> dict[str, float]:
 # the static parts are bound with functools.partial (or built by `build_train_step`).
 
 
-def pretrain_step(state, batch, *, graphdef, optimizer, z_loss: float = 0.0, micro_batches: int = 1):
-    return train_step(state, batch, loss_fn=functools.partial(lm_loss, graphdef, z_loss=z_loss),
-                      optimizer=optimizer, micro_batches=micro_batches)
+def pretrain_step(state, batch, *, graphdef, optimizer, z_loss: float = 0.0, micro_batches: int = 1,
+                  loss_chunk_size: int = 0):
+    loss_fn = functools.partial(lm_loss, graphdef, z_loss=z_loss, loss_chunk_size=loss_chunk_size)
+    return train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, micro_batches=micro_batches)
 
 
 sft_step = pretrain_step  # the same loss: the SFT batch's loss_mask selects the answer tokens

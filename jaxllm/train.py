@@ -253,7 +253,8 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
     if eval_batches is None:
         from jaxllm.data.pipeline import make_eval_batches
 
-        eval_batches = make_eval_batches(config, context.tokenizer, config.train.eval_batches)
+        eval_batches = make_eval_batches(config, context.tokenizer, config.train.eval_batches,
+                                         jax.process_index(), jax.process_count())
     step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer)
     eval_fn = steps_lib.build_eval_step(config, context.graphdef)
     return run_loop(context, batch_iterator, step_fn, eval_fn, eval_batches, log=log,
@@ -264,8 +265,10 @@ def jit_step(context: RunContext, step_fn):
     shardings = context.state_shardings
     batch_sharding = sharding_lib.batch_sharding(context.mesh)
     replicated = sharding_lib.replicated(context.mesh)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, shardings.params if context.reference_params
-                                          is not None else None, replicated),
+    reference_shardings = None  # the reference has no heads (reward/value) even when the state does
+    if context.reference_params is not None:
+        reference_shardings = {k: v for k, v in shardings.params.items() if k != model_lib.HEADS_KEY}
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, reference_shardings, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
@@ -286,9 +289,13 @@ def save_checkpoint(context: RunContext, batch_iterator, step: int, force: bool 
 
 def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches: list, *,
              prepare_batch: Callable[[RunContext, dict], tuple[dict, dict]] | None = None,
+             evaluate_fn: Callable[[RunContext], dict[str, float]] | None = None,
              log: Callable[[str], None] = print, max_steps_this_run: int | None = None) -> TrainResult:
     """Runs `step_fn` until train.steps. `prepare_batch(context, host_batch) -> (host_batch, extra
-    metrics)` lets a stage build its batch from the current params (on-policy RL)."""
+    metrics)` lets a stage build its batch from the current params (on-policy RL); `evaluate_fn(context)`
+    replaces the batch evaluation (eval_fn over eval_batches) when a stage evaluates otherwise."""
+    if evaluate_fn is None:
+        evaluate_fn = lambda ctx: evaluate(ctx, eval_fn, eval_batches)  # noqa: E731
     config = context.config
     tc = config.train
     metrics_log = MetricsLog(context.workdir, tc.stage, enabled=context.is_main_process)
@@ -326,6 +333,7 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
                     timed_seconds += elapsed
                 values.update(extra)
                 values["tokens_per_second"] = tokens_done / timed_seconds if timed_seconds else 0.0
+                values["step_seconds"] = elapsed
                 if values.get("skipped", 0.0) > 0:
                     bad_in_a_row += 1
                     _log_skipped(context, step, values, host_batch, log)
@@ -343,7 +351,7 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
                     metrics_log.write(step, "train", values)
                     progress.update(step, values)
             if tc.eval_every and step % tc.eval_every == 0 and step < end:
-                metrics_log.write(step, "eval", evaluate(context, eval_fn, eval_batches))
+                metrics_log.write(step, "eval", evaluate_fn(context))
             if step % tc.checkpoint_every == 0 and step < end:
                 save_checkpoint(context, batch_iterator, step)
             if stop["signal"] is not None:
@@ -356,7 +364,7 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
     progress.close()
     eval_metrics = {}
     if not stopped_early and step == tc.steps:
-        eval_metrics = evaluate(context, eval_fn, eval_batches)
+        eval_metrics = evaluate_fn(context)
         metrics_log.write(step, "eval", eval_metrics)
         if context.is_main_process:
             (context.workdir / "summary.json").write_text(json.dumps({

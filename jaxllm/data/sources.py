@@ -1,0 +1,430 @@
+"""Data sources: where records come from. Every source yields plain dict records.
+
+Source specs (the value of `data.source` / `data.eval_source`):
+- `default:NAME`   a set embedded in the package (jaxllm/data/default/NAME.jsonl); `list_default_sets()`.
+- `text:PATH`      a file: one document per blank-line-separated block; a directory: one document per
+                   file (recursive, sorted, hidden files skipped). Records are {text_field: document}.
+- `jsonl:PATH`     one JSON object per line (blank lines ignored); a directory: all *.jsonl, sorted.
+- `parquet:PATH`   a Parquet file or a directory of *.parquet, read with pyarrow (optional dependency);
+                   the row count is checked against the file metadata.
+- `tfds:NAME[/CONFIG][:SPLIT]`  a prepared TensorFlow-Datasets dataset in array_record format, read with
+                   `tfds.data_source` (no TensorFlow needed; never downloads). The data dir is
+                   $TFDS_DATA_DIR or TFDS's default. `tfds:/path/to/name/version[:SPLIT]` reads a dataset
+                   directory directly. SPLIT defaults to train and may be a slice ("train[:90%]").
+                   Text comes back as bytes and is decoded as UTF-8; a Sequence of dicts (e.g. messages)
+                   comes back as a list of dicts.
+
+`build_tfds_from_jsonl` turns local JSONL into such a TFDS dataset (offline), e.g. for tests.
+
+Record ids: the 0-based ordinal of the record in its source (JSONL: the n-th non-blank line; text:
+the n-th document; tfds: the index in the split). Batches carry them as `example_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxllm.data.report import DataError
+
+SOURCE_KINDS = ("default", "text", "jsonl", "parquet", "tfds")
+DEFAULT_DIR = "default"
+# An eval set paired with a default training set (used when data.eval_source is empty).
+DEFAULT_EVAL_PAIRS = {
+    "pretrain": "pretrain_eval", "sft": "sft_eval", "preferences": "preferences_eval",
+    "feedback": "feedback_eval", "rl_prompts": "qa_eval",
+}
+
+# A callback for bad records: called with (reason, message); raises (fail) or returns (skip).
+BadRecord = Callable[[str, str], None]
+
+
+@dataclasses.dataclass
+class Record:
+    index: int  # the record id (see the module docstring)
+    data: dict[str, Any]
+    where: str  # "file.jsonl:17" style, for messages
+
+
+def _fail(reason: str, message: str) -> None:
+    raise DataError(message, reason)
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not rest:
+        raise DataError(f"data source '{spec}' is not understood: use one of "
+                        "default:NAME, text:PATH, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT")
+    return kind, rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded default sets
+
+
+def _default_root():
+    return resources.files("jaxllm.data").joinpath(DEFAULT_DIR)
+
+
+def list_default_sets() -> list[str]:
+    return sorted(entry.name[:-len(".jsonl")] for entry in _default_root().iterdir()
+                  if entry.name.endswith(".jsonl"))
+
+
+def _default_bytes(name: str) -> bytes:
+    entry = _default_root().joinpath(f"{name}.jsonl")
+    if not entry.is_file():
+        raise DataError(f"there is no embedded data set '{name}'; available: {', '.join(list_default_sets())}")
+    return entry.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _decode_line(raw: bytes, where: str, on_bad: BadRecord) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        on_bad("not_utf8", f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                           "re-encode the file as UTF-8")
+        return None
+
+
+def _jsonl_records(data: bytes, name: str, start_index: int, on_bad: BadRecord) -> Iterator[Record]:
+    index = start_index
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{name}:{line_number}"
+        record_index, index = index, index + 1
+        line = _decode_line(raw, where, on_bad)
+        if line is None:
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            on_bad("malformed_json", f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+            continue
+        if not isinstance(value, dict):
+            on_bad("wrong_type", f"{where}: each line must be a JSON object, got {type(value).__name__}")
+            continue
+        yield Record(record_index, value, where)
+
+
+def _data_files(path: Path, kind: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob(f"*.{kind}") if not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{kind}:{path}: the directory holds no *.{kind} files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{kind}:{path}: no such file or directory")
+    return [path]
+
+
+def _parquet_records(files: list[Path]) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DataError("parquet sources need pyarrow: pip install pyarrow (or convert the data to JSONL)") from None
+    index = 0
+    for path in files:
+        try:
+            handle = parquet.ParquetFile(path)
+        except Exception as error:
+            raise DataError(f"parquet:{path}: cannot read the file: {error}") from None
+        expected, seen = handle.metadata.num_rows, 0
+        for batch in handle.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield Record(index, row, f"{path} row {seen}")
+                index, seen = index + 1, seen + 1
+        if seen != expected:
+            raise DataError(f"parquet:{path}: read {seen} rows but the file metadata says {expected}; "
+                            "the file is damaged or was written incompletely")
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not path.is_file():
+        raise DataError(f"text:{path}: no such file or directory")
+    return [path]
+
+
+def _text_block_records(data: bytes, name: str, text_field: str, on_bad: BadRecord) -> Iterator[Record]:
+    """Documents separated by blank lines; a line that is not UTF-8 is reported (or skipped)."""
+    block: list[str] = []
+    start_line = 1
+    index = 0
+    lines = data.split(b"\n")
+    for line_number, raw in enumerate(lines + [b""], start=1):
+        line = _decode_line(raw.rstrip(b"\r"), f"{name}:{line_number}", on_bad) if raw.strip() else ""
+        if line is None:
+            continue
+        if line.strip():
+            if not block:
+                start_line = line_number
+            block.append(line)
+        elif block:
+            yield Record(index, {text_field: "\n".join(block)}, f"{name}:{start_line}")
+            index += 1
+            block = []
+
+
+def _text_dir_records(files: list[Path], text_field: str, on_bad: BadRecord) -> Iterator[Record]:
+    for index, path in enumerate(files):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw[:error.start].count(b"\n") + 1
+            on_bad("not_utf8", f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
+                               "re-encode the file as UTF-8")
+            continue
+        yield Record(index, {text_field: text}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS (array_record, no TensorFlow)
+
+
+def _parse_tfds(rest: str) -> tuple[str, str]:
+    """'name/config:split' -> ('name/config', 'split'); the split may hold a slice ('train[:10%]')."""
+    name, sep, split = rest.partition(":")
+    return name, (split if sep and split else "train")
+
+
+def _tfds_source(rest: str):
+    import tensorflow_datasets as tfds
+
+    name, split = _parse_tfds(rest)
+    try:
+        if name.startswith(("/", ".", "~")):
+            builder = tfds.builder_from_directory(os.path.expanduser(name))
+            return builder.as_data_source(split=split), f"{name}:{split}"
+        data_dir = os.environ.get("TFDS_DATA_DIR") or None
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False), f"{name}:{split}"
+    except Exception as error:  # TFDS raises many types; turn them into one clear message
+        text = str(error).split("\n")[0]
+        hint = ("prepare it first (jaxllm reads TFDS datasets in array_record format without TensorFlow; a dataset "
+                "that only exists as tfrecord needs `pip install tensorflow` and a rebuild with "
+                "file_format='array_record'); the data dir is $TFDS_DATA_DIR or ~/tensorflow_datasets")
+        raise DataError(f"tfds:{rest}: cannot open the dataset: {text}. {hint}") from None
+
+
+def _to_python(value: Any, where: str, field: str) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: field '{field}' is not valid UTF-8", "not_utf8") from None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OSU":
+            return [_to_python(item, where, field) for item in value.tolist()]
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_to_python(item, where, field) for item in value]
+    if isinstance(value, dict):
+        converted = {key: _to_python(item, where, f"{field}.{key}" if field else key) for key, item in value.items()}
+        columns = list(converted.values())
+        if field and columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
+            # A TFDS Sequence of dicts arrives as a dict of equal-length lists: turn it back into rows.
+            return [dict(zip(converted, row)) for row in zip(*columns)]
+        return converted
+    return value
+
+
+def _tfds_records(rest: str, on_bad: BadRecord) -> Iterator[Record]:
+    source, label = _tfds_source(rest)
+    chunk = 1024
+    for start in range(0, len(source), chunk):
+        indices = list(range(start, min(start + chunk, len(source))))
+        items = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
+        for index, item in zip(indices, items):
+            where = f"tfds:{label} record {index}"
+            try:
+                yield Record(index, _to_python(item, where, ""), where)
+            except DataError as error:
+                on_bad("not_utf8", str(error))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def iter_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail) -> Iterator[Record]:
+    """Records of a source in order; bad lines go to `on_bad(reason, message)` (default: raise)."""
+    kind, rest = parse_source(spec)
+    if kind == "default":
+        yield from _jsonl_records(_default_bytes(rest), f"default:{rest}", 0, on_bad)
+    elif kind == "jsonl":
+        index = 0
+        for path in _data_files(Path(rest), "jsonl"):
+            data = path.read_bytes()
+            yield from _jsonl_records(data, str(path), index, on_bad)
+            index += sum(1 for raw in data.split(b"\n") if raw.strip())
+    elif kind == "parquet":
+        yield from _parquet_records(_data_files(Path(rest), "parquet"))
+    elif kind == "text":
+        path = Path(rest)
+        files = _text_files(path)
+        if path.is_dir():
+            yield from _text_dir_records(files, text_field, on_bad)
+        else:
+            yield from _text_block_records(path.read_bytes(), str(path), text_field, on_bad)
+    else:
+        yield from _tfds_records(rest, on_bad)
+
+
+def read_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail) -> list[Record]:
+    """All records of a source; an empty source is an error."""
+    records = list(iter_records(spec, text_field, on_bad))
+    if not records:
+        raise DataError(f"data source '{spec}' has no records (it is empty, or every record was bad and skipped)")
+    return records
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key != "role":
+                yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def read_texts(spec: str, text_field: str = "text") -> Iterator[str]:
+    """Every piece of text in a source (for tokenizer training): the text field, else all string values."""
+    for record in iter_records(spec, text_field):
+        if isinstance(record.data.get(text_field), str):
+            yield record.data[text_field]
+        else:
+            yield from (text for text in _strings(record.data) if text.strip())
+
+
+def source_fingerprint(spec: str) -> str:
+    """Changes when the source's content may have changed (file sizes and times, TFDS split size)."""
+    kind, rest = parse_source(spec)
+    parts: list[str] = [spec]
+    if kind == "default":
+        parts.append(hashlib.sha256(_default_bytes(rest)).hexdigest())
+    elif kind in ("jsonl", "parquet", "text"):
+        path = Path(rest)
+        files = _text_files(path) if kind == "text" else _data_files(path, kind)
+        for file in files:
+            stat = file.stat()
+            parts.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    else:
+        source, label = _tfds_source(rest)
+        parts.append(f"{label}:{len(source)}:{os.environ.get('TFDS_DATA_DIR', '')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def default_eval_source(spec: str) -> str | None:
+    """The embedded eval set paired with a default training set, if any."""
+    kind, rest = parse_source(spec)
+    if kind == "default" and rest in DEFAULT_EVAL_PAIRS:
+        return f"default:{DEFAULT_EVAL_PAIRS[rest]}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a TFDS dataset from local JSONL (offline)
+
+
+def _feature_for(value: Any, field: str):
+    import tensorflow_datasets as tfds
+
+    if isinstance(value, str):
+        return tfds.features.Text()
+    if isinstance(value, bool):
+        return tfds.features.Scalar(np.bool_)
+    if isinstance(value, int):
+        return tfds.features.Scalar(np.int64)
+    if isinstance(value, float):
+        return tfds.features.Scalar(np.float32)
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        keys = sorted({key for item in value for key in item})
+        return tfds.features.Sequence({key: tfds.features.Text() for key in keys})
+    raise DataError(f"build_tfds_from_jsonl: field '{field}' has a value of type {type(value).__name__} that has no "
+                    "TFDS feature here (strings, numbers, booleans and lists of string dicts are supported)")
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def build_tfds_from_jsonl(splits: dict[str, str | os.PathLike] | str | os.PathLike, data_dir: str | os.PathLike,
+                          name: str = "jaxllm_jsonl", version: str = "1.0.0") -> Path:
+    """Writes local JSONL files as a TFDS dataset in array_record format; returns the dataset directory.
+
+    `splits` maps a split name to a JSONL file (a single path means {"train": path}). Features are
+    inferred from the first record (all records must have the same fields); record order is kept
+    (`disable_shuffling`). Read it back with `tfds:NAME:SPLIT` and TFDS_DATA_DIR=data_dir, or with
+    `tfds:<returned dir>:SPLIT`.
+    """
+    import tensorflow_datasets as tfds
+
+    if not isinstance(splits, dict):
+        splits = {"train": splits}
+    if name != name.lower() or not name.replace("_", "").isalnum() or not name[0].isalpha():
+        raise DataError(f"TFDS dataset name '{name}' must be snake_case letters and digits, e.g. my_corpus")
+    rows = {split: [record.data for record in read_records(f"jsonl:{path}")] for split, path in splits.items()}
+    first = next(iter(rows.values()))[0]
+    features = {field: _feature_for(value, field) for field, value in first.items()}
+    for split, records in rows.items():
+        for number, record in enumerate(records):
+            if set(record) != set(features):
+                raise DataError(f"{splits[split]}: record {number} has fields {sorted(record)} but the first record "
+                                f"has {sorted(features)}; every record must have the same fields")
+
+    def info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                     disable_shuffling=True, description=f"Built by jaxllm from {dict(splits)}")
+
+    def split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in rows}
+
+    def generate_examples(self, split):
+        for index, record in enumerate(rows[split]):
+            yield index, record
+
+    def body(namespace):
+        namespace.update(VERSION=tfds.core.Version(version), _info=info, _split_generators=split_generators,
+                         _generate_examples=generate_examples)
+
+    builder_class = types.new_class(_camel(name), (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True},
+                                    body)
+    builder = builder_class(data_dir=str(data_dir), file_format="array_record")
+    if builder.name != name:
+        raise DataError(f"TFDS dataset name '{name}' does not survive TFDS's CamelCase round trip "
+                        f"(it became '{builder.name}'); use lower-case words separated by underscores")
+    builder.download_and_prepare()
+    return Path(builder.data_dir)
+
+
+def lookup_records(spec: str, example_ids: Sequence[int], text_field: str = "text") -> dict[int, Record]:
+    """The source records behind some example ids (e.g. a loss spike's batch); ids < 0 are ignored."""
+    wanted = {int(i) for i in np.asarray(example_ids).ravel() if int(i) >= 0}
+    found = {}
+    for record in iter_records(spec, text_field, on_bad=lambda reason, message: None):
+        if record.index in wanted:
+            found[record.index] = record
+            if len(found) == len(wanted):
+                break
+    return found

@@ -1,0 +1,686 @@
+"""Sampling with a key/value cache: batched, jitted, fixed shapes; and `jaxllm generate` / `jaxllm chat`.
+
+    output = generate(model_config, graphdef, params, [[2, 17, 5], [2, 9]], SamplingSettings(temperature=0))
+    output.tokens      # [B, N] int32 generated ids (stop token included, pad after it)
+    output.logprobs    # [B, N] float32 log p(token | prefix) under the *model* (unprocessed logits), 0 on pad
+    output.lengths     # [B] generated tokens per row (stop token included)
+    output.finished    # [B] True where the row ended with a stop token (else it hit max_new_tokens)
+
+How: prompts are LEFT-padded to a bucketed width P (pad slots get segment id 0, so no token attends
+to them; positions count from 0 at each row's first real token), so every row's next token is
+written to the same cache slot. One prefill call fills slots [0, P); then a `lax.while_loop` samples
+a token, writes it at slot P + i and runs one decode step, until every row has stopped or N tokens
+are out. Shapes depend only on (batch bucket, prompt bucket, N), and the sampling settings are
+traced values, not constants, so a handful of compilations serve every prompt and every setting.
+Under a mesh (`jax.set_mesh`, or the mesh of sharded params) the same jitted function runs sharded
+like training: batch over (data, fsdp), heads over tensor.
+
+Logits processors are pure functions `(logits [B,V] float32, seen [B,V] bool) -> logits`, applied in
+the order: repetition penalty, token biases (e.g. up-weighting EOS), then - unless greedy
+(temperature 0 = argmax) - temperature, top-k, top-p, min-p. Removed tokens get -inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import model as model_lib
+from jaxllm import sharding as sharding_lib
+from jaxllm.config import Config, ModelConfig
+from jaxllm.errors import UsageError
+
+Params = dict[str, Any]
+LogitsProcessor = Callable[[jax.Array, jax.Array], jax.Array]
+
+PAD_ID, EOS_ID = 0, 3  # jaxllm's fixed special ids (see jaxllm.data.tokenizer)
+_NEG_INF = -jnp.inf
+_STOP_SLOTS = 4  # stop ids are padded to a multiple of this (with -1), so their count rarely recompiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick tokens. Only max_new_tokens (a shape) is compiled in; the rest are traced values."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy (argmax after penalties and biases)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; keeps tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # 1 = off; CTRL-style on every token already in the prompt or output
+    token_bias: tuple[tuple[int, float], ...] = ()  # ((token_id, added logit), ...)
+    stop_ids: tuple[int, ...] = (EOS_ID,)
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            problems.append(f"min_p={self.min_p} must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
+        if problems:
+            raise UsageError("invalid sampling settings: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def arrays(self, vocab_size: int) -> "SamplingParams":
+        """The traced form the jitted loop takes."""
+        bias = np.zeros((vocab_size,), np.float32)
+        for token, value in self.token_bias:
+            if not 0 <= int(token) < vocab_size:
+                raise UsageError(f"token bias for id {token}: ids must be in [0, {vocab_size})")
+            bias[int(token)] += float(value)
+        slots = max(-(-len(self.stop_ids) // _STOP_SLOTS), 1) * _STOP_SLOTS
+        stop = np.full((slots,), -1, np.int32)
+        stop[:len(self.stop_ids)] = self.stop_ids
+        f32 = np.float32
+        return SamplingParams(f32(self.temperature), np.int32(min(self.top_k, vocab_size)), f32(self.top_p),
+                              f32(self.min_p), f32(self.repetition_penalty), bias, stop)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingParams:
+    """SamplingSettings as arrays: scalars [], token_bias [V] float32, stop_ids [S] int32 (-1 = unused)."""
+
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    min_p: Any
+    repetition_penalty: Any
+    token_bias: Any
+    stop_ids: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits processors: (logits [B,V] float32, seen [B,V] bool) -> logits [B,V]. Their parameters may
+# be Python numbers or traced scalars.
+
+
+def repetition_penalty(penalty) -> LogitsProcessor:
+    """CTRL (Keskar et al. 2019): a seen token's logit is divided by `penalty` if positive, else multiplied."""
+    def process(logits, seen):
+        penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+        return jnp.where(seen, penalised, logits)
+    return process
+
+
+def token_bias(bias) -> LogitsProcessor:
+    """Adds a fixed logit per token, bias [V] (e.g. +2 on EOS makes answers end sooner)."""
+    def process(logits, seen):
+        return logits + bias
+    return process
+
+
+def temperature(value) -> LogitsProcessor:
+    def process(logits, seen):
+        return logits / jnp.maximum(value, 1e-6)
+    return process
+
+
+def top_k(k) -> LogitsProcessor:
+    """Keeps the k highest logits of each row (more only on exact ties); k = 0 keeps all."""
+    def process(logits, seen):
+        def keep_top(values):
+            kth = jnp.take(jnp.sort(values, axis=-1), values.shape[-1] - k, axis=-1)[:, None]
+            return jnp.where(values >= kth, values, _NEG_INF)
+        return jax.lax.cond(k > 0, keep_top, lambda values: values, logits)
+    return process
+
+
+def top_p(p) -> LogitsProcessor:
+    """Nucleus sampling (Holtzman et al. 2020): keeps the smallest set of most likely tokens whose
+    probability mass reaches p (always at least the most likely token); p = 1 keeps all."""
+    def process(logits, seen):
+        def nucleus(values):
+            order = jnp.argsort(-values, axis=-1)
+            sorted_values = jnp.take_along_axis(values, order, axis=-1)
+            probs = jax.nn.softmax(sorted_values, axis=-1)
+            keep_sorted = jnp.cumsum(probs, axis=-1) - probs < p
+            rows = jnp.arange(values.shape[0])[:, None]
+            keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+            return jnp.where(keep, values, _NEG_INF)
+        return jax.lax.cond(p < 1.0, nucleus, lambda values: values, logits)
+    return process
+
+
+def min_p(p) -> LogitsProcessor:
+    """Keeps tokens whose probability is at least p times the most likely token's (Nguyen et al. 2024)."""
+    def process(logits, seen):
+        threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(p)
+        return jnp.where(logits >= threshold, logits, _NEG_INF)
+    return process
+
+
+def compose(processors: Sequence[LogitsProcessor]) -> LogitsProcessor:
+    def process(logits, seen):
+        for processor in processors:
+            logits = processor(logits, seen)
+        return logits
+    return process
+
+
+def build_processors(params: SamplingParams) -> tuple[LogitsProcessor, LogitsProcessor]:
+    """(applied before greedy and sampling: penalty, bias; applied only when sampling: temperature,
+    top-k, top-p, min-p)."""
+    always = compose([repetition_penalty(params.repetition_penalty), token_bias(params.token_bias)])
+    sampling = compose([temperature(params.temperature), top_k(params.top_k), top_p(params.top_p),
+                        min_p(params.min_p)])
+    return always, sampling
+
+
+def next_token(logits: jax.Array, seen: jax.Array, rng: jax.Array, params: SamplingParams | SamplingSettings) -> jax.Array:
+    """logits [B,V] -> sampled (or, at temperature 0, greedy) token ids [B]."""
+    if isinstance(params, SamplingSettings):
+        params = params.arrays(logits.shape[-1])
+    always, sampling = build_processors(params)
+    logits = always(logits.astype(jnp.float32), seen)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(rng, sampling(logits, seen), axis=-1).astype(jnp.int32)
+    return jnp.where(params.temperature == 0, greedy, sampled)
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted loop.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Loop carry. step: [] tokens emitted; cache: the KV cache; logits [B,V] for the next token;
+    seen [B,V] bool (tokens in the prompt or output, for the repetition penalty); next_position [B];
+    done [B] bool; tokens/logprobs [B,N]; lengths [B]; rng: a PRNG key."""
+
+    step: jax.Array
+    cache: dict
+    logits: jax.Array
+    seen: jax.Array
+    next_position: jax.Array
+    done: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    rng: jax.Array
+
+
+def _constrain_cache(cache: dict) -> dict:
+    axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+    return {**cache, "k": sharding_lib.constrain(cache["k"], axes), "v": sharding_lib.constrain(cache["v"], axes),
+            "segment_ids": sharding_lib.constrain(cache["segment_ids"], ("batch", "seq"))}
+
+
+def prefill(graphdef, params: Params, prompt_tokens: jax.Array, prompt_segments: jax.Array, rng: jax.Array, *,
+            model_config: ModelConfig, max_new_tokens: int, pad_id: int = PAD_ID) -> DecodeState:
+    """Runs the left-padded prompts [B,P] (segment 1 on real tokens, 0 on pads) through the model
+    into a fresh cache of P + N slots; returns the loop state before the first sampled token."""
+    batch, width = prompt_tokens.shape
+    cache = _constrain_cache(model_lib.init_cache(model_config, batch, width + max_new_tokens))
+    positions = jnp.maximum(jnp.cumsum(prompt_segments, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = model_lib.apply_with_cache(graphdef, params, prompt_tokens, positions, prompt_segments, cache)
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, model_config.vocab_size), bool).at[rows, prompt_tokens].max(prompt_segments > 0)
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1].astype(jnp.float32), seen=seen,
+        next_position=jnp.sum(prompt_segments > 0, axis=1).astype(jnp.int32), done=jnp.zeros((batch,), bool),
+        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+
+
+def decode_step(graphdef, params: Params, sampling: SamplingParams, state: DecodeState, *,
+                pad_id: int = PAD_ID) -> DecodeState:
+    """Samples one token per row from state.logits, records it, and runs it through the model."""
+    rng, sample_rng = jax.random.split(state.rng)
+    token = next_token(state.logits, state.seen, sample_rng, sampling)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    active = ~state.done
+    token = jnp.where(active, token, pad_id)
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(state.logprobs, jnp.where(active, logprob, 0.0)[:, None],
+                                                   state.step, axis=1)
+    done = state.done | jnp.any(token[:, None] == sampling.stop_ids[None, :], axis=1)
+    seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True)
+    ones = jnp.ones_like(token)[:, None]
+    logits, cache = model_lib.apply_with_cache(graphdef, params, token[:, None], state.next_position[:, None], ones,
+                                               state.cache)
+    return DecodeState(step=state.step + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), seen=seen,
+                       next_position=state.next_position + 1, done=done, tokens=tokens, logprobs=logprobs,
+                       lengths=state.lengths + active.astype(jnp.int32), rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id"))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, sampling, *, model_config, max_new_tokens,
+                  pad_id):
+    state = prefill(graphdef, params, prompt_tokens, prompt_segments, rng, model_config=model_config,
+                    max_new_tokens=max_new_tokens, pad_id=pad_id)
+
+    def keep_going(state):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    state = jax.lax.while_loop(keep_going, functools.partial(decode_step, graphdef, params, sampling, pad_id=pad_id),
+                               state)
+    return state.tokens, state.logprobs, state.lengths, state.done
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id"))
+_decode_step_jit = jax.jit(decode_step, static_argnames=("graphdef", "pad_id"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side API: ragged prompts in, numpy out.
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: np.ndarray  # [B, N] int32; pad after the stop token
+    logprobs: np.ndarray  # [B, N] float32 model log-probs of the generated tokens; 0 on pad
+    lengths: np.ndarray  # [B] int32 tokens generated, stop token included
+    finished: np.ndarray  # [B] bool: ended with a stop token
+
+    def completion(self, row: int, keep_stop: bool = False) -> list[int]:
+        """The generated ids of one row (without its stop token unless keep_stop)."""
+        ids = self.tokens[row, : self.lengths[row]].tolist()
+        if self.finished[row] and not keep_stop:
+            ids = ids[:-1]
+        return ids
+
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    """The smallest bucket >= length (powers of two past the table)."""
+    for size in buckets:
+        if length <= size:
+            return size
+    return 1 << (length - 1).bit_length()
+
+
+def _batch_bucket(rows: int, multiple: int) -> int:
+    size = 1 << max(rows - 1, 0).bit_length()
+    return -(-size // multiple) * multiple
+
+
+def mesh_of(params: Params) -> jax.sharding.Mesh | None:
+    """The mesh that sharded params live on (None for unsharded or single-device arrays)."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
+            return sharding.mesh
+    return None
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, rows: int, pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> left-padded tokens and segment ids [rows, width]; extra rows are one pad token."""
+    tokens = np.full((rows, width), pad_id, np.int32)
+    segments = np.zeros((rows, width), np.int32)
+    for row in range(rows):
+        ids = list(prompts[row]) if row < len(prompts) else [pad_id]
+        if ids:
+            tokens[row, width - len(ids):] = ids
+            segments[row, width - len(ids):] = 1
+    return tokens, segments
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], model_config: ModelConfig, settings: SamplingSettings) -> None:
+    if not prompts:
+        raise UsageError("generate needs at least one prompt")
+    for number, ids in enumerate(prompts):
+        if len(ids) == 0:
+            raise UsageError(f"prompt {number} is empty; give at least one token (e.g. BOS)")
+        total = len(ids) + settings.max_new_tokens
+        if total > model_config.max_seq_len:
+            raise UsageError(f"prompt {number} has {len(ids)} tokens; with {settings.max_new_tokens} new tokens that is "
+                             f"{total} > model.max_seq_len={model_config.max_seq_len}. Shorten the prompt or lower "
+                             "max_new_tokens")
+        bad = [t for t in ids if not 0 <= int(t) < model_config.vocab_size]
+        if bad:
+            raise UsageError(f"prompt {number} has token ids {bad[:5]} outside [0, {model_config.vocab_size})")
+
+
+def place_rows(array: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Host rows -> a device array: split over (data, fsdp) when the rows divide, else replicated.
+    With several processes `array` is this process's share of the global batch."""
+    if mesh is None:
+        return jnp.asarray(array)
+    if jax.process_count() > 1:
+        return jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh), array)
+    parallel = sharding_lib.data_parallel_size(mesh)
+    sharding = sharding_lib.batch_sharding(mesh) if array.shape[0] % parallel == 0 else sharding_lib.replicated(mesh)
+    return jax.device_put(array, sharding)
+
+
+def host_rows(array: jax.Array, mesh: jax.sharding.Mesh | None) -> np.ndarray:
+    """The inverse of place_rows: this process's rows of a batch-sharded array, as numpy."""
+    if mesh is None or jax.process_count() == 1:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        array, mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+
+
+def _as_key(rng: jax.Array | int) -> jax.Array:
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.key(int(rng))
+    return rng
+
+
+def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Sequence[Sequence[int]],
+             settings: SamplingSettings = SamplingSettings(), rng: jax.Array | int = 0, *, pad_id: int = PAD_ID,
+             prompt_width: int | None = None, bucket_batch: bool = True,
+             mesh: jax.sharding.Mesh | None = None) -> GenerationOutput:
+    """Generates continuations of token-id prompts (different lengths allowed) in one batched call.
+
+    The batch is padded to a power of two (unless bucket_batch is False) and a multiple of the
+    data-parallel size, the prompt width to a bucket (or `prompt_width`), so repeated calls reuse a
+    few compilations. `mesh`: default the params' mesh; the batch is sharded over (data, fsdp) when
+    it divides. With several processes, `prompts` are this process's share and so are the outputs."""
+    _check_prompts(prompts, model_config, settings)
+    mesh = mesh if mesh is not None else mesh_of(params)
+    multiple = 1
+    if mesh is not None:
+        multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
+    rows = _batch_bucket(len(prompts), multiple) if bucket_batch else -(-len(prompts) // multiple) * multiple
+    longest = max(len(p) for p in prompts)
+    width = prompt_width if prompt_width is not None and prompt_width >= longest else bucket(longest)
+    tokens, segments = left_pad(prompts, width, rows, pad_id)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        out = _generate_jit(graphdef, params, place_rows(tokens, mesh), place_rows(segments, mesh), _as_key(rng),
+                            settings.arrays(model_config.vocab_size), model_config=model_config,
+                            max_new_tokens=settings.max_new_tokens, pad_id=pad_id)
+        out_tokens, logprobs, lengths, finished = (host_rows(x, mesh) for x in out)
+    count = len(prompts)
+    return GenerationOutput(np.asarray(out_tokens[:count]), np.asarray(logprobs[:count]),
+                            np.asarray(lengths[:count]), np.asarray(finished[:count]))
+
+
+def stream(model_config: ModelConfig, graphdef, params: Params, prompt: Sequence[int],
+           settings: SamplingSettings = SamplingSettings(), rng: jax.Array | int = 0, *,
+           pad_id: int = PAD_ID) -> Iterator[int]:
+    """Yields the generated ids of one prompt as they are sampled (the stop token last, if any).
+    The same prefill and decode step as `generate`, driven from Python one token at a time."""
+    _check_prompts([prompt], model_config, settings)
+    tokens, segments = left_pad([prompt], bucket(len(prompt)), 1, pad_id)
+    mesh = mesh_of(params)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        state = _prefill_jit(graphdef, params, place_rows(tokens, mesh), place_rows(segments, mesh), _as_key(rng),
+                             model_config=model_config, max_new_tokens=settings.max_new_tokens, pad_id=pad_id)
+        sampling = settings.arrays(model_config.vocab_size)
+        for _ in range(settings.max_new_tokens):
+            state = _decode_step_jit(graphdef, params, sampling, state, pad_id=pad_id)
+            token = int(state.tokens[0, state.step - 1])
+            yield token
+            if token in settings.stop_ids:
+                return
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained model.
+
+
+def _inference_mesh(config: Config) -> jax.sharding.Mesh:
+    """The run's own mesh when it fits the devices here, else all devices data-parallel (params replicated)."""
+    try:
+        return sharding_lib.make_mesh(config.mesh)
+    except sharding_lib.MeshError:
+        from jaxllm.config import MeshConfig
+
+        return sharding_lib.make_mesh(MeshConfig())
+
+
+def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None = None, *, load_tokenizer: bool = True):
+    """(config, graphdef, params, tokenizer) of a training workdir (its config.yaml and latest checkpoint).
+
+    Params (including any reward/value heads the run trained) are restored onto `mesh` (default: the
+    run's mesh if it fits here, else all devices data-parallel). The tokenizer is the workdir's own
+    tokenizer.model if present, else `data.tokenizer` of the run; None when load_tokenizer is False."""
+    from jaxllm import checkpoint as ckpt
+    from jaxllm import state as state_lib
+    from jaxllm.config import load_config
+
+    workdir = Path(workdir)
+    config_path = workdir / "config.yaml"
+    if not config_path.is_file():
+        raise UsageError(f"{workdir} is not a training workdir: it has no config.yaml (pass the --workdir of a "
+                         "`jaxllm train` run)")
+    config = load_config(config_path)
+    mesh = mesh or _inference_mesh(config)
+    graphdef, abstract = model_lib.abstract_model(config.model)
+    heads = state_lib.head_names(config)
+    if heads:
+        abstract[model_lib.HEADS_KEY] = jax.eval_shape(lambda: state_lib.init_heads(config.model, heads, 0))
+    axes = state_lib.param_logical_axes(config, abstract)
+    shardings = sharding_lib.tree_shardings(abstract, axes, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = ckpt.load_params(workdir, target)
+    tokenizer = None
+    if load_tokenizer:
+        from jaxllm.data.tokenizer import Tokenizer, check_vocab
+
+        own = workdir / "tokenizer.model"
+        tokenizer = Tokenizer.load(workdir if own.is_file() else config.data.tokenizer)
+        check_vocab(tokenizer, config.model.vocab_size)
+    return config, graphdef, params, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    group.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    group.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--top-p", type=float, default=0.95)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--eos-bias", type=float, default=0.0, help="added to the end-of-sequence logit")
+    group.add_argument("--bias", action="append", default=[], metavar="TOKEN=VALUE",
+                       help="add VALUE to a token's logit; TOKEN is an id or a text piece (repeatable)")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _parse_bias(items: Sequence[str], tokenizer) -> list[tuple[int, float]]:
+    biases = []
+    for item in items:
+        token, sep, value = item.rpartition("=")
+        if not sep or not token:
+            raise UsageError(f"--bias {item!r} must look like TOKEN=VALUE, e.g. --bias 3=2.0 or --bias ' the=-1'")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise UsageError(f"--bias {item!r}: {value!r} is not a number") from None
+        if token.isdigit():
+            biases.append((int(token), amount))
+            continue
+        ids = tokenizer.encode(token) if tokenizer is not None else []
+        if len(ids) != 1:
+            raise UsageError(f"--bias {item!r}: {token!r} is {len(ids)} tokens, not one; give a token id instead")
+        biases.append((ids[0], amount))
+    return biases
+
+
+def settings_from_args(args: argparse.Namespace, tokenizer, extra_stop_ids: Sequence[int] = ()) -> SamplingSettings:
+    biases = _parse_bias(args.bias, tokenizer)
+    eos = tokenizer.eos_id if tokenizer is not None else EOS_ID
+    if args.eos_bias:
+        biases.append((eos, args.eos_bias))
+    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, token_bias=tuple(biases),
+                            stop_ids=(eos, *extra_stop_ids))
+
+
+def _read_prompt_records(path: Path) -> list[dict]:
+    """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text (one prompt a line)."""
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"prompts file {path} is empty")
+    if path.suffix != ".jsonl":
+        return [{"text": line} for line in lines]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not any(k in record for k in ("prompt", "messages", "text")):
+            raise UsageError(f"{path}:{number}: a prompt record needs a 'prompt', 'messages' or 'text' field")
+        records.append(record)
+    return records
+
+
+def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:
+    """(display text, token ids): chat records through the chat template, plain text as BOS + text."""
+    from jaxllm.data.chat import prompt_ids, render_text, validate_messages
+
+    if "messages" in record or isinstance(record.get("prompt"), list):
+        messages = validate_messages(record.get("messages", record.get("prompt")), "prompt record")
+        return render_text(messages), prompt_ids(messages, tokenizer)
+    text = record.get("prompt", record.get("text"))
+    if not isinstance(text, str):
+        raise UsageError(f"prompt must be a string or a message list, got {type(text).__name__}")
+    if chat:
+        messages = [{"role": "user", "content": text}]
+        return text, prompt_ids(messages, tokenizer)
+    return text, [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def generate_main(argv: list[str]) -> int:
+    """`jaxllm generate --checkpoint WORKDIR (--prompt TEXT... | --prompts-file F) [--chat] [--out F.jsonl]`."""
+    parser = argparse.ArgumentParser(prog="jaxllm generate",
+                                     description="Sample continuations (or chat answers) from a trained model.")
+    parser.add_argument("--checkpoint", required=True, help="a training workdir (config.yaml + checkpoints/)")
+    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    parser.add_argument("--prompts-file", help=".jsonl with prompt/messages/text fields, or a text file, one a line")
+    parser.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
+    parser.add_argument("--out", help="write one JSON line per prompt here instead of printing")
+    parser.add_argument("--batch-size", type=int, default=16)
+    _add_sampling_arguments(parser, 64)
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.prompts_file:
+        raise UsageError("give --prompt TEXT or --prompts-file FILE")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    records = [{"text": text} for text in args.prompt]
+    if args.prompts_file:
+        records += _read_prompt_records(Path(args.prompts_file))
+    config, graphdef, params, tokenizer = load_model_for_inference(args.checkpoint)
+    settings = settings_from_args(args, tokenizer)
+    prompts = [_prompt_ids(record, tokenizer, args.chat) for record in records]
+    results = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        output = generate(config.model, graphdef, params, [ids for _, ids in chunk], settings,
+                          jax.random.fold_in(jax.random.key(args.seed), start), pad_id=tokenizer.pad_id)
+        for row, (text, _) in enumerate(chunk):
+            ids = output.completion(row)
+            results.append({"prompt": text, "completion": tokenizer.decode(ids), "tokens": len(ids),
+                            "finished": bool(output.finished[row]),
+                            "logprob": float(output.logprobs[row].sum())})
+    seconds = time.perf_counter() - started
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as handle:
+            for result in results:
+                handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+        total = sum(r["tokens"] for r in results)
+        print(f"wrote {len(results)} completions ({total} tokens, {seconds:.1f}s) to {out}", file=sys.stderr)
+    else:
+        for result in results:
+            print(result["prompt"] + result["completion"] if not args.chat else result["completion"])
+    return 0
+
+
+def chat_main(argv: list[str]) -> int:
+    """`jaxllm chat --checkpoint WORKDIR`: an interactive chat in the terminal, answers streamed as sampled."""
+    parser = argparse.ArgumentParser(prog="jaxllm chat", description="Chat with a trained model in the terminal. "
+                                     "Commands: /reset clears the conversation, /quit leaves.")
+    parser.add_argument("--checkpoint", required=True, help="a training workdir (config.yaml + checkpoints/)")
+    parser.add_argument("--system", default="", help="a system message opening the conversation")
+    _add_sampling_arguments(parser, 128)
+    args = parser.parse_args(argv)
+    config, graphdef, params, tokenizer = load_model_for_inference(args.checkpoint)
+    from jaxllm.data.chat import prompt_ids
+
+    # The model may open the next user turn instead of ending with EOS: stop there too.
+    settings = settings_from_args(args, tokenizer, extra_stop_ids=(tokenizer.user_id,))
+    budget = config.model.max_seq_len - settings.max_new_tokens
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"chatting with {args.checkpoint} ({config.model.preset or 'custom'} model). /reset clears, /quit leaves.")
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": text})
+        ids = prompt_ids(system + history, tokenizer)
+        while len(ids) > budget and len(history) > 1:  # forget the oldest exchange
+            history = history[2:] if len(history) > 2 else history[-1:]
+            ids = prompt_ids(system + history, tokenizer)
+        if len(ids) > budget:
+            print(f"(that message is {len(ids)} tokens; at most {budget} fit before the answer)")
+            history.pop()
+            continue
+        print("model> ", end="", flush=True)
+        answer: list[int] = []
+        shown = ""
+        for token in stream(config.model, graphdef, params, ids, settings,
+                            jax.random.fold_in(jax.random.key(args.seed), turn), pad_id=tokenizer.pad_id):
+            if token in settings.stop_ids:
+                break
+            answer.append(token)
+            text_so_far = tokenizer.decode(answer)
+            if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text_so_far[len(shown):], end="", flush=True)
+                shown = text_so_far
+        final = tokenizer.decode(answer)
+        print(final[len(shown):], flush=True)
+        history.append({"role": "assistant", "content": final})
+        turn += 1
+
+
+__all__ = [
+    "SamplingSettings", "SamplingParams", "GenerationOutput", "DecodeState", "generate", "stream", "prefill",
+    "decode_step", "next_token", "build_processors", "compose", "repetition_penalty", "token_bias", "temperature",
+    "top_k", "top_p", "min_p", "bucket", "left_pad", "mesh_of", "place_rows", "host_rows", "load_model_for_inference",
+    "settings_from_args", "generate_main", "chat_main",
+]

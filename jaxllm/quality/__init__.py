@@ -1,0 +1,28 @@
+"""Data quality (the lecture's "quality matters more than quantity"): rules, dedup, a classifier, a report.
+
+    from jaxllm.quality import FilterOptions, filter_documents
+    report = filter_documents(["crawl.jsonl"], "clean.jsonl", FilterOptions(classifier="quality_model"))
+    print(report["funnel"])   # 100% input -> 21% heuristics -> 14% exact_dedup -> ...
+
+Modules: `rules` (heuristic rules, one pure function each), `dedup` (exact hashes, MinHash LSH),
+`classifier` (hashed n-gram logistic regression), `sources` (streaming JSONL/text input),
+`pipeline` (the ordered chain, worker pool, report and the command lines).
+"""
+
+from jaxllm.quality.classifier import (QualityClassifier, TrainOptions, hashed_features,
+                                       train_quality_classifier)
+from jaxllm.quality.dedup import (ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator,
+                                  estimated_jaccard, exact_hash)
+from jaxllm.quality.pipeline import (STEPS, FilterOptions, filter_documents, filter_main, format_report,
+                                     train_quality_main)
+from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, check_all_rules, first_failing_rule,
+                                  heuristic_config_from, normalise)
+from jaxllm.quality.sources import InputError, iter_records, iter_texts
+
+__all__ = [
+    "QualityClassifier", "TrainOptions", "hashed_features", "train_quality_classifier",
+    "ExactDeduplicator", "MinHashConfig", "MinHasher", "NearDeduplicator", "estimated_jaccard", "exact_hash",
+    "STEPS", "FilterOptions", "filter_documents", "filter_main", "format_report", "train_quality_main",
+    "RULES", "HeuristicConfig", "TextView", "check_all_rules", "first_failing_rule", "heuristic_config_from",
+    "normalise", "InputError", "iter_records", "iter_texts",
+]

@@ -1,0 +1,483 @@
+"""The filter chain: heuristics -> exact dedup -> near dedup -> quality classifier, streamed.
+
+Documents are read in chunks; a pool of worker processes computes everything that needs only the
+document itself (JSON parsing, the heuristic rules, the normalised-text hash, the MinHash band keys,
+the classifier score), and the main process applies the steps in order, keeping only hashes for
+dedup, writing kept documents as they come and counting, per step, documents and words in and kept
+and the rejections per reason (DataComp-LM's funnel: 100% -> 20% -> 13% -> 1.4%).
+At most 2·workers chunks are in flight, so memory stays flat whatever the input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxllm.quality.classifier import QualityClassifier, TrainOptions, train_quality_classifier
+from jaxllm.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
+from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule, heuristic_config_from
+from jaxllm.quality.sources import TEXT_UNITS, InputError, Record, expand_paths, iter_records, parse_json_text
+
+STEPS = ("heuristics", "exact_dedup", "near_dedup", "quality_classifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterOptions:
+    heuristics: HeuristicConfig | None = HeuristicConfig()  # None turns the step off
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash: MinHashConfig = MinHashConfig()
+    classifier: str | None = None  # directory written by train_quality_classifier
+    threshold: float = 0.5  # keep documents with p(good) >= threshold
+    text_field: str = "text"
+    text_unit: str = "file"  # plain text inputs: file | paragraph | line
+    workers: int = 0  # processes; 0 = every available core; 1 = in this process
+    chunk_size: int = 256  # documents per task
+    skip_malformed: bool = False  # count and skip bad JSONL lines instead of stopping
+
+    def active_steps(self) -> tuple[str, ...]:
+        on = {"heuristics": self.heuristics is not None, "exact_dedup": self.exact_dedup,
+              "near_dedup": self.near_dedup, "quality_classifier": self.classifier is not None}
+        return tuple(step for step in STEPS if on[step])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-document work (runs in the worker processes).
+
+@dataclasses.dataclass
+class ChunkResult:
+    errors: list[str | None]  # malformed record message, per document
+    words: list[int]
+    failed_rule: list[str | None]  # first heuristic rule that rejected the document
+    reasons: list[str]
+    exact_hashes: list[int | None]
+    band_keys: np.ndarray  # [docs, bands] uint64 (zeros where not computed)
+    scores: list[float | None]
+
+
+class ChunkProcessor:
+    def __init__(self, options: FilterOptions):
+        self.options = options
+        self.hasher = MinHasher(options.minhash) if options.near_dedup else None
+        self.classifier = QualityClassifier.load(options.classifier) if options.classifier else None
+
+    def __call__(self, items: list[tuple[str, str | None, str | None]]) -> ChunkResult:
+        options = self.options
+        n = len(items)
+        result = ChunkResult([None] * n, [0] * n, [None] * n, [""] * n, [None] * n,
+                             np.zeros((n, options.minhash.bands if self.hasher else 0), np.uint64), [None] * n)
+        survivors: list[int] = []
+        survivor_words: list[list[str]] = []
+        survivor_texts: list[str] = []
+        for i, (source, raw, text) in enumerate(items):
+            if raw is not None:
+                try:
+                    text = parse_json_text(raw, options.text_field, source)
+                except InputError as error:
+                    result.errors[i] = str(error)
+                    continue
+            view = TextView(text)
+            result.words[i] = len(view.words)
+            if options.heuristics is not None:
+                failed = first_failing_rule(view, options.heuristics)
+                if failed:
+                    result.failed_rule[i], result.reasons[i] = failed
+                    continue
+            if options.exact_dedup:
+                result.exact_hashes[i] = exact_hash(view.normalised)
+            survivors.append(i)
+            if self.hasher is not None:
+                survivor_words.append(view.normalised_words)
+            if self.classifier is not None:
+                survivor_texts.append(text)
+        if self.hasher is not None and survivors:
+            result.band_keys[survivors] = self.hasher.band_keys(self.hasher.signatures(survivor_words))
+        if self.classifier is not None and survivors:
+            for i, score in zip(survivors, self.classifier.score(survivor_texts)):
+                result.scores[i] = float(score)
+        return result
+
+
+_WORKER: ChunkProcessor | None = None
+
+
+def _init_worker(options: FilterOptions) -> None:
+    global _WORKER
+    _WORKER = ChunkProcessor(options)
+
+
+def _run_chunk(items: list[tuple[str, str | None, str | None]]) -> ChunkResult:
+    assert _WORKER is not None
+    return _WORKER(items)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ordered steps and the report (main process).
+
+class StepCounts:
+    def __init__(self, name: str):
+        self.name = name
+        self.documents_in = self.documents_kept = self.words_in = self.words_kept = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+
+    def as_dict(self, input_documents: int, input_words: int) -> dict[str, Any]:
+        return {"step": self.name, "documents_in": self.documents_in, "documents_kept": self.documents_kept,
+                "words_in": self.words_in, "words_kept": self.words_kept,
+                "kept_fraction_of_step": self.documents_kept / max(self.documents_in, 1),
+                "kept_fraction_of_input": self.documents_kept / max(input_documents, 1),
+                "words_kept_fraction_of_input": self.words_kept / max(input_words, 1),
+                "rejected": dict(self.rejected.most_common())}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def start_method() -> str:
+    """"fork" when it is safe (no JAX threads in this process yet), else "spawn".
+
+    Spawned workers re-import the main script, so a script that filters with workers > 1 after
+    importing JAX must guard its entry point with `if __name__ == "__main__":`.
+    """
+    if "fork" in multiprocessing.get_all_start_methods() and "jax" not in sys.modules:
+        return "fork"
+    return "spawn"
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
+    iterator = iter(records)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _open_text_out(path: Path, compressed: bool):
+    if compressed:
+        import gzip
+
+        return gzip.open(path, "wt", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: FilterOptions = FilterOptions(),
+                     *, report_path: str | Path | None = None, rejected_path: str | Path | None = None) -> dict:
+    """Runs the chain over `inputs`, writes kept documents to `output` (JSONL) and returns the report.
+
+    JSONL inputs are written back line for line; plain-text documents become {"text", "source"}.
+    rejected_path, if given, gets one JSON line per rejected document: its number (0-based, in input
+    order), source, step, rule, reason, duplicate_of (dedup steps) and text. Raises InputError for
+    missing, empty or malformed input (malformed JSONL lines unless options.skip_malformed).
+    """
+    started = time.perf_counter()
+    files = expand_paths(inputs)  # fails early on a missing input
+    output = Path(output)
+    if any(output.resolve() == f.resolve() for f in files):
+        raise InputError(f"the output {output} is also an input; write it somewhere else")
+    if options.text_unit not in TEXT_UNITS:
+        raise InputError(f"text unit '{options.text_unit}' is not one of {', '.join(TEXT_UNITS)}")
+    if options.chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {options.chunk_size}")
+    if options.classifier:
+        QualityClassifier.load(options.classifier)  # fail here, not in a worker
+    steps = {name: StepCounts(name) for name in options.active_steps()}
+    exact = ExactDeduplicator() if options.exact_dedup else None
+    near = NearDeduplicator(options.minhash.bands) if options.near_dedup else None
+    workers = options.workers or available_cores()
+    totals = {"documents": 0, "words": 0, "bytes": 0, "malformed_skipped": 0}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    rejected_temporary = Path(str(rejected_path) + ".tmp") if rejected_path else None
+    pool = None
+    try:
+        with _open_text_out(temporary, output.name.endswith(".gz")) as out, \
+                (_open_text_out(rejected_temporary, str(rejected_path).endswith(".gz")) if rejected_temporary
+                 else open(os.devnull, "w")) as rejected_out:
+            def handle(chunk: list[Record], result: ChunkResult) -> None:
+                for i, record in enumerate(chunk):
+                    if result.errors[i] is not None:
+                        if not options.skip_malformed:
+                            raise InputError(f"{result.errors[i]} (or pass --skip-malformed to skip such lines)")
+                        totals["malformed_skipped"] += 1
+                        continue
+                    number = totals["documents"]
+                    words = result.words[i]
+                    totals["documents"] += 1
+                    totals["words"] += words
+                    totals["bytes"] += record.size
+                    verdict = None  # (step, rule, reason, duplicate_of)
+                    for name, counts in steps.items():
+                        counts.documents_in += 1
+                        counts.words_in += words
+                        if name == "heuristics" and result.failed_rule[i] is not None:
+                            verdict = (name, result.failed_rule[i], result.reasons[i], None)
+                        elif name == "exact_dedup":
+                            earlier = exact.check(result.exact_hashes[i], number)
+                            if earlier is not None:
+                                verdict = (name, "exact_duplicate",
+                                           f"same normalised text as document {earlier}", earlier)
+                        elif name == "near_dedup":
+                            earlier = near.check(result.band_keys[i], number)
+                            if earlier is not None:
+                                verdict = (name, "near_duplicate",
+                                           f"MinHash LSH candidate of document {earlier}", earlier)
+                        elif name == "quality_classifier" and result.scores[i] < options.threshold:
+                            verdict = (name, "low_quality_score",
+                                       f"p(good) {result.scores[i]:.3f} < threshold {options.threshold}", None)
+                        if verdict:
+                            counts.rejected[verdict[1]] += 1
+                            break
+                        counts.documents_kept += 1
+                        counts.words_kept += words
+                    if verdict is None:
+                        out.write(record.raw.rstrip("\r\n") + "\n" if record.raw is not None else
+                                  json.dumps({"text": record.text, "source": record.source}, ensure_ascii=False)
+                                  + "\n")
+                    elif rejected_temporary:
+                        text = record.text if record.raw is None else parse_json_text(
+                            record.raw, options.text_field, record.source)
+                        step, rule, reason, duplicate_of = verdict
+                        entry = {"document": number, "source": record.source, "step": step, "rule": rule,
+                                 "reason": reason}
+                        if duplicate_of is not None:
+                            entry["duplicate_of"] = duplicate_of
+                        if step == "quality_classifier":
+                            entry["score"] = result.scores[i]
+                        entry["text"] = text
+                        rejected_out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+            def payload(chunk: list[Record]) -> list[tuple[str, str | None, str | None]]:
+                return [(r.source, r.raw, r.text) for r in chunk]
+
+            chunks = _chunks(iter_records(files, options.text_unit), options.chunk_size)
+            if workers <= 1:
+                processor = ChunkProcessor(options)
+                for chunk in chunks:
+                    handle(chunk, processor(payload(chunk)))
+            else:
+                pool = multiprocessing.get_context(start_method()).Pool(workers, _init_worker, (options,))
+                pending: collections.deque = collections.deque()
+                for chunk in chunks:
+                    pending.append((chunk, pool.apply_async(_run_chunk, (payload(chunk),))))
+                    if len(pending) >= 2 * workers:
+                        done, task = pending.popleft()
+                        handle(done, task.get())
+                while pending:
+                    done, task = pending.popleft()
+                    handle(done, task.get())
+        if totals["documents"] == 0:
+            skipped = f" ({totals['malformed_skipped']} malformed lines skipped)" if totals["malformed_skipped"] else ""
+            raise InputError(f"no documents in {', '.join(map(str, inputs))}{skipped}; "
+                             "nothing to filter (are the files empty?)")
+        os.replace(temporary, output)
+        if rejected_temporary:
+            os.replace(rejected_temporary, rejected_path)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for path in (temporary, rejected_temporary):
+            if path is not None and path.exists():
+                path.unlink()
+
+    seconds = time.perf_counter() - started
+    step_reports = [counts.as_dict(totals["documents"], totals["words"]) for counts in steps.values()]
+    final = step_reports[-1] if step_reports else None
+    kept_documents = final["documents_kept"] if final else totals["documents"]
+    kept_words = final["words_kept"] if final else totals["words"]
+    funnel = " -> ".join(["100% input"] + [f"{100 * s['kept_fraction_of_input']:.3g}% {s['step']}"
+                                            for s in step_reports])
+    report = {
+        "inputs": [str(p) for p in inputs], "output": str(output),
+        "rejected_output": str(rejected_path) if rejected_path else None,
+        "input": {"documents": totals["documents"], "words": totals["words"], "bytes": totals["bytes"],
+                  "malformed_skipped": totals["malformed_skipped"]},
+        "steps": step_reports,
+        "kept": {"documents": kept_documents, "words": kept_words,
+                 "fraction_of_documents": kept_documents / totals["documents"],
+                 "fraction_of_words": kept_words / max(totals["words"], 1)},
+        "funnel": funnel,
+        "throughput": {"seconds": round(seconds, 3), "workers": workers,
+                       "documents_per_second": round(totals["documents"] / seconds, 1),
+                       "megabytes_per_second": round(totals["bytes"] / 1e6 / seconds, 3)},
+        "options": _options_dict(options),
+    }
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _options_dict(options: FilterOptions) -> dict[str, Any]:
+    data = dataclasses.asdict(options)
+    if options.near_dedup:
+        data["minhash"]["lsh_threshold"] = round(options.minhash.threshold, 3)
+    return data
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'step':<20} {'docs in':>10} {'docs kept':>10} {'% of input':>10} {'words kept':>12}  rejected by"]
+    source = report["input"]
+    lines.append(f"{'input':<20} {'':>10} {source['documents']:>10} {'100%':>10} {source['words']:>12}")
+    for step in report["steps"]:
+        reasons = ", ".join(f"{rule} {count}" for rule, count in step["rejected"].items())
+        lines.append(f"{step['step']:<20} {step['documents_in']:>10} {step['documents_kept']:>10} "
+                     f"{100 * step['kept_fraction_of_input']:>9.3g}% {step['words_kept']:>12}  {reasons}")
+    speed = report["throughput"]
+    lines.append(f"funnel: {report['funnel']}")
+    lines.append(f"{speed['documents_per_second']:.0f} documents/s, {speed['megabytes_per_second']:.2f} MB/s "
+                 f"on {speed['workers']} worker(s), {speed['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines.
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"--set '{text}' must look like name=value, e.g. --set min_words=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _heuristics_from_args(args: argparse.Namespace) -> HeuristicConfig | None:
+    if args.no_heuristics:
+        return None
+    settings: dict[str, Any] = {}
+    if args.rules:
+        import yaml
+
+        path = Path(args.rules)
+        if not path.is_file():
+            raise InputError(f"rules file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise InputError(f"{path}: expected a mapping of heuristic settings, e.g. 'min_words: 20'")
+        settings.update(loaded)
+    settings.update(_parse_setting(s) for s in args.set or [])
+    if args.disable_rule:
+        unknown = [r for r in args.disable_rule if r not in RULES]
+        if unknown:
+            raise ValueError(f"unknown rule(s) {', '.join(unknown)}; rules are: {', '.join(RULES)}")
+        settings["disabled_rules"] = tuple(settings.get("disabled_rules", ())) + tuple(args.disable_rule)
+    return heuristic_config_from(settings)
+
+
+def filter_main(argv: Sequence[str] | None = None) -> int:
+    """`jaxllm data filter IN... --out OUT [--report R] [--classifier C --threshold T] ...`; an exit code."""
+    parser = argparse.ArgumentParser(
+        prog="jaxllm data filter",
+        description="Heuristic rules -> exact dedup -> MinHash near dedup -> quality classifier, with a report.")
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="JSONL or text files, or directories of them")
+    parser.add_argument("--out", required=True, help="kept documents, JSONL (.gz to compress)")
+    parser.add_argument("--report", help="write the report as JSON here")
+    parser.add_argument("--rejected", help="write rejected documents with step, rule and reason here (JSONL)")
+    parser.add_argument("--classifier", help="directory of a classifier from `jaxllm data train-quality`")
+    parser.add_argument("--threshold", type=float, default=0.5, help="keep p(good) >= this (default 0.5)")
+    parser.add_argument("--no-heuristics", action="store_true", help="skip the heuristic rules")
+    parser.add_argument("--no-dedup", action="store_true", help="skip exact and near deduplication")
+    parser.add_argument("--no-near-dedup", action="store_true", help="skip only MinHash near deduplication")
+    parser.add_argument("--rules", help="YAML/JSON file of heuristic settings (see HeuristicConfig)")
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE",
+                        help="one heuristic setting, e.g. --set min_words=20 --set max_char_run=null")
+    parser.add_argument("--disable-rule", action="append", metavar="RULE", help=f"one of: {', '.join(RULES)}")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--text-unit", default="file", choices=TEXT_UNITS,
+                        help="a document in plain text inputs (default: the whole file)")
+    parser.add_argument("--skip-malformed", action="store_true", help="skip malformed JSONL lines, counting them")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default: every available core)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="documents per worker task")
+    parser.add_argument("--num-perm", type=int, default=MinHashConfig.num_perm, help="MinHash hash functions")
+    parser.add_argument("--bands", type=int, default=MinHashConfig.bands, help="LSH bands (num_perm / bands rows)")
+    parser.add_argument("--shingle-size", type=int, default=MinHashConfig.shingle_size, help="words per shingle")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        if not 0.0 <= args.threshold <= 1.0:
+            raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}")
+        if args.workers < 0:
+            raise ValueError(f"--workers must be 0 (all cores) or more, got {args.workers}")
+        if args.threshold != 0.5 and not args.classifier:
+            raise ValueError("--threshold needs --classifier (the threshold applies to its score)")
+        options = FilterOptions(
+            heuristics=_heuristics_from_args(args), exact_dedup=not args.no_dedup,
+            near_dedup=not (args.no_dedup or args.no_near_dedup),
+            minhash=MinHashConfig(num_perm=args.num_perm, bands=args.bands, shingle_size=args.shingle_size),
+            classifier=args.classifier, threshold=args.threshold, text_field=args.text_field,
+            text_unit=args.text_unit, workers=args.workers, chunk_size=args.chunk_size,
+            skip_malformed=args.skip_malformed)
+        report = filter_documents(args.inputs, args.out, options, report_path=args.report,
+                                  rejected_path=args.rejected)
+    except (InputError, ValueError, FileNotFoundError) as error:
+        print(f"jaxllm data filter: error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+def train_quality_main(argv: Sequence[str] | None = None) -> int:
+    """`jaxllm data train-quality --good G... --bad B... --out DIR`; an exit code."""
+    defaults = TrainOptions()
+    parser = argparse.ArgumentParser(
+        prog="jaxllm data train-quality",
+        description="Train a hashed n-gram logistic-regression quality classifier (good vs bad documents).")
+    parser.add_argument("--good", nargs="+", required=True, help="files/directories of good documents")
+    parser.add_argument("--bad", nargs="+", required=True, help="files/directories of bad documents")
+    parser.add_argument("--out", required=True, help="directory to write weights.npz and classifier.json")
+    parser.add_argument("--buckets", type=int, default=defaults.buckets, help="hash buckets (default 2**18)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--l2", type=float, default=defaults.l2)
+    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-unit", default="file", choices=TEXT_UNITS)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        for name in ("buckets", "epochs", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= args.validation_fraction < 1.0:
+            raise ValueError("--validation-fraction must be in [0, 1)")
+        options = TrainOptions(buckets=args.buckets, epochs=args.epochs, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, l2=args.l2,
+                               validation_fraction=args.validation_fraction, seed=args.seed)
+        classifier = train_quality_classifier(args.good, args.bad, args.out, options=options,
+                                              text_field=args.text_field, text_unit=args.text_unit)
+    except (InputError, ValueError) as error:
+        print(f"jaxllm data train-quality: error: {error}", file=sys.stderr)
+        return 2
+    metrics = classifier.metadata["training"]
+    validation = metrics["validation_accuracy"]
+    print(f"trained on {metrics['good_documents']} good / {metrics['bad_documents']} bad documents: "
+          f"train accuracy {metrics['train_accuracy']:.3f}"
+          + (f", validation accuracy {validation:.3f} ({metrics['validation_documents']} held out)"
+             if validation is not None else ", no validation split (fewer than 10 documents per class)")
+          + f"; saved to {args.out}")
+    return 0

@@ -1,0 +1,239 @@
+"""Generation with a KV cache: exactness against full recomputation, logits processors, sharding, the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import generate as gen
+from jaxllm import losses
+from jaxllm import model as model_lib
+from jaxllm import sharding as sharding_lib
+from jaxllm import state as state_lib
+from jaxllm.cli import main
+from jaxllm.config import MeshConfig, save_config
+
+from helpers import tiny_config
+
+# A larger init spreads the logits, so greedy choices are not decided by float rounding.
+CONFIG = tiny_config("model.init_std=0.5")
+PROMPTS = [[2, 5, 9, 11, 7], [2, 8], [2, 30, 31, 40, 12, 13, 14, 15, 16], [2, 44, 45]]
+GREEDY = gen.SamplingSettings(max_new_tokens=8, temperature=0.0)  # one N: the tests share compilations
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_lib.init_model(CONFIG.model, 0)
+
+
+def _full_forward_greedy(graphdef, params, prompt, new_tokens, width=32):
+    """Independent reference: re-run the whole sequence (right-padded, one prompt) for every token."""
+    forward = jax.jit(lambda p, t, pos, seg: model_lib.apply(graphdef, p, t, pos, seg))
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(ids)] = ids
+        segments = (np.arange(width) < len(ids)).astype(np.int32)[None]
+        positions = np.arange(width, dtype=np.int32)[None]
+        ids.append(int(jnp.argmax(forward(params, tokens, positions, segments)[0, len(ids) - 1])))
+        if ids[-1] == gen.EOS_ID:
+            break
+    return ids[len(prompt):]
+
+
+def test_greedy_with_the_cache_equals_greedy_by_full_recomputation_for_prompts_of_different_lengths(model):
+    graphdef, params = model
+    output = gen.generate(CONFIG.model, graphdef, params, PROMPTS, GREEDY)
+    for row, prompt in enumerate(PROMPTS):
+        assert output.completion(row, keep_stop=True) == _full_forward_greedy(graphdef, params, prompt, 8), row
+    # Streaming (one jitted decode step per token, for chat) gives the same tokens.
+    assert list(gen.stream(CONFIG.model, graphdef, params, PROMPTS[2], GREEDY)) == output.completion(2, keep_stop=True)
+
+
+def test_returned_logprobs_are_the_model_logprobs_of_the_sampled_tokens(model):
+    graphdef, params = model
+    settings = gen.SamplingSettings(max_new_tokens=8, temperature=1.0, stop_ids=())
+    output = gen.generate(CONFIG.model, graphdef, params, PROMPTS, settings, rng=3)
+    assert (output.lengths == 8).all() and not output.finished.any()
+    for row, prompt in enumerate(PROMPTS):
+        ids = np.asarray([prompt + output.tokens[row].tolist()], np.int32)
+        positions = np.arange(ids.shape[1], dtype=np.int32)[None]
+        logits = model_lib.apply(graphdef, params, ids, positions, np.ones_like(ids))
+        expected = losses.token_logprobs(logits, ids)[0, len(prompt):]
+        np.testing.assert_allclose(output.logprobs[row], expected, atol=2e-4)
+    again = gen.generate(CONFIG.model, graphdef, params, PROMPTS, settings, rng=3)
+    np.testing.assert_array_equal(again.tokens, output.tokens)  # same key, same samples
+
+
+def test_generation_stops_at_eos_and_pads_after_it(model):
+    graphdef, params = model
+    settings = gen.SamplingSettings(max_new_tokens=8, temperature=1.0, token_bias=((gen.EOS_ID, 100.0),))
+    output = gen.generate(CONFIG.model, graphdef, params, PROMPTS, settings)
+    assert output.finished.all() and (output.lengths == 1).all()
+    assert (output.tokens[:, 0] == gen.EOS_ID).all() and (output.tokens[:, 1:] == gen.PAD_ID).all()
+    assert all(output.completion(row) == [] for row in range(len(PROMPTS)))
+    assert (output.logprobs[:, 1:] == 0).all()
+
+
+def test_prompts_and_settings_in_one_bucket_share_one_compilation(model):
+    graphdef, params = model
+    gen.generate(CONFIG.model, graphdef, params, PROMPTS, GREEDY)
+    compiled = gen._generate_jit._cache_size()
+    other_lengths = [[2, 5], [2, 5, 6, 7, 8, 9, 10], [2, 9, 9], [2] * 16]
+    sampled = gen.SamplingSettings(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
+                                   repetition_penalty=1.3, token_bias=((3, 1.0),), stop_ids=(3, 4))
+    gen.generate(CONFIG.model, graphdef, params, other_lengths, sampled, rng=1)
+    assert gen._generate_jit._cache_size() == compiled
+    assert gen.bucket(3) == gen.bucket(16) == 16 and gen.bucket(17) == 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits processors.
+
+LOGITS = jnp.asarray([[2.0, 1.0, 0.5, -1.0, 0.0, 3.0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+NOTHING_SEEN = jnp.zeros(LOGITS.shape, bool)
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    kept = np.isfinite(np.asarray(gen.top_k(2)(LOGITS, NOTHING_SEEN)))
+    assert kept.sum(axis=1).tolist() == [2, 2]
+    assert kept[0].tolist() == [True, False, False, False, False, True]
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
+    probs = np.asarray(jax.nn.softmax(LOGITS[0]))
+    out = np.asarray(gen.top_p(0.8)(LOGITS, NOTHING_SEEN))[0]
+    order = np.argsort(-probs)
+    needed = int(np.searchsorted(np.cumsum(probs[order]), 0.8) + 1)
+    assert set(np.flatnonzero(np.isfinite(out))) == set(order[:needed].tolist())
+    assert probs[np.isfinite(out)].sum() >= 0.8
+    # A tiny p keeps just the most likely token.
+    assert np.isfinite(np.asarray(gen.top_p(1e-6)(LOGITS, NOTHING_SEEN))).sum(axis=1).tolist() == [1, 1]
+
+
+def test_min_p_drops_tokens_far_below_the_best():
+    out = np.asarray(gen.min_p(0.3)(LOGITS, NOTHING_SEEN))[0]
+    probs = np.asarray(jax.nn.softmax(LOGITS[0]))
+    np.testing.assert_array_equal(np.isfinite(out), probs >= 0.3 * probs.max())
+
+
+def test_repetition_penalty_lowers_only_tokens_already_seen():
+    seen = NOTHING_SEEN.at[0, 0].set(True).at[0, 3].set(True)
+    out = np.asarray(gen.repetition_penalty(2.0)(LOGITS, seen))
+    assert out[0, 0] == 1.0 and out[0, 3] == -2.0  # positive halved, negative doubled: both lower
+    np.testing.assert_array_equal(out[0, [1, 2, 4, 5]], np.asarray(LOGITS)[0, [1, 2, 4, 5]])
+    np.testing.assert_array_equal(out[1], np.asarray(LOGITS)[1])
+
+
+def test_eos_bias_and_composition_order_change_the_greedy_choice():
+    biased = gen.SamplingSettings(temperature=0.0, token_bias=((3, 5.0),))
+    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(0), biased).tolist() == [3, 3]
+    plain = gen.SamplingSettings(temperature=0.0)
+    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(0), plain).tolist() == [5, 5]
+    # top_k=1 sampling is greedy whatever the temperature.
+    sampled = gen.SamplingSettings(temperature=5.0, top_k=1)
+    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(1), sampled).tolist() == [5, 5]
+    # The repetition penalty applies before greedy: seen token 5 loses to token 0 in row 0.
+    penalised = gen.SamplingSettings(temperature=0.0, repetition_penalty=2.0)
+    assert gen.next_token(LOGITS, NOTHING_SEEN.at[0, 5].set(True), jax.random.key(0), penalised).tolist()[0] == 0
+
+
+def test_sampling_settings_reject_nonsense():
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0), dict(min_p=1.0)):
+        with pytest.raises(gen.UsageError):
+            gen.SamplingSettings(**bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded like training.
+
+
+def test_generation_on_a_2x2x2_mesh_matches_one_device(model):
+    graphdef, params = model
+    mesh = sharding_lib.make_mesh(MeshConfig(2, 2, 2), jax.devices()[:8])
+    axes = state_lib.param_logical_axes(CONFIG, params)
+    sharded = jax.device_put(params, sharding_lib.tree_shardings(params, axes, mesh))
+    assert gen.mesh_of(sharded) is mesh
+    settings = GREEDY
+    prompts = PROMPTS * 2  # 8 rows: split over data x fsdp = 4
+    on_mesh = gen.generate(CONFIG.model, graphdef, sharded, prompts, settings)
+    single = gen.generate(CONFIG.model, graphdef, params, prompts, settings)
+    np.testing.assert_array_equal(on_mesh.tokens, single.tokens)
+    np.testing.assert_allclose(on_mesh.logprobs, single.logprobs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (a tiny model on the embedded tokenizer's 512 ids).
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("generate") / "run"
+    config = tiny_config("model.vocab_size=512", "model.init_std=0.3", "mesh.num_devices=1")
+    path.mkdir(parents=True)
+    save_config(config, path / "config.yaml")
+    _, params = model_lib.init_model(config.model, 0)
+    optimizer = state_lib.make_optimizer(config.optimizer, 1)
+    manager = ckpt.make_manager(path, async_save=False)
+    ckpt.save(manager, 1, state_lib.create_state(params, optimizer, 0), {}, {}, force=True)
+    manager.wait_until_finished()
+    return path, params
+
+
+def test_load_model_for_inference_restores_the_saved_params(workdir):
+    path, params = workdir
+    config, _, loaded, tokenizer = gen.load_model_for_inference(path)
+    assert config.model.vocab_size == 512 and tokenizer.vocab_size == 512
+    np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
+
+
+def test_generate_cli_writes_one_json_line_per_prompt(workdir, tmp_path, capsys):
+    path, _ = workdir
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Where was Noor Nguyen born?"}) + "\n" +
+                       json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n" +
+                       json.dumps({"text": "Noor Nguyen was born in"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", str(path), "--prompts-file", str(prompts), "--chat", "--out", str(out),
+                 "--max-new-tokens", "6", "--greedy", "--eos-bias", "1.0", "--bias", "5=-1"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records][0] == "Where was Noor Nguyen born?" and len(records) == 3
+    assert all(isinstance(r["completion"], str) and 0 <= r["tokens"] <= 6 for r in records)
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Noor", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Noor")
+
+
+def test_chat_streams_answers_and_keeps_the_conversation(workdir, monkeypatch, capsys):
+    path, _ = workdir
+    lines = iter(["Where was Noor Nguyen born?", "/reset", "And Theo?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--checkpoint", str(path), "--max-new-tokens", "5", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2 and "(conversation cleared)" in out
+
+
+def test_bad_generate_input_is_a_usage_error(workdir, tmp_path, capsys):
+    path, _ = workdir
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "no config.yaml"),
+        (["--checkpoint", str(path)], "--prompt"),
+        (["--checkpoint", str(path), "--prompts-file", str(empty)], "is empty"),
+        (["--checkpoint", str(path), "--prompt", "x " * 80], "max_seq_len"),
+        (["--checkpoint", str(path), "--prompt", "x", "--bias", "oops"], "TOKEN=VALUE"),
+        (["--checkpoint", str(path), "--prompt", "x", "--top-p", "0"], "top_p"),
+    ]
+    for args, message in cases:
+        assert main(["generate", *args]) == 2, args
+        assert message in capsys.readouterr().err, args

@@ -1,0 +1,91 @@
+"""`jaxllm pipeline` on a micro recipe: every stage from the previous one's checkpoint, a parseable
+report, resumption, and SFT raising the EOS rate and QA accuracy above the pretrained model's."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import evaluate
+from jaxllm.config import ConfigError
+from jaxllm.pipeline import load_recipe, run_pipeline
+
+MICRO_TEMPLATE = """
+tokenizer: {train: true, vocab_size: 512, model_type: bpe, input: default:pretrain}
+common: [model.preset=micro, mesh.num_devices=1, train.batch_size=16, train.eval_batches=1, train.log_every=10,
+         train.progress=false, data.seq_len=96, model.max_seq_len=128]
+stages:
+  - {name: pretrain, recipe: configs/pretrain_tiny.yaml,
+     overrides: [train.steps=30, train.checkpoint_every=15, train.eval_every=0, optimizer.learning_rate=1e-2]}
+  - {name: sft, recipe: configs/sft_tiny.yaml,
+     overrides: [train.steps=50, train.eval_every=0, optimizer.learning_rate=1e-2, "data.source=jsonl:SFT_FILE",
+                 "data.eval_source=jsonl:SFT_FILE"]}
+  - {name: dpo, recipe: configs/dpo_tiny.yaml, overrides: [train.steps=4, train.eval_every=0]}
+evaluation: {qa_source: "jsonl:SFT_FILE", qa_examples: 16, trained_qa_examples: 0, text_batches: 1,
+             preference_pairs: 16, max_new_tokens: 12, prompts: ["Where was Lucia Wagner born?"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    # SFT on 16 conversations (memorisable in seconds); the QA eval asks those questions.
+    sft_file = workdir / "sft16.jsonl"
+    lines = [line for line in evaluate.read_records("default:sft", 16)]
+    sft_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    recipe = workdir / "micro.yaml"
+    recipe.write_text(MICRO_TEMPLATE.replace("SFT_FILE", str(sft_file)))
+    logs: list[str] = []
+    report = run_pipeline(recipe, workdir / "run", log=logs.append, progress=False)
+    return recipe, workdir / "run", report, logs
+
+
+def test_every_stage_starts_from_the_previous_checkpoint(pipeline_run):
+    _, workdir, report, _ = pipeline_run
+    stages = report["stages"]
+    assert [s["name"] for s in stages] == ["pretrain", "sft", "dpo"]
+    assert stages[0]["init_from"] == ""
+    assert stages[1]["init_from"] == str(workdir / "pretrain")
+    assert stages[2]["init_from"] == str(workdir / "sft")
+    for stage in stages:
+        assert ckpt.latest_step(stage["workdir"]) == stage["steps"]
+
+
+def test_report_files_exist_and_parse(pipeline_run):
+    _, workdir, _, _ = pipeline_run
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["stages"][1]["evaluation"]["qa_heldout"]["examples"] == 16
+    markdown = (workdir / "report.md").read_text()
+    assert "| sft | sft |" in markdown and "losses.png" in markdown
+    for png in ("losses.png", "eval.png"):
+        assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sft_raises_eos_rate_and_qa_accuracy_above_the_pretrained_model(pipeline_run):
+    # Micro scale: the QA set is the SFT questions (held-out people need minutes of training: see the
+    # default pipeline's report in the README for the held-out numbers).
+    _, _, report, _ = pipeline_run
+    pretrained, sft = (report["stages"][i]["evaluation"]["qa_heldout"] for i in (0, 1))
+    assert sft["eos_rate"] > pretrained["eos_rate"]
+    assert sft["exact_match"] > pretrained["exact_match"]
+
+
+def test_rerunning_skips_finished_stages(pipeline_run):
+    recipe, workdir, _, _ = pipeline_run
+    logs: list[str] = []
+    run_pipeline(recipe, workdir, log=logs.append, progress=False)
+    assert sum("already finished" in line for line in logs) == 3
+
+
+def test_bad_pipeline_recipe_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - {name: a, recipe: configs/pretrain_tiny.yaml, overides: []}\n")
+    with pytest.raises(ConfigError, match="unknown key.*overides"):
+        load_recipe(bad)
+    (tmp_path / "empty.yaml").write_text("common: []\n")
+    with pytest.raises(ConfigError, match="needs a 'stages' list"):
+        load_recipe(tmp_path / "empty.yaml")
+
+
+_ = Path
