@@ -310,3 +310,18 @@ def test_gzip_output_is_compressed(tmp_path):
     filter_documents([source], tmp_path / "out.jsonl.gz", FilterOptions(workers=1))
     with gzip.open(tmp_path / "out.jsonl.gz", "rt") as handle:
         assert [json.loads(line)["text"] for line in handle] == [prose(1), prose(2)]
+
+
+def test_lsh_candidate_rate_follows_the_banding_s_curve():
+    config = MinHashConfig(shingle_size=1)
+    hasher = MinHasher(config)
+    for similarity in (0.3, 0.7, 0.9):
+        shared = int(round(200 * 2 * similarity / (1 + similarity)))  # two 200-word sets, Jaccard = similarity
+        docs = []
+        for t in range(100):
+            common = [f"t{t}c{i}" for i in range(shared)]
+            docs += [common + [f"t{t}a{i}" for i in range(200 - shared)],
+                     common + [f"t{t}b{i}" for i in range(200 - shared)]]
+        keys = hasher.band_keys(hasher.signatures(docs))
+        rate = np.mean([(keys[2 * i] == keys[2 * i + 1]).any() for i in range(100)])
+        assert abs(rate - config.candidate_probability(similarity)) < 0.15, (similarity, rate)
