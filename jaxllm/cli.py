@@ -17,6 +17,7 @@ DELEGATED = {
     "chat": "jaxllm.generate:chat_main",
     "score": "jaxllm.rl:score_main",
     "eval": "jaxllm.evaluate:eval_main",
+    "lm-eval": "jaxllm.lm_eval_adapter:lm_eval_main",
     "bench": "jaxllm.bench:bench_main",
     "plan": "jaxllm.planning:plan_main",
     "sweep": "jaxllm.sweep:sweep_main",
@@ -31,6 +32,7 @@ DELEGATED = {
     "experiment knowledge": "jaxllm.knowledge_experiment:experiment_main",
     "convert from-hf": "jaxllm.convert:from_hf_main",
     "convert to-hf": "jaxllm.convert:to_hf_main",
+    "convert merge-lora": "jaxllm.convert:merge_lora_main",
 }
 
 # Allocator settings measured +33% on the CPU train step (no mmap churn, one arena).
@@ -76,6 +78,12 @@ def _train_command(argv: list[str]) -> int:
         for key, value in report.items():
             print(f"{key:>28}: {value}")
         return 0
+    try:  # a failed background save is re-raised by the loop as one clear error; Orbax's own logs repeat it
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:
+        pass
     from jaxllm.train import train
 
     result = train(config, args.workdir)

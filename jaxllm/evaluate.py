@@ -1,22 +1,543 @@
-"""Evaluation of a trained model: perplexity, QA exact match and EOS rate from generation,
-preference accuracy from sequence log-probs. The pipeline runs these after every stage.
+"""Evaluation of a trained model: `jaxllm eval`, the scoring and generation it is built on, and the
+functions the pipeline calls after every stage.
 
-All functions take (config, graphdef, params, tokenizer) as returned by
-`jaxllm.generate.load_model_for_inference(workdir)`.
+    jaxllm eval --checkpoint runs/sft --task heldout_text --task bio_qa --task bio_mc --out results.json
+
+Two primitives do all the work, both batched and, under a mesh, sharded like training (batch rows over
+the data and fsdp axes, the model by its logical axes):
+- `score_continuations(model_config, graphdef, params, [(context_ids, continuation_ids), ...])` -> the
+  summed log-probability of each continuation given its context, whether greedy decoding would produce
+  it, and its token count. Rows are right-padded; pad slots have segment id 0, so no real token
+  attends to them and they carry no weight. Long rows keep the continuation and lose the start of
+  the context. The lm head runs over blocks of positions, so no [B, T, V] logits exist at once.
+- `jaxllm.generate.generate` (KV cache, the generation module's decoding rules) for answers.
+
+Task kinds (definitions in `jaxllm.tasks`):
+- perplexity: each document is BOS + text + EOS, scored in windows of model.max_seq_len (every token
+  predicted once, each with as much context as fits). Reports loss (nats per token), perplexity and
+  bits per byte = total nats / ln 2 / UTF-8 bytes of the text, which compares models whose tokenizers differ.
+- multiple_choice: the log-likelihood of each choice after the prompt; `acc` picks the highest sum,
+  `acc_norm` the highest per UTF-8 byte of the choice text (lm-evaluation-harness's acc_norm).
+- generate: greedy (or sampled) answers, scored by exact_match / contains / regex (jaxllm.tasks.metrics).
+- pairwise: the model's answers against a baseline's (another checkpoint, or answers in the records),
+  graded by a judge checkpoint that is asked twice per prompt with the answers in both orders; the judge's
+  choice is whichever of the replies "A" / "B" it finds more likely. Win = preferred in both orders, tie =
+  the judge followed the position; win rate counts ties as one half.
+
+Outputs: a summary table on stdout; with `--out results.json` the summary as JSON and one JSONL of
+per-example results per task beside it (`results.<task>.jsonl`, or in `--samples-dir`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import functools
+import json
 import math
-from typing import Any, Sequence
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import losses
+from jaxllm import model as model_lib
+from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
-from jaxllm.config import Config
+from jaxllm.config import Config, ModelConfig
+from jaxllm.errors import UsageError
+
+LOGITS_BLOCK_BYTES = 256 << 20  # float32 logits per scoring block, at most
+
+
+# ----------------------------------------------------------------------------------------------
+# The model under evaluation
+
+
+@dataclasses.dataclass
+class EvalModel:
+    """A model ready for evaluation: what `generate.load_model_for_inference` returns, plus its mesh."""
+
+    config: Config
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+    name: str = ""
+    mesh: jax.sharding.Mesh | None = None  # default: the mesh the params live on (None: one device)
+
+    def __post_init__(self):
+        if self.mesh is None:
+            from jaxllm.generate import mesh_of
+
+            self.mesh = mesh_of(self.params)
+
+    @classmethod
+    def load(cls, workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> "EvalModel":
+        from jaxllm.generate import load_model_for_inference
+
+        config, graphdef, params, tokenizer = load_model_for_inference(workdir, mesh)
+        return cls(config, graphdef, params, tokenizer, str(workdir))
+
+    @property
+    def max_len(self) -> int:
+        return self.config.model.max_seq_len
+
+
+def _mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool, unit: str = "ex") -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihood scoring
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per request: logprob [N] float64 summed log p (nats) of the continuation tokens; greedy [N] bool
+    every continuation token is the model's argmax; tokens [N] int continuation tokens scored."""
+
+    logprob: np.ndarray
+    greedy: np.ndarray
+    tokens: np.ndarray
+
+
+def _logits_block(rows: int, positions: int, vocab: int) -> int:
+    """Positions per lm-head block so that [rows, block, vocab] float32 logits stay under LOGITS_BLOCK_BYTES."""
+    return max(1, min(positions, LOGITS_BLOCK_BYTES // (4 * rows * vocab)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block"))
+def _score_batch(graphdef, params, tokens, segment_ids, loss_mask, *, block: int):
+    """tokens/segment_ids/loss_mask [B,T] (right-padded rows) -> per row: summed log p of the masked
+    tokens [B] float32, all of them greedy [B] bool, their count [B] float32."""
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
+    hidden = model_lib.apply_hidden(graphdef, params, tokens, positions, segment_ids)[:, :-1]  # t predicts t+1
+    unembedding = model_lib.unembedding(graphdef, params).astype(hidden.dtype)
+    targets = tokens[:, 1:]
+    weights = losses.target_weights(loss_mask, segment_ids)[:, 1:]
+    count = length - 1
+    padded = -count % block
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, padded)))
+    blocks = (count + padded) // block
+
+    def to_blocks(x):  # [B, n*C, ...] -> [n, B, C, ...]
+        return jnp.swapaxes(x.reshape(batch, blocks, block, *x.shape[2:]), 0, 1)
+
+    def score_block(_, inputs):
+        h, target = inputs
+        logits = jnp.einsum("bcd,dv->bcv", h, unembedding, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        return None, (picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == target)
+
+    _, (logprobs, greedy) = jax.lax.scan(score_block, None, (to_blocks(hidden), to_blocks(targets)))
+    logprobs = jnp.swapaxes(logprobs, 0, 1).reshape(batch, -1)[:, :count]
+    greedy = jnp.swapaxes(greedy, 0, 1).reshape(batch, -1)[:, :count]
+    return (jnp.sum(logprobs * weights, axis=1), jnp.all(greedy | (weights == 0), axis=1),
+            jnp.sum(weights, axis=1))
+
+
+def _fit_request(number: int, context: Sequence[int], continuation: Sequence[int],
+                 max_len: int) -> tuple[list[int], int]:
+    context, continuation = [int(t) for t in context], [int(t) for t in continuation]
+    if not continuation:
+        raise UsageError(f"scoring request {number} has an empty continuation: there is nothing to score")
+    if not context:
+        raise UsageError(f"scoring request {number} has an empty context: start it with BOS (nothing predicts "
+                         "the first token)")
+    if len(continuation) > max_len - 1:
+        raise UsageError(f"scoring request {number}: the continuation has {len(continuation)} tokens but at most "
+                         f"model.max_seq_len - 1 = {max_len - 1} fit with one token of context")
+    return (context + continuation)[-max_len:], len(continuation)
+
+
+def score_continuations(model_config: ModelConfig, graphdef, params,
+                        requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 16,
+                        mesh: jax.sharding.Mesh | None = None, pad_id: int = 0, progress: bool = False,
+                        desc: str = "scoring") -> Scores:
+    """log p(continuation | context) for token-id pairs, in batches of `batch_size` rows.
+
+    Rows are sorted by length so a batch pads little, widths are bucketed (a few compilations serve
+    any request set), and the results come back in request order. `mesh`: default the params' mesh;
+    the batch (rounded up to a multiple of the data-parallel size) is split over (data, fsdp)."""
+    from jaxllm.generate import bucket, host_rows, mesh_of
+
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1")
+    rows = [_fit_request(n, context, continuation, model_config.max_seq_len)
+            for n, (context, continuation) in enumerate(requests)]
+    total = len(rows)
+    logprob, greedy, tokens = np.zeros(total, np.float64), np.zeros(total, bool), np.zeros(total, np.int64)
+    mesh = mesh if mesh is not None else mesh_of(params)
+    multiple = sharding_lib.data_parallel_size(mesh) if mesh is not None else 1
+    per_batch = -(-batch_size // multiple) * multiple
+    order = sorted(range(total), key=lambda i: -len(rows[i][0]))
+    with _progress(total, desc, progress, "seq") as bar, _mesh_context(mesh):
+        for start in range(0, total, per_batch):
+            chosen = order[start:start + per_batch]
+            width = min(bucket(len(rows[chosen[0]][0])), model_config.max_seq_len)
+            batch = {"tokens": np.full((per_batch, width), pad_id, np.int32),
+                     "segment_ids": np.zeros((per_batch, width), np.int32),
+                     "loss_mask": np.zeros((per_batch, width), np.float32)}
+            for slot, index in enumerate(chosen):
+                ids, scored = rows[index]
+                batch["tokens"][slot, :len(ids)] = ids
+                batch["segment_ids"][slot, :len(ids)] = 1
+                batch["loss_mask"][slot, len(ids) - scored:len(ids)] = 1.0
+            placed = sharding_lib.place_batch(batch, mesh) if mesh is not None else batch
+            out = _score_batch(graphdef, params, placed["tokens"], placed["segment_ids"], placed["loss_mask"],
+                               block=_logits_block(per_batch, width - 1, model_config.vocab_size))
+            sums, all_greedy, counts = (host_rows(x, mesh) for x in out)
+            for slot, index in enumerate(chosen):
+                logprob[index], greedy[index], tokens[index] = sums[slot], all_greedy[slot], counts[slot]
+            if bar is not None:
+                bar.update(len(chosen))
+    return Scores(logprob, greedy, tokens)
+
+
+def rolling_requests(ids: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) windows that predict every token of `ids` after the first exactly once,
+    each window at most max_len tokens long with as much context as fits (lm-evaluation-harness's
+    rolling log-likelihood)."""
+    ids = [int(t) for t in ids]
+    windows, start = [], 1
+    while start < len(ids):
+        stop = min(start + max_len - 1, len(ids))
+        windows.append((ids[max(0, stop - max_len):start], ids[start:stop]))
+        start = stop
+    return windows
+
+
+def score_documents(model_config: ModelConfig, graphdef, params, documents: Sequence[Sequence[int]],
+                    **kwargs: Any) -> Scores:
+    """Log-likelihood of whole token sequences (every token after the first; BOS first by convention),
+    any length: windows of model.max_seq_len, summed per document. Keyword arguments as score_continuations."""
+    requests, owner = [], []
+    for number, ids in enumerate(documents):
+        if len(ids) < 2:
+            raise UsageError(f"document {number} has {len(ids)} token(s); scoring needs at least 2 (e.g. BOS + text)")
+        windows = rolling_requests(ids, model_config.max_seq_len)
+        requests.extend(windows)
+        owner.extend([number] * len(windows))
+    scores = score_continuations(model_config, graphdef, params, requests, **kwargs)
+    owner = np.asarray(owner, np.int64)
+    count = len(documents)
+    greedy = np.ones(count, bool)
+    np.logical_and.at(greedy, owner, scores.greedy)
+    return Scores(np.bincount(owner, scores.logprob, count), greedy,
+                  np.bincount(owner, scores.tokens, count).astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_completions(model: EvalModel, prompts: Sequence[Sequence[int]], settings, *, batch_size: int = 16,
+                         seed: int = 0, progress: bool = False, desc: str = "generating") -> list[dict[str, Any]]:
+    """Answers to token-id prompts in batches: [{"ids", "text", "finished", "tokens"}] in prompt order.
+    A prompt longer than max_seq_len - max_new_tokens keeps its end."""
+    from jaxllm.generate import generate
+
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1")
+    room = model.max_len - settings.max_new_tokens
+    if room < 1:
+        raise UsageError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in "
+                         f"model.max_seq_len={model.max_len}")
+    prompts = [list(p)[-room:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    pad_id = model.tokenizer.pad_id if model.tokenizer is not None else 0
+    with _progress(len(prompts), desc, progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            output = generate(model.config.model, model.graphdef, model.params, [prompts[i] for i in chosen],
+                              settings, jax.random.fold_in(jax.random.key(seed), start), pad_id=pad_id,
+                              mesh=model.mesh)
+            for row, index in enumerate(chosen):
+                ids = output.completion(row)
+                text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
+                results[index] = {"ids": ids, "text": text, "finished": bool(output.finished[row]),
+                                  "tokens": int(output.lengths[row])}
+            if bar is not None:
+                bar.update(len(chosen))
+    return results
+
+
+def greedy_settings(tokenizer, max_new_tokens: int, chat: bool):
+    """Greedy decoding that stops at EOS (and, in chat, where the model would open the next user turn)."""
+    from jaxllm.generate import SamplingSettings
+
+    stops = (tokenizer.eos_id, tokenizer.user_id) if chat else (tokenizer.eos_id,)
+    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stops)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts of a task
+
+
+def _encode_plain(tokenizer, text: str) -> list[int]:
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def _reference(task, example) -> str:
+    """The solved answer a few-shot example shows."""
+    if task.kind == "multiple_choice":
+        return example.choices[example.answer]
+    if task.kind == "generate":
+        return example.answer[0]
+    return example.values.get("baseline") or ""
+
+
+def prompt_ids(task, example, shots: Sequence, tokenizer) -> list[int]:
+    """Token ids of the prompt: the few-shot examples, then the example's prompt (chat: as turns, ending
+    with the assistant marker; plain: BOS + text)."""
+    from jaxllm.data.chat import prompt_ids as chat_prompt_ids
+
+    if task.chat:
+        messages: list[dict[str, str]] = []
+        for shot in shots:
+            messages += [{"role": "user", "content": task.prompt_text(shot)},
+                         {"role": "assistant", "content": _reference(task, shot)}]
+        if "messages" in example.values:
+            messages += example.values["messages"]
+        else:
+            messages.append({"role": "user", "content": task.prompt_text(example)})
+        return chat_prompt_ids(messages, tokenizer)
+    prefix = "".join(task.prompt_text(shot) + task.choice_prefix + _reference(task, shot) + task.fewshot_separator
+                     for shot in shots)
+    return _encode_plain(tokenizer, prefix + task.prompt_text(example))
+
+
+def _answer_ids(task, text: str, tokenizer) -> list[int]:
+    """A choice as the continuation of the prompt (chat: the answer then EOS)."""
+    from jaxllm.data.chat import answer_ids
+
+    return answer_ids(text, tokenizer) if task.chat else tokenizer.encode(task.choice_prefix + text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running tasks
+
+
+@dataclasses.dataclass
+class TaskResult:
+    name: str
+    kind: str
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def examples(self) -> int:
+        return len(self.samples)
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "examples": self.examples, "metrics": self.metrics, "seconds": self.seconds,
+                "examples_per_second": self.examples / max(self.seconds, 1e-9)}
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """How tasks run: batch size, progress bars, decoding for generative tasks, pairwise models."""
+
+    batch_size: int = 16
+    progress: bool = False
+    sampling: Any = None  # a SamplingSettings for generate/pairwise (None: greedy); max_new_tokens is the task's
+    seed: int = 0
+    judge: EvalModel | None = None  # pairwise: None = the evaluated model judges
+    baseline: EvalModel | None = None  # pairwise: None = the records' baseline answers
+
+
+def _sampling(task, tokenizer, settings: RunSettings):
+    if settings.sampling is None:
+        return greedy_settings(tokenizer, task.max_new_tokens, task.chat)
+    stops = tuple(settings.sampling.stop_ids)
+    if task.chat and tokenizer.user_id not in stops:
+        stops += (tokenizer.user_id,)
+    return dataclasses.replace(settings.sampling, max_new_tokens=task.max_new_tokens, stop_ids=stops)
+
+
+def _shots(task, examples) -> list[list]:
+    pool = task.fewshot_pool(examples)
+    return [task.fewshot(example, pool) if task.num_fewshot else [] for example in examples]
+
+
+def run_perplexity(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
+    tokenizer = model.tokenizer
+    kept = [example for example in examples if example.text.strip()]
+    encoded = tokenizer.encode_batch([example.text for example in kept], num_threads=1)
+    documents = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in encoded]
+    scores = score_documents(model.config.model, model.graphdef, model.params, documents,
+                             batch_size=settings.batch_size, mesh=model.mesh, pad_id=tokenizer.pad_id,
+                             progress=settings.progress, desc=task.name)
+    text_bytes = [len(example.text.encode("utf-8")) for example in kept]
+    nats, tokens, total_bytes = -float(np.sum(scores.logprob)), int(np.sum(scores.tokens)), sum(text_bytes)
+    loss = nats / max(tokens, 1)
+    metrics = {"bits_per_byte": nats / math.log(2) / max(total_bytes, 1), "perplexity": math.exp(min(loss, 30.0)),
+               "loss": loss, "tokens": tokens, "bytes": total_bytes}
+    if len(kept) < len(examples):
+        metrics["empty_documents_skipped"] = len(examples) - len(kept)
+    samples = [{"where": example.where, "tokens": int(count), "bytes": size, "nats": -float(logprob),
+                "bits_per_byte": -float(logprob) / math.log(2) / max(size, 1)}
+               for example, count, size, logprob in zip(kept, scores.tokens, text_bytes, scores.logprob)]
+    return metrics, samples
+
+
+def run_multiple_choice(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
+    from jaxllm.tasks.metrics import mean_and_stderr
+
+    tokenizer = model.tokenizer
+    requests, spans = [], []
+    for example, shots in zip(examples, _shots(task, examples)):
+        context = prompt_ids(task, example, shots, tokenizer)
+        spans.append((len(requests), len(example.choices)))
+        requests.extend((context, _answer_ids(task, choice, tokenizer)) for choice in example.choices)
+    scores = score_continuations(model.config.model, model.graphdef, model.params, requests,
+                                 batch_size=settings.batch_size, mesh=model.mesh, pad_id=tokenizer.pad_id,
+                                 progress=settings.progress, desc=task.name)
+    samples, correct, correct_norm = [], [], []
+    for example, (start, count) in zip(examples, spans):
+        logprobs = scores.logprob[start:start + count]
+        sizes = np.asarray([max(len(((task.choice_prefix if not task.chat else "") + c).encode("utf-8")), 1)
+                            for c in example.choices], np.float64)
+        prediction, prediction_norm = int(np.argmax(logprobs)), int(np.argmax(logprobs / sizes))
+        correct.append(float(prediction == example.answer))
+        correct_norm.append(float(prediction_norm == example.answer))
+        samples.append({"where": example.where, "question": example.question, "choices": example.choices,
+                        "answer": example.answer, "logprobs": [float(x) for x in logprobs],
+                        "prediction": prediction, "prediction_norm": prediction_norm,
+                        "correct": bool(correct[-1]), "correct_norm": bool(correct_norm[-1])})
+    acc, acc_stderr = mean_and_stderr(correct)
+    acc_norm, acc_norm_stderr = mean_and_stderr(correct_norm)
+    chance = float(np.mean([1.0 / len(example.choices) for example in examples]))
+    return {"acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_stderr,
+            "chance": chance}, samples
+
+
+def run_generate(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
+    from jaxllm.tasks.metrics import cut_at_stop, mean_and_stderr, score_generation
+
+    tokenizer = model.tokenizer
+    prompts = [prompt_ids(task, example, shots, tokenizer) for example, shots in zip(examples, _shots(task, examples))]
+    outputs = generate_completions(model, prompts, _sampling(task, tokenizer, settings), batch_size=settings.batch_size,
+                                   seed=settings.seed, progress=settings.progress, desc=task.name)
+    samples, correct = [], []
+    for example, output in zip(examples, outputs):
+        prediction = cut_at_stop(output["text"], task.stop)
+        scored = score_generation(prediction, example.answer, task.metric, task.answer_regex)
+        correct.append(float(scored["correct"]))
+        samples.append({"where": example.where, "question": example.question, "references": example.answer,
+                        "prediction": prediction, **scored, "finished": output["finished"],
+                        "tokens": output["tokens"]})
+    value, stderr = mean_and_stderr(correct)
+    return {task.metric: value, f"{task.metric}_stderr": stderr,
+            "eos_rate": float(np.mean([o["finished"] for o in outputs])) if outputs else 0.0,
+            "mean_answer_tokens": float(np.mean([o["tokens"] for o in outputs])) if outputs else 0.0}, samples
+
+
+def _judge_prompt(task, judge: EvalModel, question: str, answer_a: str, answer_b: str) -> list[int]:
+    """The judge's chat prompt; over-long answers are judged on their beginnings."""
+    from jaxllm.data.chat import answer_ids, prompt_ids as chat_prompt_ids
+
+    room = judge.max_len - max(len(answer_ids(letter, judge.tokenizer)) for letter in "AB")
+    while True:
+        text = task.judge_template.format(question=question, answer_a=answer_a, answer_b=answer_b)
+        ids = chat_prompt_ids([{"role": "user", "content": text}], judge.tokenizer)
+        if len(ids) <= room or not (answer_a or answer_b):
+            return ids[-room:]
+        answer_a, answer_b = answer_a[: len(answer_a) // 2], answer_b[: len(answer_b) // 2]
+
+
+def run_pairwise(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
+    from jaxllm.data.chat import answer_ids
+    from jaxllm.tasks.metrics import pairwise_outcome, win_rate
+
+    try:
+        task.judge_template.format(question="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise UsageError(f"task '{task.name}': judge_template may only use {{question}}, {{answer_a}} and "
+                         f"{{answer_b}} ({error!r})") from None
+    judge = settings.judge or model
+    all_shots = _shots(task, examples)
+    answers = generate_completions(
+        model, [prompt_ids(task, e, s, model.tokenizer) for e, s in zip(examples, all_shots)],
+        _sampling(task, model.tokenizer, settings), batch_size=settings.batch_size, seed=settings.seed,
+        progress=settings.progress, desc=f"{task.name} answers")
+    if settings.baseline is not None:
+        baseline = settings.baseline
+        baselines = [o["text"] for o in generate_completions(
+            baseline, [prompt_ids(task, e, s, baseline.tokenizer) for e, s in zip(examples, all_shots)],
+            _sampling(task, baseline.tokenizer, settings), batch_size=settings.batch_size, seed=settings.seed,
+            progress=settings.progress, desc=f"{task.name} baseline")]
+    else:
+        missing = [e.where for e in examples if e.values.get("baseline") is None]
+        if missing:
+            raise UsageError(f"task '{task.name}': {missing[0]} has no baseline answer (field "
+                             f"'{task.fields.get('baseline', 'baseline')}'); give --baseline CHECKPOINT or map the "
+                             "field with --field baseline=FIELD")
+        baselines = [e.values["baseline"] for e in examples]
+    letters = [answer_ids(letter, judge.tokenizer) for letter in "AB"]
+    requests = []
+    for example, answer, other in zip(examples, answers, baselines):
+        for first, second in ((answer["text"], other), (other, answer["text"])):
+            context = _judge_prompt(task, judge, example.question, first, second)
+            requests += [(context, letters[0]), (context, letters[1])]
+    scores = score_continuations(judge.config.model, judge.graphdef, judge.params, requests,
+                                 batch_size=settings.batch_size, mesh=judge.mesh, pad_id=judge.tokenizer.pad_id,
+                                 progress=settings.progress, desc=f"{task.name} judge")
+    logprobs = scores.logprob.reshape(len(examples), 2, 2)  # [example, order, letter]
+    picks_a = logprobs[:, :, 0] > logprobs[:, :, 1]
+    outcomes, samples = [], []
+    for number, (example, answer, other) in enumerate(zip(examples, answers, baselines)):
+        outcome = pairwise_outcome(bool(picks_a[number, 0]), not bool(picks_a[number, 1]))
+        outcomes.append(outcome)
+        samples.append({"where": example.where, "question": example.question, "answer": answer["text"],
+                        "baseline": other, "judge_logprobs_model_first": logprobs[number, 0].tolist(),
+                        "judge_logprobs_model_second": logprobs[number, 1].tolist(), "outcome": outcome})
+    metrics = win_rate(outcomes)
+    metrics["judge_picks_first"] = float(np.mean(picks_a)) if len(examples) else 0.0
+    return metrics, samples
+
+
+RUNNERS = {"perplexity": run_perplexity, "multiple_choice": run_multiple_choice, "generate": run_generate,
+           "pairwise": run_pairwise}
+
+
+def run_task(model: EvalModel, task, settings: RunSettings | None = None, limit: int | None = None) -> TaskResult:
+    """Evaluates one task (a jaxllm.tasks.Task) on the first `limit` examples (default: task.limit, else all)."""
+    settings = settings or RunSettings()
+    if model.tokenizer is None:
+        raise UsageError("evaluation needs the model's tokenizer (load it with load_tokenizer=True)")
+    started = time.perf_counter()
+    examples = task.examples(limit or task.limit or None)
+    metrics, samples = RUNNERS[task.kind](model, task, examples, settings)
+    return TaskResult(task.name, task.kind, metrics, samples, time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline's evaluation (signatures kept: pipeline.py and knowledge_experiment.py call these)
 
 
 def _with(config: Config, **sections: dict[str, Any]) -> Config:
@@ -25,70 +546,41 @@ def _with(config: Config, **sections: dict[str, Any]) -> Config:
     return dataclasses.replace(config, **replaced)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_loss(graphdef, stage: str, z_loss: float):
-    if stage in ("pretrain", "sft"):
-        loss_fn = functools.partial(steps_lib.lm_loss, graphdef, z_loss=z_loss)
-    else:
-        raise ValueError(stage)
-    return jax.jit(functools.partial(steps_lib.eval_step, loss_fn=loss_fn))
-
-
 def perplexity(config: Config, graphdef, params, tokenizer, source: str, num_batches: int = 8,
                batch_size: int = 16) -> dict[str, float]:
-    """Next-token loss, perplexity and bits per byte of held-out text `source` (every token counted)."""
-    from jaxllm.data.pipeline import build_rows
+    """Next-token loss, perplexity and bits per byte of the first num_batches * batch_size documents of
+    held-out text `source` (each BOS + text + EOS; every token counted)."""
+    from jaxllm.tasks import Task
 
-    eval_config = _with(config, train={"stage": "pretrain", "batch_size": batch_size},
-                        data={"source": source, "eval_source": source})
-    rows = build_rows(eval_config, tokenizer, "eval", stage="pretrain", source=source)
-    step = _jitted_loss(graphdef, "pretrain", 0.0)
-    results, text_bytes = [], 0
-    count = min(num_batches, -(-rows.num_rows // batch_size))
-    for index in range(count):
-        indices = np.arange(index * batch_size, min((index + 1) * batch_size, rows.num_rows))
-        batch = rows.batch(indices)
-        batch = {k: v for k, v in batch.items() if k in ("tokens", "positions", "segment_ids", "loss_mask")}
-        results.append(jax.device_get(step(params, batch)))
-        weights = np.asarray(steps_lib.losses.target_weights(batch["loss_mask"], batch["segment_ids"]))
-        counted = batch["tokens"][weights > 0]
-        text_bytes += sum(len(tokenizer.piece_bytes(int(t))) if hasattr(tokenizer, "piece_bytes")
-                          else len(tokenizer.decode([int(t)]).encode()) for t in counted)
-    summary = steps_lib.summarize_eval(results)
-    nats = summary["loss"] * summary["denominator"]
-    return {"loss": summary["loss"], "perplexity": summary["perplexity"], "tokens": summary["denominator"],
-            "bits_per_byte": nats / math.log(2) / max(text_bytes, 1)}
+    task = Task(name="text", kind="perplexity", source=source)
+    result = run_task(EvalModel(config, graphdef, params, tokenizer), task, RunSettings(batch_size=batch_size),
+                      limit=num_batches * batch_size)
+    metrics = result.metrics
+    return {"loss": metrics["loss"], "perplexity": metrics["perplexity"], "tokens": float(metrics["tokens"]),
+            "bits_per_byte": metrics["bits_per_byte"]}
 
 
 def answer_questions(config: Config, graphdef, params, tokenizer, questions: Sequence[str],
                      max_new_tokens: int = 32, batch_size: int = 64, **sampling: Any) -> list[dict[str, Any]]:
     """Greedy answers to single-turn questions with the chat template: [{"answer", "ended_with_eos", "tokens"}]."""
-    from jaxllm.data.chat import prompt_ids
-    from jaxllm.generate import SamplingSettings, generate
+    from jaxllm.data.chat import prompt_ids as chat_prompt_ids
+    from jaxllm.generate import SamplingSettings
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=sampling.pop("temperature", 0.0),
                                 stop_ids=(tokenizer.eos_id,), **sampling)
-    prompts = [prompt_ids([{"role": "user", "content": q}], tokenizer) for q in questions]
-    room = config.model.max_seq_len - max_new_tokens
-    prompts = [p[-room:] for p in prompts]
-    answers: list[dict[str, Any]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        out = generate(config.model, graphdef, params, chunk, settings, rng=start)
-        for row in range(len(chunk)):
-            ids = out.completion(row)
-            answers.append({"answer": tokenizer.decode(ids), "ended_with_eos": bool(out.finished[row]),
-                            "tokens": int(out.lengths[row])})
-    return answers
+    prompts = [chat_prompt_ids([{"role": "user", "content": q}], tokenizer) for q in questions]
+    outputs = generate_completions(EvalModel(config, graphdef, params, tokenizer), prompts, settings,
+                                   batch_size=batch_size)
+    return [{"answer": o["text"], "ended_with_eos": o["finished"], "tokens": o["tokens"]} for o in outputs]
 
 
 def qa_accuracy(config: Config, graphdef, params, tokenizer, records: Sequence[dict], max_new_tokens: int = 32
                 ) -> dict[str, Any]:
     """Exact match of greedy answers against `reference`, the fraction ending with EOS, mean length."""
-    from jaxllm.data.biographies import exact_match
+    from jaxllm.tasks.metrics import exact_match
 
     answers = answer_questions(config, graphdef, params, tokenizer, [r["prompt"] for r in records], max_new_tokens)
-    correct = [exact_match(a["answer"], r["reference"]) for a, r in zip(answers, records)]
+    correct = [exact_match(a["answer"], [r["reference"]]) for a, r in zip(answers, records)]
     return {
         "exact_match": float(np.mean(correct)) if correct else 0.0,
         "eos_rate": float(np.mean([a["ended_with_eos"] for a in answers])) if answers else 0.0,
@@ -131,3 +623,209 @@ def read_records(source: str, limit: int | None = None) -> list[dict]:
         if limit is not None and len(records) >= limit:
             break
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _format_metrics(kind: str, metrics: dict[str, float]) -> str:
+    shown = {"perplexity": ("bits_per_byte", "perplexity", "loss", "tokens"),
+             "multiple_choice": ("acc", "acc_norm", "chance"),
+             "generate": ("exact_match", "contains", "regex", "eos_rate"),
+             "pairwise": ("win_rate", "wins", "ties", "losses", "judge_picks_first")}[kind]
+    parts = []
+    for key in shown:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if f"{key}_stderr" in metrics:
+            text += f"±{metrics[f'{key}_stderr']:.3f}"
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    """The summary table: one line per task."""
+    rows = [("task", "kind", "n", "metrics", "ex/s")]
+    for result in results:
+        rows.append((result.name, result.kind, str(result.examples), _format_metrics(result.kind, result.metrics),
+                     f"{result.examples / max(result.seconds, 1e-9):.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _parse_fields(items: Sequence[str]) -> dict[str, str]:
+    fields = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UsageError(f"--field {item!r} must look like NAME=RECORD_FIELD, e.g. --field question=query")
+        fields[name.strip()] = path.strip()
+    return fields
+
+
+def _sample_path(out: Path | None, samples_dir: str | None, name: str) -> Path | None:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if samples_dir:
+        return Path(samples_dir) / f"{safe}.jsonl"
+    if out is not None:
+        return out.with_name(f"{out.stem}.{safe}.jsonl")
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxllm eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a checkpoint on tasks: perplexity / bits per byte, multiple choice by "
+                    "log-likelihood, generative exact match / contains / regex, pairwise win rate with a judge.",
+        epilog="tasks: a registered name (--list-tasks), a task YAML file, or KIND:SOURCE with KIND one of "
+               "perplexity, mc, generate, pairwise and SOURCE jsonl:PATH, tfds:NAME:SPLIT, text:PATH, default:NAME "
+               "or a file path.\nexamples:"
+               "\n  jaxllm eval --checkpoint runs/sft --task bio_qa --task bio_mc --out r.json"
+               "\n  jaxllm eval --checkpoint runs/pt --task mc:tfds:medmcqa:validation --field question=question "
+               "--field choices=opa,opb,opc,opd --field answer=cop --num-fewshot 5"
+               "\n  jaxllm eval --checkpoint runs/dpo --task pairwise:prompts.jsonl --baseline runs/sft "
+               "--judge runs/judge")
+    parser.add_argument("--checkpoint", help="a training workdir (config.yaml + checkpoints/)")
+    parser.add_argument("--task", action="append", default=[], help="a task to run (repeatable)")
+    parser.add_argument("--list-tasks", action="store_true", help="print the registered tasks and exit")
+    parser.add_argument("--out", help="write the summary here as JSON, and per-example JSONL beside it")
+    parser.add_argument("--samples-dir", help="directory for the per-example JSONL files (one per task)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per scoring / generation batch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    task = parser.add_argument_group("task settings (override the tasks' own)")
+    task.add_argument("--field", action="append", default=[], metavar="NAME=FIELD",
+                      help="KIND:SOURCE and YAML tasks: read a canonical field (text, question, choices, answer, "
+                           "baseline) from a record field; dotted paths read nested fields, a comma list gathers "
+                           "several fields into choices")
+    task.add_argument("--template", help="KIND:SOURCE and YAML tasks: the prompt template, "
+                                         "e.g. 'Question: {question}\\nAnswer:'")
+    task.add_argument("--num-fewshot", type=int, help="solved examples before each prompt")
+    task.add_argument("--fewshot-source", help="data source of the few-shot examples (default: the task's own)")
+    task.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                      help="wrap prompts in the chat template (default: the task's setting)")
+    task.add_argument("--metric", choices=("exact_match", "contains", "regex"), help="generative metric")
+    task.add_argument("--answer-regex", help="regex metric: the pattern that extracts the answer (group 1)")
+    task.add_argument("--stop", action="append", help="generative tasks: cut answers at this string (repeatable)")
+    task.add_argument("--max-new-tokens", type=int, help="generative and pairwise answers: at most this many tokens")
+    pair = parser.add_argument_group("pairwise")
+    pair.add_argument("--judge", help="workdir of the judge model (default: the evaluated model judges)")
+    pair.add_argument("--baseline", help="workdir of the model to compare against (default: the records' "
+                                         "baseline answers)")
+    decoding = parser.add_argument_group("decoding (generative and pairwise tasks; default greedy)")
+    decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    decoding.add_argument("--top-k", type=int, default=0)
+    decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument("--min-p", type=float, default=0.0)
+    decoding.add_argument("--repetition-penalty", type=float, default=1.0)
+    decoding.add_argument("--eos-bias", type=float, default=0.0, help="added to the end-of-sequence logit")
+    decoding.add_argument("--bias", action="append", default=[], metavar="TOKEN=VALUE")
+    decoding.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _configure_tasks(args: argparse.Namespace) -> list:
+    from jaxllm.tasks import CANONICAL_FIELDS, get_task, is_registered, with_overrides
+
+    fields = _parse_fields(args.field)
+    known = {name for names in CANONICAL_FIELDS.values() for name in names}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UsageError(f"--field {unknown[0]}=...: '{unknown[0]}' is not a task field; map one of "
+                         f"{', '.join(sorted(known))}")
+    tasks, names, adhoc = [], set(), 0
+    for spec in args.task:
+        task = get_task(spec)
+        if not is_registered(spec):  # a KIND:SOURCE or YAML task: the record layout is the user's
+            adhoc += 1
+            task = with_overrides(task, fields=fields or None, template=args.template)
+        task = with_overrides(task, num_fewshot=args.num_fewshot, fewshot_source=args.fewshot_source, chat=args.chat,
+                              metric=args.metric, answer_regex=args.answer_regex,
+                              stop=tuple(args.stop) if args.stop else None, max_new_tokens=args.max_new_tokens)
+        if task.name in names:
+            raise UsageError(f"task '{task.name}' is given twice")
+        names.add(task.name)
+        tasks.append(task)
+    if (fields or args.template) and not adhoc:
+        raise UsageError("--field and --template apply to KIND:SOURCE and YAML tasks (registered tasks have their own "
+                         "mapping and template); give such a task or drop them")
+    return tasks
+
+
+def evaluate_checkpoint(checkpoint: str | Path, tasks: Sequence, settings: RunSettings | None = None,
+                        limit: int | None = None, log=print) -> list[TaskResult]:
+    """Loads a workdir's model and runs the tasks; returns their results (the CLI without the files)."""
+    model = EvalModel.load(checkpoint)
+    results = []
+    for task in tasks:
+        results.append(run_task(model, task, settings, limit))
+        log(f"{task.name}: {_format_metrics(task.kind, results[-1].metrics)} ({results[-1].seconds:.1f}s)")
+    return results
+
+
+def eval_main(argv: list[str]) -> int:
+    """`jaxllm eval --checkpoint DIR --task TASK [--task ...] [--out results.json]`."""
+    args = build_parser().parse_args(argv)
+    if args.list_tasks:
+        from jaxllm.tasks import list_tasks
+
+        for name, description in list_tasks().items():
+            print(f"{name:<16} {description}")
+        return 0
+    if not args.checkpoint or not args.task:
+        raise UsageError("give --checkpoint WORKDIR and at least one --task (see --list-tasks)")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    tasks = _configure_tasks(args)
+    if (args.judge or args.baseline) and not any(task.kind == "pairwise" for task in tasks):
+        raise UsageError("--judge and --baseline are for pairwise tasks; none was given")
+    model = EvalModel.load(args.checkpoint)
+    sampling = None
+    if args.temperature or args.top_k or args.top_p != 1.0 or args.min_p or args.repetition_penalty != 1.0 \
+            or args.eos_bias or args.bias:
+        from jaxllm.generate import settings_from_args
+
+        decoding = argparse.Namespace(**{**vars(args), "greedy": False, "max_new_tokens": 1})  # tasks set the length
+        sampling = settings_from_args(decoding, model.tokenizer)
+    settings = RunSettings(batch_size=args.batch_size, progress=not args.no_progress, sampling=sampling,
+                           seed=args.seed, judge=EvalModel.load(args.judge) if args.judge else None,
+                           baseline=EvalModel.load(args.baseline) if args.baseline else None)
+    out = Path(args.out) if args.out else None
+    results = []
+    for task in tasks:
+        result = run_task(model, task, settings, args.limit)
+        results.append(result)
+        path = _sample_path(out, args.samples_dir, task.name)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as handle:
+                for sample in result.samples:
+                    handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    print(format_table(results))
+    if out is not None:
+        from jaxllm import checkpoint as ckpt
+
+        summary = {"checkpoint": str(args.checkpoint), "step": ckpt.latest_step(args.checkpoint),
+                   "tasks": {result.name: {**result.summary(),
+                                           "samples": str(_sample_path(out, args.samples_dir, result.name))}
+                             for result in results},
+                   "settings": {"limit": args.limit, "batch_size": args.batch_size, "temperature": args.temperature,
+                                "judge": args.judge, "baseline": args.baseline,
+                                "devices": len(model.mesh.devices.flat) if model.mesh is not None else 1}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+__all__ = [
+    "EvalModel", "Scores", "TaskResult", "RunSettings", "score_continuations", "score_documents", "rolling_requests",
+    "generate_completions", "greedy_settings", "prompt_ids", "run_task", "run_perplexity", "run_multiple_choice",
+    "run_generate", "run_pairwise", "evaluate_checkpoint", "format_table", "perplexity", "answer_questions",
+    "qa_accuracy", "preference_accuracy", "read_records", "eval_main",
+]
