@@ -1,12 +1,20 @@
 """Orbax checkpoints: the train state, the data-iterator position and the resolved config, together.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Orbax writes each step into a temporary
-directory and renames it only once complete, so an interrupted save is never picked up by resume.
-Restoring takes target shardings, so a checkpoint written on one mesh restores onto another.
+directory (`<step>.orbax-checkpoint-tmp*`) and renames it only once complete, so an interrupted save is
+never picked up by resume; the manager deletes such leftovers when it starts. Restoring takes target
+shardings, so a checkpoint written on one mesh restores onto another. The meta item records the
+tokenizer's fingerprint, so resuming or initialising with another tokenizer is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import errno
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,85 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or does not fit the model being restored."""
 
 
+class WorkdirError(CheckpointError):
+    """The workdir cannot be written (read-only, permissions): a usage error, exit code 2."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing to the workdir failed while training (disk full, quota): a runtime error, exit code 1."""
+
+
+# Errors that only a write can cause (a permission error could come from reading an init_from checkpoint).
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only"}
+
+
+def check_writable(workdir: Path) -> None:
+    """Creates the workdir and writes a few bytes there, so an unwritable or full disk is one clear error
+    before any work (WorkdirError: read-only/permissions; CheckpointWriteError: full)."""
+    probe = workdir / f".jaxllm-write-test-{os.getpid()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointWriteError(f"cannot write to the workdir {workdir}: {_WRITE_ERRNOS[error.errno]} "
+                                       f"({error.strerror}); free some space or choose another --workdir") from None
+        raise WorkdirError(f"cannot write to the workdir {workdir}: {error.strerror or error}; choose a writable "
+                           "--workdir (or fix its permissions)") from None
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how TensorStore (Orbax's array writer) reports errno
+
+
+def _write_errno(error: BaseException | None) -> int | None:
+    """The errno of a failed write anywhere in the exception chain (OSError, or TensorStore's ValueError
+    'RESOURCE_EXHAUSTED ... [os_error_code=28]'), if it is one of _WRITE_ERRNOS."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return error.errno
+        match = _OS_ERROR_CODE.search(str(error)) if isinstance(error, (ValueError, RuntimeError)) else None
+        if match and int(match.group(1)) in _WRITE_ERRNOS:
+            return int(match.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_failure(error: BaseException, workdir: str | Path) -> Exception | None:
+    """A clear error for a failed write to the workdir during training (ENOSPC, EROFS, ...), naming what
+    is safe: the newest complete checkpoint, which the failure did not touch. None for other errors."""
+    if isinstance(error, (CheckpointError, CheckpointWriteError)):
+        return None
+    code = _write_errno(error)
+    if code is None:
+        return None
+    newest = latest_step(workdir)
+    kept = (f"the newest complete checkpoint (step {newest}) is intact and the same command resumes from it"
+            if newest is not None else "no checkpoint had been completed yet")
+    return CheckpointWriteError(f"writing to the workdir {Path(workdir).absolute()} failed: {_WRITE_ERRNOS[code]} "
+                                f"({os.strerror(code)}); {kept}. Free space (or remount it writable) and run it again")
+
+
+def check_tokenizer(meta: dict[str, Any], tokenizer: Any, where: str | Path) -> None:
+    """The tokenizer must be the one the checkpoint was trained with (same fingerprint), else every token
+    id would mean another piece. Checkpoints without a recorded fingerprint are accepted."""
+    saved = (meta or {}).get("tokenizer_fingerprint")
+    current = getattr(tokenizer, "fingerprint", None)
+    if saved and current and saved != current:
+        trained = ((meta.get("config") or {}).get("data") or {}).get("tokenizer", "?")
+        raise CheckpointError(f"the checkpoint {where} was trained with another tokenizer (data.tokenizer={trained}, "
+                              f"fingerprint {saved}) than this run's {getattr(tokenizer, 'name', '')} (fingerprint "
+                              f"{current}); token ids would mean other pieces. Use the checkpoint's tokenizer "
+                              f"(data.tokenizer={trained})")
+
+
 def checkpoint_dir(path: str | Path) -> Path:
     """A workdir or a checkpoints directory -> the checkpoints directory."""
     path = Path(path).absolute()
@@ -32,7 +119,7 @@ def checkpoint_dir(path: str | Path) -> Path:
 def make_manager(workdir: str | Path, keep: int = 2, async_save: bool = True,
                  create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=create)
+                                           create=create, cleanup_tmp_directories=create)
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     return ocp.CheckpointManager(directory, options=options,
                                  item_names=("state", "data", "meta"))
@@ -55,13 +142,27 @@ def _restore_args(abstract_tree: Any) -> Any:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores (state, data_state, meta) at `step` onto the shardings in `abstract_state`
     (a tree of ShapeDtypeStructs with `.sharding`)."""
-    check_shapes(manager.directory, step, abstract_state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state)),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-    ))
-    return restored["state"], restored["data"], restored["meta"]
+    directory = Path(manager.directory)
+    missing = [item for item in ("state", "data", "meta") if not (directory / str(step) / item).is_dir()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory}/{step} is incomplete (no {', '.join(missing)}): it was not "
+                              f"written by a finished save. Move it out of {directory} to resume from the one before")
+    try:
+        check_shapes(manager.directory, step, abstract_state)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state)),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        ))
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, KeyError) as error:
+        if _write_errno(error) is not None:
+            raise
+        raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: "
+                              f"{str(error)[:300]}); it is damaged. Move it out of {directory} to resume from the "
+                              "one before") from error
+    return restored["state"], restored["data"] or {}, restored["meta"] or {}
 
 
 def latest_step(path: str | Path) -> int | None:
@@ -93,6 +194,10 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_shapes(directory: str | Path, step: int, abstract_tree: Any, prefix: str = "") -> None:
     """Raises CheckpointError listing every parameter whose saved shape differs from the target."""
     saved = _flat_shapes(_metadata_tree(Path(directory), step))
+    if not saved:
+        raise CheckpointError(f"checkpoint {directory}/{step} cannot be read (its state has no readable array "
+                              f"metadata): it is damaged or was not written by jaxllm. Move it out of {directory} "
+                              "to use the one before")
     wanted = _flat_shapes(abstract_tree)
     problems = []
     for key, shape in wanted.items():
@@ -119,10 +224,22 @@ def load_params(path: str | Path, abstract_params: Any, step: int | None = None)
     check_shapes(directory, step, abstract_params, prefix="params/")
     target = {"params": abstract_params}
     checkpointer = ocp.PyTreeCheckpointer()
-    restored = checkpointer.restore(
-        directory / str(step) / "state",
-        args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
+        restored = checkpointer.restore(
+            directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
     return restored["params"]
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def read_meta(path: str | Path, step: int | None = None) -> dict[str, Any]:

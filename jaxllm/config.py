@@ -42,6 +42,28 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots
     scan_layers: bool = True
     init_std: float = 0.02
+    # Architecture variants of open models (jaxllm.convert); every default is the plain Llama above.
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2, Llama attention_bias)
+    attention_out_bias: bool = False  # a bias on the output projection (Llama attention_bias)
+    qk_norm: bool = False  # RMSNorm of every query/key head before the rotation (Qwen3)
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale), scales start at 0 (Gemma)
+    post_norms: bool = False  # RMSNorm also on the attention and MLP outputs (Gemma 2)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
+    mlp_activation: str = "silu"  # silu | gelu_tanh | gelu: the gate of the gated MLP
+    attention_scale: float = 0.0  # attention logit scale; 0 = head_dim ** -0.5
+    final_logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2)
+    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: int = 0  # llama3 / yarn: the context length the model was pretrained with
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0 = 0.1 * ln(factor) + 1
+    # LoRA (jaxllm.lora): rank > 0 trains low-rank adapters only, on the frozen base of train.init_from.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_targets: str = "q,k,v,o,gate,up,down"  # comma-separated projections that get adapters
 
     @property
     def resolved_head_dim(self) -> int:
@@ -150,6 +172,8 @@ class TrainConfig:
     z_loss: float = 0.0
     max_bad_steps_in_a_row: int = 5
     spike_factor: float = 0.0  # >0: skip updates whose loss exceeds factor x running median
+    rollback_on_halt: bool = False  # at max_bad_steps_in_a_row: restore the newest checkpoint older than the bad run
+    tensorboard: bool = True  # also write TensorBoard event files (tensorboardX; it imports torch when installed)
     progress: bool = True
 
 
@@ -334,6 +358,8 @@ def validate(config: Config) -> None:
         "data.truncation": (config.data.truncation, ("truncate", "drop")),
         "data.on_bad_record": (config.data.on_bad_record, ("fail", "skip")),
         "feedback.loss": (config.feedback.loss, ("sigmoid", "ipo", "hinge")),
+        "model.mlp_activation": (m.mlp_activation, ("silu", "gelu_tanh", "gelu")),
+        "model.rope_scaling": (m.rope_scaling, ("none", "linear", "llama3", "yarn")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -341,6 +367,22 @@ def validate(config: Config) -> None:
     if m.loss_chunk_size < 0 or m.attention_block_size < 1:
         raise ConfigError(f"model.loss_chunk_size={m.loss_chunk_size} must be >= 0 (0 = unfused) and "
                           f"model.attention_block_size={m.attention_block_size} >= 1")
+    if m.final_logit_softcap > 0 and (m.loss_chunk_size or config.train.stage == "rl"):
+        raise ConfigError(f"model.final_logit_softcap={m.final_logit_softcap} is applied by the model's logits, which "
+                          "the fused loss (model.loss_chunk_size > 0) and the rl stage bypass; set "
+                          "model.loss_chunk_size=0 and use another stage")
+    if m.lora_rank < 0 or (m.lora_rank and m.lora_alpha <= 0):
+        raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = no LoRA) and model.lora_alpha="
+                          f"{m.lora_alpha} > 0")
+    if m.lora_rank:
+        targets = [t.strip() for t in m.lora_targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in ("q", "k", "v", "o", "gate", "up", "down")]
+        if unknown or not targets:
+            raise ConfigError(f"model.lora_targets='{m.lora_targets}' must be a comma-separated subset of "
+                              "q,k,v,o,gate,up,down" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        if not config.train.init_from:
+            raise ConfigError("model.lora_rank > 0 trains adapters on a frozen base model: set train.init_from to "
+                              "the base (a workdir, e.g. one written by `jaxllm convert from-hf`)")
     if config.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if config.train.batch_size % config.train.grad_accum_steps:

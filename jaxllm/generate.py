@@ -189,7 +189,8 @@ def build_processors(params: SamplingParams) -> tuple[LogitsProcessor, LogitsPro
     return always, sampling
 
 
-def next_token(logits: jax.Array, seen: jax.Array, rng: jax.Array, params: SamplingParams | SamplingSettings) -> jax.Array:
+def next_token(logits: jax.Array, seen: jax.Array, rng: jax.Array,
+               params: SamplingParams | SamplingSettings) -> jax.Array:
     """logits [B,V] -> sampled (or, at temperature 0, greedy) token ids [B]."""
     if isinstance(params, SamplingSettings):
         params = params.arrays(logits.shape[-1])
@@ -329,7 +330,8 @@ def mesh_of(params: Params) -> jax.sharding.Mesh | None:
     return None
 
 
-def left_pad(prompts: Sequence[Sequence[int]], width: int, rows: int, pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], width: int, rows: int,
+             pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts -> left-padded tokens and segment ids [rows, width]; extra rows are one pad token."""
     tokens = np.full((rows, width), pad_id, np.int32)
     segments = np.zeros((rows, width), np.int32)
@@ -349,7 +351,8 @@ def _check_prompts(prompts: Sequence[Sequence[int]], model_config: ModelConfig, 
             raise UsageError(f"prompt {number} is empty; give at least one token (e.g. BOS)")
         total = len(ids) + settings.max_new_tokens
         if total > model_config.max_seq_len:
-            raise UsageError(f"prompt {number} has {len(ids)} tokens; with {settings.max_new_tokens} new tokens that is "
+            raise UsageError(f"prompt {number} has {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
+                             f"that is "
                              f"{total} > model.max_seq_len={model_config.max_seq_len}. Shorten the prompt or lower "
                              "max_new_tokens")
         bad = [t for t in ids if not 0 <= int(t) < model_config.vocab_size]
@@ -448,13 +451,13 @@ def _inference_mesh(config: Config) -> jax.sharding.Mesh:
         return sharding_lib.make_mesh(MeshConfig())
 
 
-def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None = None, *, load_tokenizer: bool = True):
+def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
+                             load_tokenizer: bool = True):
     """(config, graphdef, params, tokenizer) of a training workdir (its config.yaml and latest checkpoint).
 
     Params (including any reward/value heads the run trained) are restored onto `mesh` (default: the
     run's mesh if it fits here, else all devices data-parallel). The tokenizer is the workdir's own
     tokenizer.model if present, else `data.tokenizer` of the run; None when load_tokenizer is False."""
-    from jaxllm import checkpoint as ckpt
     from jaxllm import state as state_lib
     from jaxllm.config import load_config
 
@@ -464,6 +467,9 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
         raise UsageError(f"{workdir} is not a training workdir: it has no config.yaml (pass the --workdir of a "
                          "`jaxllm train` run)")
     config = load_config(config_path)
+    from jaxllm import lora
+
+    config.model = lora.base_config(config.model)  # a LoRA run loads as its base with the adapters merged in
     mesh = mesh or _inference_mesh(config)
     graphdef, abstract = model_lib.abstract_model(config.model)
     heads = state_lib.head_names(config)
@@ -472,7 +478,7 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
     axes = state_lib.param_logical_axes(config, abstract)
     shardings = sharding_lib.tree_shardings(abstract, axes, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = ckpt.load_params(workdir, target)
+    params = lora.load_params(workdir, target)
     tokenizer = None
     if load_tokenizer:
         from jaxllm.data.tokenizer import Tokenizer, check_vocab
@@ -534,7 +540,8 @@ def settings_from_args(args: argparse.Namespace, tokenizer, extra_stop_ids: Sequ
 
 
 def _read_prompt_records(path: Path) -> list[dict]:
-    """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text (one prompt a line)."""
+    """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text
+    (one prompt a line)."""
     if not path.is_file():
         raise UsageError(f"prompts file {path} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

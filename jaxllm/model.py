@@ -13,10 +13,12 @@ attends only to earlier tokens of its own segment, in every attention implementa
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
@@ -42,23 +44,68 @@ def _ones(shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Para
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype: str):
-        self.scale = _ones((dim,), ("norm",), param_dtype)
+    """x / rms(x) * scale; with `unit_offset` (Gemma) * (1 + scale), the scale starting at 0."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str, unit_offset: bool = False):
+        self.scale = nnx.Param(jnp.zeros((dim,), _dtype(param_dtype)), logical_axes=("norm",)) if unit_offset \
+            else _ones((dim,), ("norm",), param_dtype)
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (normed * (1.0 + scale if self.unit_offset else scale)).astype(x.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates pairs (first half, second half) of the head dim. x [B,T,N,H], positions [B,T]."""
+def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray | None, float]:
+    """(inverse frequencies [H/2] float32, cos/sin scale) of `config.rope_scaling`, computed as Hugging
+    Face does; (None, 1.0) for plain RoPE. linear: positions / factor; llama3: long wavelengths / factor,
+    smoothed between low_freq_factor and high_freq_factor; yarn: NTK-by-parts blend plus attention factor."""
+    kind = config.rope_scaling
+    if kind == "none":
+        return None, 1.0
+    dim = config.resolved_head_dim
+    base, factor = config.rope_theta, config.rope_scaling_factor
+    inv_freq = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    original = config.rope_original_max_len or config.max_seq_len
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    if kind == "llama3":
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    # yarn
+    attention_factor = config.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(config.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(config.rope_beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    extrapolation = 1 - ramp
+    interpolated = inv_freq / np.float32(factor)
+    return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32), attention_factor
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float, inv_freq: np.ndarray | None = None,
+                     attention_factor: float = 1.0) -> jax.Array:
+    """Rotates pairs (first half, second half) of the head dim. x [B,T,N,H], positions [B,T].
+    `inv_freq` [H/2] replaces theta's frequencies (rope scaling); `attention_factor` scales cos and sin."""
     head_dim = x.shape[-1]
-    fraction = jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim
-    inv_freq = 1.0 / (theta**fraction)
+    if inv_freq is None:
+        fraction = jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim
+        inv_freq = 1.0 / (theta**fraction)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if attention_factor != 1.0:
+        sin, cos = sin * attention_factor, cos * attention_factor
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -99,13 +146,53 @@ def xla_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, implementat
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+CUDNN_MAX_SEGMENTS = 16  # packed rows with more documents take cuDNN's (slower, exact) segment-bias path
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cuDNN's packed layout of rows of contiguous documents. segment_ids [B,T] (1, 2, ...; 0 = padding)
+    -> (lengths [B,M], starts [B,M+1], both -1 where no segment; exact: [] bool, whether the layout
+    reproduces every row's ids, false when a row has more than M documents, non-contiguous ones, or none)."""
+    batch, length = segment_ids.shape
+    ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+    lengths = jnp.sum(segment_ids[:, None, :] == ids[None, :, None], axis=-1, dtype=jnp.int32)  # [B,M]
+    starts = jnp.cumsum(lengths, axis=1) - lengths
+    t = jnp.arange(length, dtype=jnp.int32)[None, None, :]
+    inside = (t >= starts[..., None]) & (t < (starts + lengths)[..., None])  # [B,M,T]
+    rebuilt = jnp.sum(jnp.where(inside, ids[None, :, None], 0), axis=1)
+    present = lengths > 0
+    exact = jnp.all(rebuilt == segment_ids) & jnp.all(jnp.any(present, axis=1))  # and no all-padding row
+    none = jnp.full((batch, 1), -1, jnp.int32)
+    return (jnp.where(present, lengths, -1), jnp.concatenate([jnp.where(present, starts, -1), none], axis=1),
+            exact)
+
+
 def cudnn_attention(q, k, v, q_index, kv_index, q_segment, kv_segment) -> jax.Array:
-    """cuDNN flash attention (GPU, 16-bit compute) for training (T == S, rows in order): the kernel's
-    own causal mask, so it skips the upper triangle of tiles, plus the segment mask as a bias."""
-    del q_index, kv_index  # causality by row order, which the kernel's causal mask uses
-    same_segment = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
-                                        implementation="cudnn")
+    """cuDNN flash attention (GPU, 16-bit compute) for training (T == S, rows in order).
+
+    Rows of up to CUDNN_MAX_SEGMENTS contiguous documents use cuDNN's packed layout (per-document
+    lengths and offsets, causal inside each: no mask tensor, about 2x faster on an H100); any other
+    batch takes the kernel's causal mask plus the segment mask as a bias. Both are exact."""
+    del q_index, kv_index  # causality by row order, which the kernel's causal masks use
+
+    def biased():
+        same_segment = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+        return jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
+                                            implementation="cudnn")
+
+    try:  # the packed layout is only in JAX's cuDNN module, not in jax.nn
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_sdpa
+    except ImportError:
+        return biased()
+    lengths, starts, exact = packed_segments(q_segment, CUDNN_MAX_SEGMENTS)
+
+    def packed():
+        out = cudnn_sdpa(q, k, v, None, None, lengths, lengths, starts, starts, scale=q.shape[-1] ** -0.5,
+                         mask_type=MaskType.PADDING_CAUSAL)
+        return jnp.where((q_segment != 0)[:, :, None, None], out, 0).astype(q.dtype)  # padding rows: 0, never NaN
+
+    return jax.lax.cond(exact, packed, biased)
 
 
 def blockwise_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, block_size: int) -> jax.Array:
@@ -154,6 +241,44 @@ def attend(impl: str, block_size: int, q, k, v, q_index, kv_index, q_segment, kv
 # ----------------------------------------------------------------------------------------------
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_targets(config: ModelConfig) -> tuple[str, ...]:
+    """The projections that carry LoRA adapters (none when config.lora_rank == 0)."""
+    if not config.lora_rank:
+        return ()
+    return tuple(t for t in LORA_TARGETS if t in {s.strip() for s in config.lora_targets.split(",")})
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], dtype: str) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, _dtype(dtype)), logical_axes=axes)
+
+
+def _add_lora(module: nnx.Module, name: str, config: ModelConfig, rngs: nnx.Rngs, in_shape: tuple[int, ...],
+              in_axes: tuple[str, ...], out_shape: tuple[int, ...], out_axes: tuple[str, ...]) -> None:
+    """Adapters of projection `name`: A [*in, r] (random, std 1/sqrt(fan-in)) and B [r, *out] (zeros), so a
+    fresh adapter changes nothing. float32 nnx.LoRAParam variables `{name}_lora_a` / `{name}_lora_b`."""
+    if name not in lora_targets(config):
+        return
+    rank, fan_in = config.lora_rank, math.prod(in_shape)
+    a = fan_in**-0.5 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, in_shape + (rank,), jnp.float32)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, logical_axes=in_axes + ("lora_rank",)))
+    setattr(module, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((rank,) + out_shape, jnp.float32),
+                                                    logical_axes=("lora_rank",) + out_axes))
+
+
+def _project(module: nnx.Module, name: str, x: jax.Array, weight: jax.Array, spec: str, dtype) -> jax.Array:
+    """einsum(spec, x, weight) plus the LoRA term (x . A) . B * alpha / rank when `name` has adapters."""
+    out = jnp.einsum(spec, x, weight.astype(dtype))
+    if hasattr(module, f"{name}_lora_a"):
+        a, b = getattr(module, f"{name}_lora_a")[...].astype(dtype), getattr(module, f"{name}_lora_b")[...].astype(dtype)
+        low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [..., r]
+        config = module.config
+        out = out + (config.lora_alpha / config.lora_rank) * jnp.tensordot(low, b, axes=1)
+    return out
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, n, kv, h = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
@@ -163,6 +288,18 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), std, pd)
         out_std = std / (2 * config.num_layers) ** 0.5
         self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd)
+        if config.attention_bias:
+            self.q_bias = _zeros((n, h), ("heads", "head_dim"), pd)
+            self.k_bias = _zeros((kv, h), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _zeros((kv, h), ("kv_heads", "head_dim"), pd)
+        if config.attention_out_bias:
+            self.o_bias = _zeros((d,), ("embed",), pd)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, pd, config.norm_unit_offset)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, pd, config.norm_unit_offset)
+        for name, heads, axis in (("q", n, "heads"), ("k", kv, "kv_heads"), ("v", kv, "kv_heads")):
+            _add_lora(self, name, config, rngs, (d,), ("embed",), (heads, h), (axis, "head_dim"))
+        _add_lora(self, "o", config, rngs, (n, h), ("heads", "head_dim"), (d,), ("embed",))
         self.config = config
 
     def __call__(self, x, positions, q_index, segment_ids, cache_kv=None, cache_index=None,
@@ -170,11 +307,20 @@ class Attention(nnx.Module):
         """x [B,T,D] -> ([B,T,D], (k_cache, v_cache) or None)."""
         c = self.config
         dtype = _dtype(c.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dtype))
-        q = constrain(rotary_embedding(q, positions, c.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(rotary_embedding(k, positions, c.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        q = _project(self, "q", x, self.q_proj[...], "btd,dnh->btnh", dtype)
+        k = _project(self, "k", x, self.k_proj[...], "btd,dkh->btkh", dtype)
+        v = _project(self, "v", x, self.v_proj[...], "btd,dkh->btkh", dtype)
+        if c.attention_bias:
+            q, k, v = (y + bias[...].astype(dtype) for y, bias in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.attention_scale:  # the attention functions scale by head_dim ** -0.5
+            q = q * jnp.asarray(c.attention_scale * c.resolved_head_dim**0.5, dtype)
+        inv_freq, rope_factor = rope_frequencies(c)
+        q = constrain(rotary_embedding(q, positions, c.rope_theta, inv_freq, rope_factor),
+                      ("batch", "seq", "heads", "head_dim"))
+        k = constrain(rotary_embedding(k, positions, c.rope_theta, inv_freq, rope_factor),
+                      ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         new_cache = None
         if cache_kv is None:
@@ -188,7 +334,9 @@ class Attention(nnx.Module):
             kv_segment = cache_segment
         out = attend(impl, c.attention_block_size, q, k.astype(dtype), v.astype(dtype), q_index, kv_index,
                      segment_ids, kv_segment)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+        out = _project(self, "o", out, self.o_proj[...], "btnh,nhd->btd", dtype)
+        if c.attention_out_bias:
+            out = out + self.o_bias[...].astype(dtype)
         return out, new_cache
 
 
@@ -198,28 +346,48 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), std / (2 * config.num_layers) ** 0.5, pd)
+        for name in ("gate", "up"):
+            _add_lora(self, name, config, rngs, (d,), ("embed",), (f,), ("mlp",))
+        _add_lora(self, "down", config, rngs, (f,), ("mlp",), (d,), ("embed",))
         self.dtype = _dtype(config.dtype)
+        self.config = config
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, self.down_proj[...].astype(self.dtype))
+        gate = _project(self, "gate", x, self.gate_proj[...], "btd,df->btf", self.dtype)
+        up = _project(self, "up", x, self.up_proj[...], "btd,df->btf", self.dtype)
+        hidden = constrain(_ACTIVATIONS[self.config.mlp_activation](gate) * up, ("batch", "seq", "mlp"))
+        return _project(self, "down", hidden, self.down_proj[...], "btf,fd->btd", self.dtype)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype)
+        norm = lambda: RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype,  # noqa: E731
+                               config.norm_unit_offset)
+        self.attention_norm = norm()
         self.attention = Attention(config, rngs)
-        self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype)
+        self.mlp_norm = norm()
         self.mlp = MLP(config, rngs)
+        if config.post_norms:  # Gemma 2: each sub-layer's output is normed before the residual add
+            self.post_attention_norm = norm()
+            self.post_mlp_norm = norm()
+        self.post_norms = config.post_norms
 
     def __call__(self, x, positions, q_index, segment_ids, cache_kv=None, cache_index=None, cache_segment=None,
                  impl="reference"):
         attended, new_cache = self.attention(self.attention_norm(x), positions, q_index, segment_ids, cache_kv,
                                              cache_index, cache_segment, impl)
+        if self.post_norms:
+            attended = self.post_attention_norm(attended)
         x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+        mlp_out = self.mlp(self.mlp_norm(x))
+        x = x + (self.post_mlp_norm(mlp_out) if self.post_norms else mlp_out)
         return constrain(x, ("batch", "seq", "embed")), new_cache
 
 
@@ -243,7 +411,7 @@ class Transformer(nnx.Module):
             return Block(config, layer_rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype)
+        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype, config.norm_unit_offset)
         if not config.tie_embeddings:
             self.lm_head = _param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), config.init_std,
                                   config.param_dtype)
@@ -253,6 +421,8 @@ class Transformer(nnx.Module):
         c = self.config
         dtype = _dtype(c.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.d_model**0.5, dtype)
         x = constrain(x, ("batch", "seq", "embed"))
         decoding = cache is not None
         impl = resolve_attention(c, decoding)
@@ -304,8 +474,11 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B,T,D] -> float32 logits [B,T,V]."""
         unembed = self.unembedding().astype(hidden.dtype)
-        return constrain(jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32),
-                         ("batch", "seq", "vocab"))
+        logits = jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap:
+            cap = self.config.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None):
         hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)

@@ -49,7 +49,7 @@ def weight_decay_mask(params: Params, decay_embeddings: bool) -> Params:
 
     def decays(path, leaf) -> bool:
         names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
-        if any(n in ("scale", "bias") for n in names):
+        if any(n in ("scale", "bias") or n.endswith("_bias") for n in names):
             return False
         if any(n in ("embed", "lm_head") for n in names):
             return decay_embeddings
@@ -93,11 +93,16 @@ def create_state(params: Params, optimizer: optax.GradientTransformation, seed: 
 
 
 def param_logical_axes(config: Config, params_like: Params) -> Params:
-    axes = model_lib.logical_axes(config.model)
+    axes = _restrict(model_lib.logical_axes(config.model), params_like)  # LoRA states hold only the adapters
     if model_lib.HEADS_KEY in params_like:
         axes[model_lib.HEADS_KEY] = jax.tree.map(lambda leaf: (None,) * len(leaf.shape),
                                                  params_like[model_lib.HEADS_KEY])
     return axes
+
+
+def _restrict(axes: Params, like: Params) -> Params:
+    """The part of the axes tree whose keys `like` (a params tree, maybe a subset) also has."""
+    return {k: _restrict(axes[k], v) if isinstance(v, dict) else axes[k] for k, v in like.items() if k in axes}
 
 
 def state_shardings(config: Config, abstract_state: TrainState, mesh: Mesh) -> TrainState:

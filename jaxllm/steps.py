@@ -243,10 +243,19 @@ def dpo_step(state, batch, reference_params, *, graphdef, optimizer, beta: float
 
 
 def build_train_step(config: Config, graphdef, optimizer, loss_fn: LossFn | None = None):
-    """The (unjitted) step of the configured stage: (state, batch, reference_params, loss_limit)."""
-    return functools.partial(train_step, loss_fn=loss_fn or stage_loss(config, graphdef), optimizer=optimizer,
-                             micro_batches=config.train.grad_accum_steps)
+    """The (unjitted) step of the configured stage: (state, batch, reference_params, loss_limit).
+    With LoRA (model.lora_rank > 0) state.params are the adapters and reference_params the frozen base."""
+    return functools.partial(train_step, loss_fn=_maybe_lora(config, loss_fn or stage_loss(config, graphdef)),
+                             optimizer=optimizer, micro_batches=config.train.grad_accum_steps)
 
 
 def build_eval_step(config: Config, graphdef, loss_fn: LossFn | None = None):
-    return functools.partial(eval_step, loss_fn=loss_fn or stage_loss(config, graphdef))
+    return functools.partial(eval_step, loss_fn=_maybe_lora(config, loss_fn or stage_loss(config, graphdef)))
+
+
+def _maybe_lora(config: Config, loss_fn: LossFn) -> LossFn:
+    if not config.model.lora_rank:
+        return loss_fn
+    from jaxllm import lora
+
+    return lora.adapter_loss(loss_fn)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import lora as lora_lib
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
@@ -50,6 +51,7 @@ class RunContext:
     tokenizer: Any
     data_state: dict | None
     resumed_from: int | None
+    guard_state: dict = dataclasses.field(default_factory=dict)  # SpikeGuard memory, saved in each checkpoint
 
     @property
     def is_main_process(self) -> bool:
@@ -70,9 +72,15 @@ def check_batch_fits_mesh(config: Config, mesh: jax.sharding.Mesh) -> None:
 
 
 def load_tokenizer(config: Config):
+    from jaxllm.data import DataError
     from jaxllm.data.tokenizer import Tokenizer, check_vocab
 
-    tokenizer = Tokenizer.load(config.data.tokenizer)
+    try:
+        tokenizer = Tokenizer.load(config.data.tokenizer)
+    except RuntimeError as error:  # sentencepiece's parse failure of a damaged or foreign file
+        raise DataError(f"data.tokenizer={config.data.tokenizer}: not a readable sentencepiece model "
+                        f"({str(error).strip()[:200]}); point it at a directory made by `jaxllm tokenizer train` "
+                        "or use data.tokenizer=default") from None
     check_vocab(tokenizer, config.model.vocab_size)
     return tokenizer
 
@@ -81,14 +89,15 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
           log: Callable[[str], None] = print) -> RunContext:
     sharding_lib.maybe_initialize_distributed(config.mesh)
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or sharding_lib.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
-    if jax.process_index() == 0:
-        save_config(config, workdir / "config.yaml")
+    ckpt.check_writable(workdir)
 
     graphdef, abstract_params = model_lib.abstract_model(config.model)
+    base_abstract = None
+    if config.model.lora_rank:  # LoRA: the state trains only the adapters; the frozen base is reference_params
+        base_abstract, abstract_params = lora_lib.split(abstract_params)
     heads = state_lib.head_names(config)
     if heads:
         abstract_params[model_lib.HEADS_KEY] = jax.eval_shape(lambda: state_lib.init_heads(config.model, heads, 0))
@@ -101,27 +110,39 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
     resume_step = manager.latest_step()
     data_state = None
     reference_params = None
+    guard_state: dict = {}
     with jax.set_mesh(mesh):
         if resume_step is not None:
-            state, data_state, _ = ckpt.restore(manager, resume_step,
-                                                _abstract_with_shardings(abstract_state, shardings))
+            state, data_state, meta = ckpt.restore(manager, resume_step,
+                                                   _abstract_with_shardings(abstract_state, shardings))
+            ckpt.check_tokenizer(meta, tokenizer, f"{workdir}/checkpoints/{resume_step}")
+            guard_state = meta.get("guard") or {}
             log(f"resumed {workdir} at step {resume_step}")
         else:
+            if config.train.init_from:
+                ckpt.check_tokenizer(ckpt.read_meta(config.train.init_from), tokenizer, config.train.init_from)
             params = _initial_params(config, graphdef, abstract_params, shardings.params, log)
             state = jax.jit(lambda p: state_lib.create_state(p, optimizer, config.train.seed),
                             out_shardings=shardings)(params)
-        if steps_lib.needs_reference(config.train.stage):
+        if config.model.lora_rank:
+            reference_params = lora_lib.load_base(config, base_abstract, mesh)
+        elif steps_lib.needs_reference(config.train.stage):
             reference_params = _reference_params(config, state, abstract_params, shardings.params, resume_step, log)
+    if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's config.yaml alone
+        save_config(config, workdir / "config.yaml")
     return RunContext(config, workdir, mesh, graphdef, optimizer, state, shardings, reference_params, manager,
-                      tokenizer, data_state, resume_step)
+                      tokenizer, data_state, resume_step, guard_state)
 
 
 def _initial_params(config: Config, graphdef, abstract_params, param_shardings, log) -> Any:
     heads = state_lib.head_names(config)
     model_abstract = {k: v for k, v in abstract_params.items() if k != model_lib.HEADS_KEY}
     model_shardings = {k: v for k, v in param_shardings.items() if k != model_lib.HEADS_KEY}
-    if config.train.init_from:
-        params = ckpt.load_params(config.train.init_from, _abstract_with_shardings(model_abstract, model_shardings))
+    if config.model.lora_rank:
+        params = jax.jit(lambda: lora_lib.init_adapters(config.model, config.train.seed), out_shardings=model_shardings)()
+        log(f"LoRA rank {config.model.lora_rank} adapters on the frozen base {config.train.init_from}")
+    elif config.train.init_from:
+        params = lora_lib.load_params(config.train.init_from, _abstract_with_shardings(model_abstract, model_shardings))
         log(f"initialised params from {config.train.init_from} (fresh optimizer)")
     else:
         params = jax.jit(lambda: model_lib.init_model(config.model, config.train.seed)[1],
@@ -137,7 +158,7 @@ def _reference_params(config: Config, state, abstract_params, param_shardings, r
     model_abstract = {k: v for k, v in abstract_params.items() if k != model_lib.HEADS_KEY}
     model_shardings = {k: v for k, v in param_shardings.items() if k != model_lib.HEADS_KEY}
     if config.train.init_from:
-        return ckpt.load_params(config.train.init_from, _abstract_with_shardings(model_abstract, model_shardings))
+        return lora_lib.load_params(config.train.init_from, _abstract_with_shardings(model_abstract, model_shardings))
     if resume_step is not None:
         log("warning: no init_from; the reference is the resumed params, not the original initialisation")
     return jax.tree.map(jnp.copy, {k: v for k, v in state.params.items() if k != model_lib.HEADS_KEY})
@@ -150,12 +171,14 @@ def _reference_params(config: Config, state, abstract_params, param_shardings, r
 class MetricsLog:
     """metrics.jsonl (every logged step) + TensorBoard event files when tensorboardX is installed."""
 
-    def __init__(self, workdir: Path, stage: str, enabled: bool = True):
+    def __init__(self, workdir: Path, stage: str, enabled: bool = True, tensorboard: bool = True):
         self.path = workdir / "metrics.jsonl"
         self.stage = stage
         self.enabled = enabled
         self.writer = None
         if enabled:
+            _drop_partial_last_line(self.path)
+        if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -179,37 +202,103 @@ class MetricsLog:
             self.writer.close()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """Truncates a JSONL file after its last newline (a record cut short is not a record)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            newline = handle.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(start + newline + 1)
+                return
+            end = start
+        handle.truncate(0)
+
+
 def read_metrics(workdir: str | Path, split: str = "train") -> list[dict]:
+    """The records of one split in file order. After a resume, the steps since the last checkpoint appear
+    twice (they were trained again, on the same data): keep the last record of each step."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("split") == split]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill or a full disk
+        if isinstance(record, dict) and record.get("split") == split:
+            records.append(record)
+    return records
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
 
+_ACTIVE_STOP_FLAG: dict[str, Any] | None = None
+
+
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[dict[str, Any]]:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and returns."""
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and returns (a second SIGINT
+    interrupts at once). Nested uses share one flag: `train` installs it before setup, so a signal during
+    start-up or compilation also ends in a clean save. With several processes nothing is installed: SIGTERM
+    goes to JAX's preemption notifier (see `_should_stop`) and a flag raised on one host alone would make
+    it leave the others waiting in the collective save."""
+    global _ACTIVE_STOP_FLAG
+    if _ACTIVE_STOP_FLAG is not None:
+        yield _ACTIVE_STOP_FLAG
+        return
     flag: dict[str, Any] = {"signal": None}
 
     def handler(signum, frame):  # noqa: ARG001
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         flag["signal"] = signum
 
     previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not in the main thread: leave signals alone
-        previous = {}
+    if jax.process_count() == 1:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread: leave signals alone
+            previous = {}
+    _ACTIVE_STOP_FLAG = flag
     try:
         yield flag
     finally:
+        _ACTIVE_STOP_FLAG = None
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _should_stop(stop: dict[str, Any], step: int) -> bool:
+    """One process: a signal arrived. Several: every host has reached JAX's preemption sync point, the
+    same step on all of them (JAX's notifier turns a SIGTERM on any host into that agreement)."""
+    if stop["signal"] is not None:
+        return True
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                stop["signal"] = "preemption (all hosts)"
+                return True
+        except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service=False)
+            return False
+    return False
 
 
 def count_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -242,32 +331,44 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
 
         return rl.train_rl(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log,
                            max_steps_this_run=max_steps_this_run)
-    context = setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
-    if batch_iterator is None:
-        from jaxllm.data.pipeline import make_batch_iterator
+    sharding_lib.maybe_initialize_distributed(config.mesh)  # before anything asks JAX about processes
+    with _stop_signals():
+        # The mesh, tokenizer and data are checked first: bad input fails before the workdir is written.
+        mesh = mesh or sharding_lib.make_mesh(config.mesh)
+        check_batch_fits_mesh(config, mesh)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+        if batch_iterator is None:
+            from jaxllm.data.pipeline import make_batch_iterator
 
-        batch_iterator = make_batch_iterator(config, context.tokenizer, "train", jax.process_index(),
-                                             jax.process_count())
-    if context.data_state is not None:
-        batch_iterator.set_state(context.data_state)
-    if eval_batches is None:
-        from jaxllm.data.pipeline import make_eval_batches
+            batch_iterator = make_batch_iterator(config, tokenizer or None, "train", jax.process_index(),
+                                                 jax.process_count())
+        if eval_batches is None:
+            from jaxllm.data.pipeline import make_eval_batches
 
-        eval_batches = make_eval_batches(config, context.tokenizer, config.train.eval_batches,
-                                         jax.process_index(), jax.process_count())
-    step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer)
-    eval_fn = steps_lib.build_eval_step(config, context.graphdef)
-    return run_loop(context, batch_iterator, step_fn, eval_fn, eval_batches, log=log,
-                    max_steps_this_run=max_steps_this_run)
+            eval_batches = make_eval_batches(config, tokenizer or None, config.train.eval_batches,
+                                             jax.process_index(), jax.process_count())
+        try:
+            context = setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
+            if context.data_state is not None:
+                batch_iterator.set_state(context.data_state)
+            step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer)
+            eval_fn = steps_lib.build_eval_step(config, context.graphdef)
+            return run_loop(context, batch_iterator, step_fn, eval_fn, eval_batches, log=log,
+                            max_steps_this_run=max_steps_this_run)
+        except Exception as error:
+            failure = ckpt.write_failure(error, workdir)
+            if failure is not None:
+                raise failure from error
+            raise
 
 
 def jit_step(context: RunContext, step_fn):
     shardings = context.state_shardings
     batch_sharding = sharding_lib.batch_sharding(context.mesh)
     replicated = sharding_lib.replicated(context.mesh)
-    reference_shardings = None  # the reference has no heads (reward/value) even when the state does
+    reference_shardings = None  # the reference (for LoRA: the frozen base) as it was placed
     if context.reference_params is not None:
-        reference_shardings = {k: v for k, v in shardings.params.items() if k != model_lib.HEADS_KEY}
+        reference_shardings = jax.tree.map(lambda x: x.sharding, context.reference_params)
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, reference_shardings, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
@@ -283,7 +384,8 @@ def evaluate(context: RunContext, eval_fn, eval_batches: list) -> dict[str, floa
 
 
 def save_checkpoint(context: RunContext, batch_iterator, step: int, force: bool = False) -> None:
-    meta = {"step": step, "stage": context.config.train.stage, "config": to_dict(context.config)}
+    meta = {"step": step, "stage": context.config.train.stage, "config": to_dict(context.config),
+            "guard": context.guard_state, "tokenizer_fingerprint": getattr(context.tokenizer, "fingerprint", None)}
     ckpt.save(context.manager, step, context.state, batch_iterator.get_state(), meta, force=force)
 
 
@@ -298,12 +400,11 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
         evaluate_fn = lambda ctx: evaluate(ctx, eval_fn, eval_batches)  # noqa: E731
     config = context.config
     tc = config.train
-    metrics_log = MetricsLog(context.workdir, tc.stage, enabled=context.is_main_process)
+    metrics_log = MetricsLog(context.workdir, tc.stage, enabled=context.is_main_process, tensorboard=tc.tensorboard)
     jitted = jit_step(context, step_fn)
     start = int(jax.device_get(context.state.step))
     end = tc.steps if max_steps_this_run is None else min(tc.steps, start + max_steps_this_run)
-    recent_losses: list[float] = []
-    bad_in_a_row = 0
+    guard = SpikeGuard.from_dict(context.guard_state)
     last: dict[str, float] = {}
     tokens_done, timed_seconds, compile_seconds = 0, 0.0, 0.0
     progress = _progress_bar(start, tc.steps, tc.progress and context.is_main_process, tc.stage)
@@ -311,53 +412,57 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
     with _stop_signals() as stop, jax.set_mesh(context.mesh):
         step = start
         while step < end:
+            if _should_stop(stop, step):
+                log(f"\nreceived {stop['signal']}: saving step {step} and stopping")
+                stopped_early = True
+                break
             host_batch = next(batch_iterator)
             extra: dict[str, float] = {}
             if prepare_batch is not None:
                 host_batch, extra = prepare_batch(context, host_batch)
             batch = sharding_lib.place_batch(host_batch, context.mesh)
-            limit = np.float32(np.inf)
-            if tc.spike_factor > 0 and len(recent_losses) >= 10:
-                limit = np.float32(tc.spike_factor * statistics.median(recent_losses[-50:]))
+            limit = guard.loss_limit(tc.spike_factor)
             began = time.perf_counter()
             context.state, metrics = jitted(context.state, batch, context.reference_params, limit)
             step += 1
             log_now = step % tc.log_every == 0 or step == end or step == start + 1
-            if log_now or tc.max_bad_steps_in_a_row > 0:
-                values = _to_floats(metrics)
-                elapsed = time.perf_counter() - began
-                if step == start + 1:
-                    compile_seconds = elapsed
-                else:
-                    tokens_done += count_tokens(host_batch) * jax.process_count()
-                    timed_seconds += elapsed
-                values.update(extra)
-                values["tokens_per_second"] = tokens_done / timed_seconds if timed_seconds else 0.0
-                values["step_seconds"] = elapsed
-                if values.get("skipped", 0.0) > 0:
-                    bad_in_a_row += 1
-                    _log_skipped(context, step, values, host_batch, log)
-                    if bad_in_a_row >= tc.max_bad_steps_in_a_row > 0:
-                        save_checkpoint(context, batch_iterator, step, force=True)
-                        context.manager.wait_until_finished()
-                        raise TrainingHalted(f"{bad_in_a_row} updates in a row were skipped (non-finite or spiking "
-                                             f"loss) at step {step}; see {context.workdir}/skipped_batches.jsonl")
-                else:
-                    bad_in_a_row = 0
-                    if math.isfinite(values["loss"]):
-                        recent_losses.append(values["loss"])
-                last = values
-                if log_now:
-                    metrics_log.write(step, "train", values)
-                    progress.update(step, values)
+            values = _to_floats(metrics)  # every step: the guard must see every skipped update
+            elapsed = time.perf_counter() - began
+            if step == start + 1:
+                compile_seconds = elapsed
+            else:
+                tokens_done += count_tokens(host_batch) * jax.process_count()
+                timed_seconds += elapsed
+            values.update(extra)
+            values["tokens_per_second"] = tokens_done / timed_seconds if timed_seconds else 0.0
+            values["step_seconds"] = elapsed
+            skipped = values.get("skipped", 0.0) > 0
+            guard.record(step, skipped, values.get("loss", math.nan))
+            if skipped:
+                _log_skipped(context, step, values, host_batch, log)
+            last = values
+            if log_now:
+                metrics_log.write(step, "train", values)
+                progress.update(step, values)
+            if skipped and guard.bad_in_a_row >= tc.max_bad_steps_in_a_row > 0:
+                target = _rollback(context, guard, step, batch_iterator, log) if tc.rollback_on_halt else None
+                if target is None:
+                    context.guard_state = guard.to_dict()
+                    save_checkpoint(context, batch_iterator, step, force=True)
+                    context.manager.wait_until_finished()
+                    why = " and there is no checkpoint from before them to roll back to (or the last rollback " \
+                          "did not help)" if tc.rollback_on_halt else " (train.rollback_on_halt=true would restore " \
+                          "the newest checkpoint from before them and go on)"
+                    raise TrainingHalted(f"{guard.bad_in_a_row} updates in a row were skipped (non-finite or "
+                                         f"spiking loss) up to step {step}{why}; see "
+                                         f"{context.workdir}/skipped_batches.jsonl for the documents")
+            context.guard_state = guard.to_dict()
             if tc.eval_every and step % tc.eval_every == 0 and step < end:
                 metrics_log.write(step, "eval", evaluate_fn(context))
-            if step % tc.checkpoint_every == 0 and step < end:
+            # While updates are being skipped with rollback on, no periodic checkpoint: the params have not
+            # moved, and a new save would rotate out the older checkpoints a rollback needs.
+            if step % tc.checkpoint_every == 0 and step < end and not (tc.rollback_on_halt and guard.bad_in_a_row):
                 save_checkpoint(context, batch_iterator, step)
-            if stop["signal"] is not None:
-                log(f"\nreceived signal {stop['signal']}: saving step {step} and stopping")
-                stopped_early = True
-                break
         if context.manager.latest_step() != step:
             save_checkpoint(context, batch_iterator, step, force=True)
         context.manager.wait_until_finished()
@@ -376,6 +481,81 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
     metrics_log.close()
     return TrainResult(context.workdir, step, stopped_early or step < tc.steps, last, eval_metrics,
                        tokens_done / timed_seconds if timed_seconds else 0.0, compile_seconds)
+
+
+@dataclasses.dataclass
+class SpikeGuard:
+    """What the loss-spike / non-finite guard remembers between steps. It is saved in every checkpoint's
+    meta, so a resumed run skips, halts and rolls back exactly where an uninterrupted run would."""
+
+    recent_losses: list[float] = dataclasses.field(default_factory=list)  # accepted finite losses, newest last
+    bad_in_a_row: int = 0
+    streak_start: int = 0  # the step of the first skipped update of the current run of skips (0: none)
+    rollbacks: int = 0
+    good_since_rollback: int = 0
+
+    WINDOW = 50  # the running median is over this many accepted losses
+    MIN_HISTORY = 10  # no spike limit before this many
+
+    def loss_limit(self, spike_factor: float) -> np.float32:
+        if spike_factor > 0 and len(self.recent_losses) >= self.MIN_HISTORY:
+            return np.float32(spike_factor * statistics.median(self.recent_losses))
+        return np.float32(np.inf)
+
+    def record(self, step: int, skipped: bool, loss: float) -> None:
+        if skipped:
+            if self.bad_in_a_row == 0:
+                self.streak_start = step
+            self.bad_in_a_row += 1
+            return
+        self.bad_in_a_row, self.streak_start = 0, 0
+        self.good_since_rollback += 1
+        if math.isfinite(loss):
+            self.recent_losses = (self.recent_losses + [loss])[-self.WINDOW:]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "SpikeGuard":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+def _rollback(context: RunContext, guard: SpikeGuard, step: int, batch_iterator, log) -> int | None:
+    """Restores the params and optimizer state of the newest checkpoint saved before the current run of
+    skipped updates began (at least one accepted update older), keeps the step and the data position, so
+    the batches in between are never trained on. Returns that checkpoint's step, or None when there is none
+    or the previous rollback was followed by no accepted update at all."""
+    if guard.rollbacks and not guard.good_since_rollback:
+        return None
+    context.manager.wait_until_finished()
+    candidates = [s for s in context.manager.all_steps() if s < guard.streak_start - 1]
+    if not candidates:
+        return None
+    target = max(candidates)
+    abstract = _abstract_with_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                     context.state), context.state_shardings)
+    restored, _, _ = ckpt.restore(context.manager, target, abstract)
+    context.state = context.state.replace(params=restored.params, opt_state=restored.opt_state)
+    undone = list(range(target + 1, guard.streak_start))
+    example_ids: list[int] = []
+    if hasattr(batch_iterator, "batch_at"):  # the batches whose accepted updates are undone
+        for undone_step in undone:
+            ids = batch_iterator.batch_at(undone_step - 1).get("example_ids")
+            if ids is not None:
+                example_ids.extend(int(i) for i in np.asarray(ids).ravel() if i >= 0)
+    record = {"step": step, "rolled_back_to": target, "undone_steps": undone,
+              "skipped_steps": list(range(guard.streak_start, step + 1)), "undone_example_ids": sorted(set(example_ids))}
+    if context.is_main_process:
+        with (context.workdir / "skipped_batches.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    log(f"step {step}: {guard.bad_in_a_row} updates in a row skipped; rolled the params and optimizer back to "
+        f"checkpoint {target} and continue with the next batch (steps {target + 1}-{step} are not trained on)")
+    guard.rollbacks += 1
+    guard.good_since_rollback = 0
+    guard.bad_in_a_row, guard.streak_start = 0, 0
+    return target
 
 
 def _log_skipped(context: RunContext, step: int, values: dict[str, float], host_batch: dict, log) -> None:

@@ -18,15 +18,28 @@ from jaxllm.config import MeshConfig, save_config
 
 from helpers import tiny_config
 
-# A larger init spreads the logits, so greedy choices are not decided by float rounding.
-CONFIG = tiny_config("model.init_std=0.5")
+CONFIG = tiny_config()
 PROMPTS = [[2, 5, 9, 11, 7], [2, 8], [2, 30, 31, 40, 12, 13, 14, 15, 16], [2, 44, 45]]
 GREEDY = gen.SamplingSettings(max_new_tokens=8, temperature=0.0)  # one N: the tests share compilations
 
 
+def random_params(model_config, std: float, seed: int = 0):
+    """Model params drawn with NumPy (no compilation, unlike the jitted initialiser): N(0, std) weights, unit norms."""
+    rng = np.random.default_rng(seed)
+    _, abstract = model_lib.abstract_model(model_config)
+
+    def draw(path, leaf):
+        if getattr(path[-1], "key", None) == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return model_lib.init_model(CONFIG.model, 0)
+    graphdef, _ = model_lib.abstract_model(CONFIG.model)
+    return graphdef, random_params(CONFIG.model, 0.5)  # wide logits: greedy choices are not decided by rounding
 
 
 def _full_forward_greedy(graphdef, params, prompt, new_tokens, width=32):
@@ -58,12 +71,17 @@ def test_returned_logprobs_are_the_model_logprobs_of_the_sampled_tokens(model):
     settings = gen.SamplingSettings(max_new_tokens=8, temperature=1.0, stop_ids=())
     output = gen.generate(CONFIG.model, graphdef, params, PROMPTS, settings, rng=3)
     assert (output.lengths == 8).all() and not output.finished.any()
+    width = 9 + 8
+    ids = np.zeros((len(PROMPTS), width), np.int32)
+    segments = np.zeros((len(PROMPTS), width), np.int32)
     for row, prompt in enumerate(PROMPTS):
-        ids = np.asarray([prompt + output.tokens[row].tolist()], np.int32)
-        positions = np.arange(ids.shape[1], dtype=np.int32)[None]
-        logits = model_lib.apply(graphdef, params, ids, positions, np.ones_like(ids))
-        expected = losses.token_logprobs(logits, ids)[0, len(prompt):]
-        np.testing.assert_allclose(output.logprobs[row], expected, atol=2e-4)
+        ids[row, :len(prompt) + 8] = prompt + output.tokens[row].tolist()
+        segments[row, :len(prompt) + 8] = 1
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape)
+    logits = jax.jit(model_lib.apply, static_argnums=0)(graphdef, params, ids, positions, segments)
+    expected = np.asarray(losses.token_logprobs(logits, ids))
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(output.logprobs[row], expected[row, len(prompt):len(prompt) + 8], atol=2e-4)
     again = gen.generate(CONFIG.model, graphdef, params, PROMPTS, settings, rng=3)
     np.testing.assert_array_equal(again.tokens, output.tokens)  # same key, same samples
 
@@ -129,16 +147,18 @@ def test_repetition_penalty_lowers_only_tokens_already_seen():
 
 
 def test_eos_bias_and_composition_order_change_the_greedy_choice():
-    biased = gen.SamplingSettings(temperature=0.0, token_bias=((3, 5.0),))
-    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(0), biased).tolist() == [3, 3]
-    plain = gen.SamplingSettings(temperature=0.0)
-    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(0), plain).tolist() == [5, 5]
+    pick = jax.jit(gen.next_token)  # the settings are traced: one compilation for every case below
+
+    def choose(settings, seen=NOTHING_SEEN, seed=0):
+        return pick(LOGITS, seen, jax.random.key(seed), settings.arrays(LOGITS.shape[-1])).tolist()
+
+    assert choose(gen.SamplingSettings(temperature=0.0)) == [5, 5]
+    assert choose(gen.SamplingSettings(temperature=0.0, token_bias=((3, 5.0),))) == [3, 3]  # EOS up-weighted
     # top_k=1 sampling is greedy whatever the temperature.
-    sampled = gen.SamplingSettings(temperature=5.0, top_k=1)
-    assert gen.next_token(LOGITS, NOTHING_SEEN, jax.random.key(1), sampled).tolist() == [5, 5]
+    assert choose(gen.SamplingSettings(temperature=5.0, top_k=1), seed=1) == [5, 5]
     # The repetition penalty applies before greedy: seen token 5 loses to token 0 in row 0.
     penalised = gen.SamplingSettings(temperature=0.0, repetition_penalty=2.0)
-    assert gen.next_token(LOGITS, NOTHING_SEEN.at[0, 5].set(True), jax.random.key(0), penalised).tolist()[0] == 0
+    assert choose(penalised, NOTHING_SEEN.at[0, 5].set(True))[0] == 0
 
 
 def test_sampling_settings_reject_nonsense():
@@ -157,12 +177,11 @@ def test_generation_on_a_2x2x2_mesh_matches_one_device(model):
     axes = state_lib.param_logical_axes(CONFIG, params)
     sharded = jax.device_put(params, sharding_lib.tree_shardings(params, axes, mesh))
     assert gen.mesh_of(sharded) is mesh
-    settings = GREEDY
     prompts = PROMPTS * 2  # 8 rows: split over data x fsdp = 4
-    on_mesh = gen.generate(CONFIG.model, graphdef, sharded, prompts, settings)
-    single = gen.generate(CONFIG.model, graphdef, params, prompts, settings)
-    np.testing.assert_array_equal(on_mesh.tokens, single.tokens)
-    np.testing.assert_allclose(on_mesh.logprobs, single.logprobs, atol=1e-4)
+    on_mesh = gen.generate(CONFIG.model, graphdef, sharded, prompts, GREEDY)
+    single = gen.generate(CONFIG.model, graphdef, params, PROMPTS, GREEDY)
+    np.testing.assert_array_equal(on_mesh.tokens, np.concatenate([single.tokens, single.tokens]))
+    np.testing.assert_allclose(on_mesh.logprobs, np.concatenate([single.logprobs, single.logprobs]), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +194,7 @@ def workdir(tmp_path_factory):
     config = tiny_config("model.vocab_size=512", "model.init_std=0.3", "mesh.num_devices=1")
     path.mkdir(parents=True)
     save_config(config, path / "config.yaml")
-    _, params = model_lib.init_model(config.model, 0)
+    params = random_params(config.model, 0.3)
     optimizer = state_lib.make_optimizer(config.optimizer, 1)
     manager = ckpt.make_manager(path, async_save=False)
     ckpt.save(manager, 1, state_lib.create_state(params, optimizer, 0), {}, {}, force=True)
@@ -202,7 +221,9 @@ def test_generate_cli_writes_one_json_line_per_prompt(workdir, tmp_path, capsys)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records][0] == "Where was Noor Nguyen born?" and len(records) == 3
     assert all(isinstance(r["completion"], str) and 0 <= r["tokens"] <= 6 for r in records)
-    assert main(["generate", "--checkpoint", str(path), "--prompt", "Noor", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    # Same batch and prompt buckets as above: no new compilation.
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Noor", "--prompt", "Theo", "--prompt", "Grace",
+                 "--max-new-tokens", "6", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("Noor")
 
 

@@ -137,6 +137,8 @@ def _assemble(messages: Sequence[dict], contents: Sequence[list[int]], tokenizer
 def render_chat(messages: Sequence[dict], tokenizer: Tokenizer, mode: str = "normal",
                 template: ChatTemplate = DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation; see the module docstring for the template and the modes."""
+    if getattr(tokenizer, "chat_template", None) is not None:  # a model's own template (jaxllm.hf_tokenizer)
+        return tokenizer.chat_template.render(messages, mode)
     selected = _select(messages, mode)
     contents = tokenizer.encode_batch([message["content"] for message in selected], num_threads=1)
     return _assemble(selected, contents, tokenizer, mode, template)
@@ -145,6 +147,8 @@ def render_chat(messages: Sequence[dict], tokenizer: Tokenizer, mode: str = "nor
 def render_chats(conversations: Sequence[Sequence[dict]], tokenizer: Tokenizer, mode: str = "normal",
                  template: ChatTemplate = DEFAULT_TEMPLATE) -> list[tuple[list[int], list[int]]]:
     """`render_chat` for many conversations with one batched encode call."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return [tokenizer.chat_template.render(messages, mode) for messages in conversations]
     selected = [_select(messages, mode) for messages in conversations]
     flat = tokenizer.encode_batch([message["content"] for messages in selected for message in messages])
     out, start = [], 0
@@ -157,6 +161,8 @@ def render_chats(conversations: Sequence[Sequence[dict]], tokenizer: Tokenizer, 
 def prompt_ids(messages: Sequence[dict], tokenizer: Tokenizer, mode: str = "normal",
                template: ChatTemplate = DEFAULT_TEMPLATE) -> list[int]:
     """The conversation so far followed by the assistant marker: what generation continues from."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return tokenizer.chat_template.prompt_ids(_select(messages, mode))
     ids, _ = render_chat(messages, tokenizer, mode, template) if _select(messages, mode) else (
         [tokenizer.bos_id] if template.add_bos else [], [])
     return ids + [tokenizer.assistant_id]

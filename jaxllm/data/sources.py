@@ -117,6 +117,13 @@ def _jsonl_records(data: bytes, name: str, start_index: int, on_bad: BadRecord) 
         if not isinstance(value, dict):
             on_bad("wrong_type", f"{where}: each line must be a JSON object, got {type(value).__name__}")
             continue
+        if "\\u" in line:  # escapes like "\ud800" decode to lone surrogates, which are not text
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                on_bad("not_utf8", f"{where}: a string holds a lone surrogate escape (like \\ud800), which is "
+                                   "not text; fix or drop the line")
+                continue
         yield Record(record_index, value, where)
 
 
