@@ -168,6 +168,8 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    best_metric: str = ""  # an eval metric (e.g. "loss"): also keep the best checkpoint in WORKDIR/best
+    best_mode: str = "min"  # min | max
     async_checkpointing: bool = True
     z_loss: float = 0.0
     max_bad_steps_in_a_row: int = 5
@@ -358,6 +360,7 @@ def validate(config: Config) -> None:
         "data.truncation": (config.data.truncation, ("truncate", "drop")),
         "data.on_bad_record": (config.data.on_bad_record, ("fail", "skip")),
         "feedback.loss": (config.feedback.loss, ("sigmoid", "ipo", "hinge")),
+        "train.best_mode": (config.train.best_mode, ("min", "max")),
         "model.mlp_activation": (m.mlp_activation, ("silu", "gelu_tanh", "gelu")),
         "model.rope_scaling": (m.rope_scaling, ("none", "linear", "llama3", "yarn")),
     }

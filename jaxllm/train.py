@@ -389,6 +389,27 @@ def save_checkpoint(context: RunContext, batch_iterator, step: int, force: bool 
     ckpt.save(context.manager, step, context.state, batch_iterator.get_state(), meta, force=force)
 
 
+def save_if_best(context: RunContext, batch_iterator, step: int, eval_metrics: dict[str, float]) -> bool:
+    """With `train.best_metric` set, keeps the checkpoint with the best eval value of that metric in
+    WORKDIR/best (a checkpoint directory of its own: `init_from=WORKDIR/best` starts from it)."""
+    tc = context.config.train
+    value = eval_metrics.get(tc.best_metric) if tc.best_metric else None
+    if value is None or not math.isfinite(value):
+        return False
+    record_path = context.workdir / "best" / "best.json"
+    if record_path.exists():
+        best = json.loads(record_path.read_text())["value"]
+        if (value >= best) if tc.best_mode == "min" else (value <= best):
+            return False
+    manager = ckpt.make_manager(context.workdir / "best", keep=1, async_save=False)
+    save_checkpoint(dataclasses.replace(context, manager=manager), batch_iterator, step, force=True)
+    manager.wait_until_finished()
+    if context.is_main_process:
+        record_path.write_text(json.dumps({"step": step, "metric": tc.best_metric, "mode": tc.best_mode,
+                                           "value": value}))
+    return True
+
+
 def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches: list, *,
              prepare_batch: Callable[[RunContext, dict], tuple[dict, dict]] | None = None,
              evaluate_fn: Callable[[RunContext], dict[str, float]] | None = None,
@@ -458,7 +479,9 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
                                          f"{context.workdir}/skipped_batches.jsonl for the documents")
             context.guard_state = guard.to_dict()
             if tc.eval_every and step % tc.eval_every == 0 and step < end:
-                metrics_log.write(step, "eval", evaluate_fn(context))
+                periodic = evaluate_fn(context)
+                metrics_log.write(step, "eval", periodic)
+                save_if_best(context, batch_iterator, step, periodic)
             # While updates are being skipped with rollback on, no periodic checkpoint: the params have not
             # moved, and a new save would rotate out the older checkpoints a rollback needs.
             if step % tc.checkpoint_every == 0 and step < end and not (tc.rollback_on_halt and guard.bad_in_a_row):
@@ -471,6 +494,8 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
     if not stopped_early and step == tc.steps:
         eval_metrics = evaluate_fn(context)
         metrics_log.write(step, "eval", eval_metrics)
+        with jax.set_mesh(context.mesh):
+            save_if_best(context, batch_iterator, step, eval_metrics)
         if context.is_main_process:
             (context.workdir / "summary.json").write_text(json.dumps({
                 "stage": tc.stage, "steps": step, "train": last, "eval": eval_metrics,

@@ -1,3 +1,5 @@
+import json
+
 import chex
 import jax
 import numpy as np
@@ -104,3 +106,19 @@ def test_checkpoint_written_on_one_device_restores_on_eight_and_back(tmp_path):
     _train(longer, tmp_path / "run", mesh=eight)
     evenlonger = tiny_config("train.steps=5", "train.batch_size=8", "train.async_checkpointing=false")
     assert _train(evenlonger, tmp_path / "run", mesh=one).final_step == 5
+
+
+def test_best_checkpoint_by_eval_metric_is_kept_beside_the_latest(tmp_path):
+    config = tiny_config("train.steps=6", "train.batch_size=4", "train.eval_every=2", "train.best_metric=loss",
+                         "optimizer.learning_rate=1e-2")
+    _train(config, tmp_path / "run")
+    evals = [r for r in train_lib.read_metrics(tmp_path / "run", "eval") if "loss" in r]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["value"] == pytest.approx(min(r["loss"] for r in evals))
+    assert best["step"] == min(evals, key=lambda r: r["loss"])["step"]
+    assert ckpt.latest_step(tmp_path / "run" / "best") == best["step"]
+    mesh = one_device()
+    _, abstract = model_lib.abstract_model(config.model)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_lib.replicated(mesh)),
+                          abstract)
+    chex.assert_tree_all_finite(ckpt.load_params(tmp_path / "run" / "best", target))
