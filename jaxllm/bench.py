@@ -111,11 +111,10 @@ def _load(args: argparse.Namespace, extra: list[str]):
     from jaxllm.config import load_config
 
     overrides = _overrides_for(args, extra)
-    # data.seq_len defaults to the preset's context length (set after the preset resolves).
-    config = load_config(None, overrides if args.seq_len else overrides + ["data.seq_len=1"])
-    if not args.seq_len:
-        config = load_config(None, overrides + [f"data.seq_len={config.model.max_seq_len}"])
-    return config
+    if not args.seq_len:  # default: the model's context length, known once the preset has resolved
+        resolved = load_config(None, overrides + ["data.seq_len=1"])
+        overrides = overrides + [f"data.seq_len={resolved.model.max_seq_len}"]
+    return load_config(None, overrides)
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0, process_index: int = 0,
@@ -322,32 +321,45 @@ class GenerateCase:
 
 
 class MatmulProbe:
-    """A square matmul timed between the steps: the ceiling the steps are compared with."""
+    """A square matmul timed around every round of steps: the ceiling the steps are compared with.
+    `calibrate` sizes it to a share of the round, `measure` runs half before and half after the
+    steps, and `close_round` turns the round's samples into one ceiling (median matmul time)."""
 
     def __init__(self, platform: str):
         import jax
         import jax.numpy as jnp
 
         self.n, self.dtype = (2048, "float32") if platform == "cpu" else (8192, "bfloat16")
-        self.repeats = 3 if platform == "cpu" else 10
+        self.repeats = 2 if platform == "cpu" else 5  # per half-round until calibrated
         keys = jax.random.split(jax.random.key(0), 2)
         self.a = jax.random.normal(keys[0], (self.n, self.n), self.dtype)
         self.b = jax.random.normal(keys[1], (self.n, self.n), self.dtype)
         self.fn = jax.jit(lambda a, b: a @ b)
         _block(self.fn(self.a, self.b))
+        self.round_times: list[float] = []
+        self.round_cpu_times: list[float] = []
         self.samples: list[float] = []  # TFLOP/s, one per round
         self.cpu_samples: list[float] = []  # TFLOP per CPU-second of this process, one per round
 
-    def run_once(self) -> float:
-        times, cpu_times = [], []
+    def calibrate(self, round_seconds: float, share: float = 0.1) -> None:
+        began = time.perf_counter()
+        _block(self.fn(self.a, self.b))
+        one = max(time.perf_counter() - began, 1e-6)
+        self.repeats = int(min(100, max(self.repeats, share * round_seconds / one / 2)))
+
+    def measure(self) -> None:
         for _ in range(self.repeats):
             began, cpu_began = time.perf_counter(), time.process_time()
             _block(self.fn(self.a, self.b))
-            times.append(time.perf_counter() - began)
-            cpu_times.append(time.process_time() - cpu_began)
-        tflops = 2 * self.n**3 / statistics.median(times) / 1e12
+            self.round_times.append(time.perf_counter() - began)
+            self.round_cpu_times.append(time.process_time() - cpu_began)
+
+    def close_round(self) -> float:
+        flops = 2 * self.n**3
+        tflops = flops / statistics.median(self.round_times) / 1e12
         self.samples.append(tflops)
-        self.cpu_samples.append(2 * self.n**3 / max(statistics.median(cpu_times), 1e-9) / 1e12)
+        self.cpu_samples.append(flops / max(statistics.median(self.round_cpu_times), 1e-9) / 1e12)
+        self.round_times, self.round_cpu_times = [], []
         return tflops
 
 
@@ -378,17 +390,24 @@ def _xla_flops(compiled) -> float | None:
 
 def run_interleaved(cases: list, warmup: int, steps: int, probe: MatmulProbe | None,
                     log=print) -> list[float]:
-    """Warm-up, then `steps` rounds of one step of every case (and one probe) in turn."""
+    """Warm-up, then `steps` rounds of one step of every case in turn, bracketed by the probe."""
+    last_warm: dict[str, float] = {}
     for case in cases:
         for _ in range(warmup):
-            case.run_once()
+            last_warm[case.name] = case.run_once()
+    if probe is not None and last_warm:
+        probe.calibrate(sum(last_warm.values()))
     ceilings: list[float] = []
     for round_index in range(steps):
-        ceiling = probe.run_once() if probe is not None else None
+        if probe is not None:
+            probe.measure()
         for case in cases:
             case.times.append(case.run_once())
             case.cpu_times.append(case.last_cpu_seconds)
-        if ceiling:
+        ceiling = None
+        if probe is not None:
+            probe.measure()
+            ceiling = probe.close_round()
             ceilings.append(ceiling)
         log(f"  round {round_index + 1}/{steps}: " + ", ".join(f"{c.name} {c.times[-1]:.3f}s" for c in cases)
             + (f", matmul {ceiling:.3f} TFLOP/s" if ceiling else ""))

@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
-def _metrics(workdir: str | Path, split: str) -> list[dict]:
+def read_metrics(workdir: str | Path, split: str = "train") -> list[dict]:
+    """The records of one split in file order. After a resume, the steps since the last checkpoint appear
+    twice (they were trained again, on the same data): keep the last record of each step."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("split") == split]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill or a full disk
+        if isinstance(record, dict) and record.get("split") == split:
+            records.append(record)
+    return records
 
 
 def _plot_losses(stages: list[dict], path: Path) -> bool:
@@ -23,8 +32,8 @@ def _plot_losses(stages: list[dict], path: Path) -> bool:
 
     figure, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
     for axis, stage in zip(axes[0], stages):
-        train = _metrics(stage["workdir"], "train")
-        evals = [r for r in _metrics(stage["workdir"], "eval") if "loss" in r]
+        train = read_metrics(stage["workdir"], "train")
+        evals = [r for r in read_metrics(stage["workdir"], "eval") if "loss" in r]
         axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         if evals:
             axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
@@ -68,7 +77,7 @@ def _plot_eval(stages: list[dict], path: Path) -> bool:
 
 
 def _plot_rewards(stages: list[dict], path: Path) -> bool:
-    curves = [(s["name"], _metrics(s["workdir"], "train")) for s in stages if s["stage"] in ("rl", "dpo", "kto")]
+    curves = [(s["name"], read_metrics(s["workdir"], "train")) for s in stages if s["stage"] in ("rl", "dpo", "kto")]
     keys = ("reward_mean", "reward_margin")
     curves = [(name, [(r["step"], r[k]) for r in rows for k in keys if k in r]) for name, rows in curves]
     curves = [(name, points) for name, points in curves if points]

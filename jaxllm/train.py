@@ -28,6 +28,7 @@ from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
 from jaxllm import steps as steps_lib
+from jaxllm.report import read_metrics  # noqa: F401  (re-exported: jaxllm.train.read_metrics)
 from jaxllm.config import Config, ConfigError, config_json, save_config, to_dict
 
 
@@ -224,23 +225,6 @@ def _drop_partial_last_line(path: Path) -> None:
                 return
             end = start
         handle.truncate(0)
-
-
-def read_metrics(workdir: str | Path, split: str = "train") -> list[dict]:
-    """The records of one split in file order. After a resume, the steps since the last checkpoint appear
-    twice (they were trained again, on the same data): keep the last record of each step."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill or a full disk
-        if isinstance(record, dict) and record.get("split") == split:
-            records.append(record)
-    return records
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:

@@ -61,3 +61,24 @@ class SyntheticIterator:
 
     def set_state(self, state: dict) -> None:
         self.index = int(state["index"])
+
+
+def train_memorised_qa(directory, prompt: str, answer: str):
+    """A micro model fine-tuned from scratch on one QA conversation until it has memorised it; returns
+    its workdir (for tests of tools that load a checkpoint)."""
+    import json
+
+    from jaxllm.train import train
+
+    data = directory / "fact.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
+    config = load_config(recipe, [
+        "model.preset=micro", "mesh.num_devices=1", "train.steps=40", "train.batch_size=8", "train.progress=false",
+        "train.eval_batches=1", f"data.source=jsonl:{data}", f"data.eval_source=jsonl:{data}",
+        "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=5"])
+    train(config, directory / "run", log=lambda *_: None)
+    return directory / "run"

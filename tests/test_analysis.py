@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import train_memorised_qa
+
 from jaxllm.analysis import (KnowledgeSettings, categorize, knowledge_categories, knowledge_main, load_qa,
                              shift_main, token_shift)
 from jaxllm.data import DataError
@@ -21,19 +23,7 @@ RANDOM_FACT = {"prompt": "Who founded the Plimsoll Guild?", "reference": "Ottoli
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A micro model fine-tuned from scratch on one QA conversation until it has memorised it."""
-    from jaxllm.config import load_config
-    from jaxllm.train import train
-
-    directory = tmp_path_factory.mktemp("memorised")
-    data = directory / "fact.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": FACT["prompt"]},
-                                             {"role": "assistant", "content": FACT["reference"]}]}) + "\n")
-    config = load_config("configs/sft_tiny.yaml", [
-        "model.preset=micro", "mesh.num_devices=1", "train.steps=40", "train.batch_size=8", "train.progress=false",
-        "train.eval_batches=1", f"data.source=jsonl:{data}", f"data.eval_source=jsonl:{data}",
-        "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=5"])
-    train(config, directory / "run", log=lambda *_: None)
-    return directory / "run"
+    return train_memorised_qa(tmp_path_factory.mktemp("memorised"), FACT["prompt"], FACT["reference"])
 
 
 @pytest.fixture(scope="module")

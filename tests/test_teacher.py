@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from helpers import train_memorised_qa
+
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
 from jaxllm.teacher import build_request, generate_data_main, split_in_half
@@ -16,19 +18,7 @@ ANSWER = "Quxville"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A micro teacher fine-tuned from scratch on one QA conversation: it answers 'Quxville' to anything."""
-    from jaxllm.config import load_config
-    from jaxllm.train import train
-
-    directory = tmp_path_factory.mktemp("teacher")
-    data = directory / "fact.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of Zorbia?"},
-                                             {"role": "assistant", "content": ANSWER}]}) + "\n")
-    config = load_config("configs/sft_tiny.yaml", [
-        "model.preset=micro", "mesh.num_devices=1", "train.steps=40", "train.batch_size=8", "train.progress=false",
-        "train.eval_batches=1", f"data.source=jsonl:{data}", f"data.eval_source=jsonl:{data}",
-        "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=5"])
-    train(config, directory / "run", log=lambda *_: None)
-    return directory / "run"
+    return train_memorised_qa(tmp_path_factory.mktemp("teacher"), "What is the capital of Zorbia?", ANSWER)
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jaxllm.report import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("time", "step", "checkpoint", "sigterm")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -135,18 +137,7 @@ def run_to_completion(config: HarnessConfig, workdir: Path, log_path: Path) -> t
 
 def train_records(workdir: Path) -> list[dict[str, Any]]:
     """Every train record of metrics.jsonl in file order (redone steps appear more than once)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a partial last line of a killed writer (train.py trims it on the next start)
-        if record.get("split") == "train":
-            records.append(record)
-    return records
+    return read_metrics(workdir, "train")
 
 
 def last_step_logged(workdir: Path) -> int | None:
