@@ -89,3 +89,14 @@ def test_bad_pipeline_recipe_is_a_clear_error(tmp_path):
 
 
 _ = Path
+
+
+@pytest.mark.parametrize("recipe", ["pipeline_tiny.yaml", "pipeline_kto_tiny.yaml", "pipeline_grpo_tiny.yaml"])
+def test_shipped_pipeline_recipes_load_and_chain_their_stages(recipe, tmp_path):
+    loaded = load_recipe(Path(__file__).resolve().parent.parent / "configs" / recipe)
+    assert [s.name for s in loaded.stages][:2] == ["pretrain", "sft"]
+    from jaxllm.pipeline import stage_configs
+
+    configs = stage_configs(loaded, tmp_path, "default")
+    assert configs[2][1].train.init_from == str(tmp_path / "sft")
+    assert configs[2][1].train.stage in ("dpo", "kto", "rl")
