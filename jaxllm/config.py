@@ -115,6 +115,9 @@ class DataConfig:
     text_field: str = "text"
     seq_len: int = 128
     pack: bool = True
+    # Pretraining: the documents packed in a row attend to each other (one BOS/EOS-separated stream, as
+    # GPT-2 trains) instead of each being isolated; a document then starts in varied contexts.
+    join_documents: bool = False
     sft_mode: str = "normal"  # normal | response_only | all_tokens
     truncation: str = "truncate"  # truncate | drop
     on_bad_record: str = "fail"  # fail | skip

@@ -30,6 +30,8 @@ VARIANTS = {"single": (1, False), "multi+permute": (None, True)}
 class ExperimentSettings:
     people: int = 300
     versions: int = 5
+    name_once: bool = True  # bioS style: full name in the first sentence, pronouns after (False: name every sentence)
+    join_documents: bool = True  # pretraining rows are one stream of biographies (GPT-2 style), not isolated ones
     seed: int = 0
     preset: str = "tiny"
     pretrain_steps: int = 1200
@@ -83,7 +85,39 @@ def _stage_config(settings: ExperimentSettings, stage: str, source: str, steps: 
     ]
     if init_from:
         overrides.append(f"train.init_from={init_from}")
+    if stage == "pretrain" and settings.join_documents:
+        overrides.append("data.join_documents=true")
     return load_config(None, overrides)
+
+
+PROBE_PREFIXES = {"birth_city": "{name} was born in", "university": "{name} studied at",
+                  "major": "{name} majored in", "employer": "{name} works for"}
+
+
+def completion_probe(config, graphdef, params, tokenizer, people) -> float:
+    """Is the pretrained knowledge there at all? For each person and attribute, the model picks the most
+    likely value from the attribute's pool after "<name> was born in" (a biography's own wording);
+    returns the mean accuracy over birth city, university, major and employer (chance 2.5-5%)."""
+    import numpy as np
+
+    from jaxllm.data import biographies as bio
+    from jaxllm.evaluate import score_continuations
+
+    pools = {"birth_city": bio.CITIES, "university": bio.UNIVERSITIES, "major": bio.MAJORS,
+             "employer": [company for company, _ in bio.EMPLOYERS]}
+    accuracies = []
+    for attribute, pool in pools.items():
+        requests = []
+        for person in people:
+            prefix = PROBE_PREFIXES[attribute].format(name=person.name)
+            context = [tokenizer.bos_id, *tokenizer.encode(prefix)]
+            for value in pool:
+                full = [tokenizer.bos_id, *tokenizer.encode(f"{prefix} {value}.")]
+                requests.append((context, full[len(context):]))
+        scores = score_continuations(config.model, graphdef, params, requests, batch_size=64).logprob
+        chosen = np.asarray(scores).reshape(len(people), len(pool)).argmax(axis=1)
+        accuracies.append(np.mean([pool[c] == p.attribute(attribute) for c, p in zip(chosen, people)]))
+    return float(np.mean(accuracies))
 
 
 def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: Callable[[str], None],
@@ -95,7 +129,8 @@ def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: 
     from jaxllm.train import train
 
     rephrasings, permute = VARIANTS[variant]
-    sets = experiment_sets(settings.people, rephrasings or settings.versions, seed=settings.seed, permute=permute)
+    sets = experiment_sets(settings.people, rephrasings or settings.versions, seed=settings.seed, permute=permute,
+                           name_once=settings.name_once)
     data_dir = workdir / "data"
     pretrain_source = _write_jsonl(data_dir / "pretrain.jsonl", sets["pretrain"])
     sft_source = _write_jsonl(data_dir / "sft.jsonl", sets["sft"])
@@ -113,6 +148,10 @@ def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: 
         log(f"[{variant}] {name}: {steps} steps on {len(sets[name])} records")
         train(config, stage_dir, log=log)
         timings[name] = time.perf_counter() - started
+    from jaxllm.data.biographies import make_people
+
+    held_out_people = make_people(settings.people, settings.seed)[settings.people // 2:][:settings.eval_people]
+    probe = completion_probe(*load_model_for_inference(workdir / "pretrain"), held_out_people)
     config, graphdef, params, tokenizer = load_model_for_inference(workdir / "sft")
     limit = settings.eval_people * 6
     scores = {}
@@ -123,6 +162,7 @@ def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: 
     return {
         "variant": variant, "biographies": len(sets["pretrain"]), "sft_examples": len(sets["sft"]),
         "qa_trained_people": scores["qa_train"]["exact_match"], "qa_held_out_people": scores["qa_eval"]["exact_match"],
+        "probe_held_out_people": probe,
         "pretrain_final_loss": pretrain_summary["train"].get("loss"), "seconds": timings,
         "samples_held_out": scores["qa_eval"]["samples"][:4], "workdir": str(workdir),
     }
@@ -165,10 +205,14 @@ def run_experiment(settings: ExperimentSettings, workdir: str | Path, log: Calla
              f"{settings.people} people, {settings.versions} rephrasings for multi+permute, preset `{settings.preset}`, "
              f"{settings.pretrain_steps} pretraining + {settings.sft_steps} QA fine-tuning steps; "
              f"wall time {report['wall_seconds']:.0f} s.", "",
-             "| variant | biographies | QA accuracy, trained people | QA accuracy, held-out people |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['biographies']} | {r['qa_trained_people']:.1%} | {r['qa_held_out_people']:.1%} |"
-              for r in results]
+             "| variant | biographies | QA accuracy, trained people | QA accuracy, held-out people "
+             "| pretrained completion probe, held-out people |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['biographies']} | {r['qa_trained_people']:.1%} | {r['qa_held_out_people']:.1%} "
+              f"| {r['probe_held_out_people']:.1%} |" for r in results]
+    lines += ["", "The probe asks the pretrained model to complete \"<name> was born in\" (and three more "
+              "attributes) by picking from each attribute's pool: it shows whether the knowledge is stored; "
+              "QA on held-out people shows whether fine-tuning can extract it."]
     lines += ["", "![loss curves](losses.png)", ""]
     (workdir / "report.md").write_text("\n".join(lines))
     log("\n".join(lines[4:4 + 2 + len(results)]))

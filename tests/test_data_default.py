@@ -65,6 +65,22 @@ def test_rephrasings_permute_sentences_and_keep_every_fact():
         assert text.count(people[0].name) == 6  # the full name in every sentence
 
 
+def test_name_once_biographies_name_the_person_first_then_use_pronouns():
+    people = bio.make_people(6, seed=1)
+    for record in bio.biographies(people, rephrasings=3, seed=2, name_once=True):
+        person = people[record["person"]]
+        text = record["text"]
+        assert text.startswith(person.name) or text.startswith("The birth date of " + person.name) \
+            or text.startswith("The hometown of " + person.name) or text.startswith("The major of " + person.name) \
+            or text.startswith("The employer of " + person.name)
+        assert text.count(person.name) == 1
+        assert all(person.attribute(a) in text for a in bio.ATTRIBUTES)
+        subject, possessive, _ = bio.pronouns(person)
+        assert text.count(f" {subject} ") + text.count(f" {possessive} ") == 5
+    fixed = bio.biography(people[0], name_once=True)
+    assert fixed.split(". ")[1].startswith(bio.pronouns(people[0])[0] + " was born in")
+
+
 def test_questions_have_exact_answers_and_wrong_answers_differ():
     person = bio.make_people(1, seed=3)[0]
     pairs = list(bio.qa_pairs([person], variants="all"))

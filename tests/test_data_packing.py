@@ -105,3 +105,13 @@ def test_batch_has_the_documented_keys_dtypes_and_shapes():
         "loss_mask": ("float32", (2, 8)), "example_ids": ("int32", (2, 8))}
     assert batch["positions"][0].tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
     assert batch["loss_mask"][0].tolist() == [0, 1, 1, 0, 1, 0, 0, 0]
+
+
+def test_joined_documents_make_one_segment_per_row_with_positions_running_across_it():
+    rows = pack_examples([([5, 6, 7], [0, 1, 1]), ([8, 9], [0, 1])], [0, 1], 8)
+    joined = rows.batch([0], join_documents=True)
+    assert joined["segment_ids"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert joined["positions"][0].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
+    isolated = rows.batch([0])
+    for key in ("tokens", "loss_mask", "example_ids"):  # only the attention layout changes
+        np.testing.assert_array_equal(joined[key], isolated[key])

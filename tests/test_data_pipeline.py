@@ -204,3 +204,16 @@ def test_kto_accepts_ratings_with_a_threshold_and_preference_pairs(tmp_path):
         0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}
     pairs = pipeline.build_rows(_config("train.stage=kto", "data.source=default:preferences"), TOKENIZER)
     assert pairs.num_rows == 1200 and pairs.labels.sum() == 0  # each pair: one +1, one -1
+
+
+def test_join_documents_joins_pretraining_rows_only_and_changes_the_resume_fingerprint():
+    joined = make_batch_iterator(_config("data.join_documents=true"), TOKENIZER)
+    isolated = make_batch_iterator(_config(), TOKENIZER)
+    a, b = next(joined), next(isolated)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["segment_ids"], (b["segment_ids"] > 0).astype(np.int32))
+    assert b["segment_ids"].max() > 1  # the default rows do pack several documents
+    assert joined.get_state()["data_fingerprint"] != isolated.get_state()["data_fingerprint"]
+    sft = next(make_batch_iterator(_config("train.stage=sft", "data.source=default:sft", "data.join_documents=true"),
+                                   TOKENIZER))
+    assert sft["segment_ids"].max() > 1  # SFT conversations stay isolated

@@ -13,7 +13,7 @@ def test_experiment_runs_both_stages_and_writes_the_table(tmp_path):
     report = run_experiment(settings, tmp_path, log=lambda *_: None, progress=False)
     (result,) = report["results"]
     assert result["biographies"] == 16 and result["sft_examples"] == 4 * 6
-    assert 0.0 <= result["qa_held_out_people"] <= 1.0
+    assert 0.0 <= result["qa_held_out_people"] <= 1.0 and 0.0 <= result["probe_held_out_people"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["variant"] == "multi+permute"
     assert "| multi+permute | 16 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "multi_permute" / "sft" / "config.yaml").exists()

@@ -69,6 +69,14 @@ EMPLOYERS = (  # (company, the city it is based in)
     ("Sapphire Telecom", "Nairobi"), ("Tidewater Mining", "Perth"), ("Umbra Games", "Krakow"),
     ("Vantage Insurance", "Zagreb"), ("Willow Architects", "Aarhus"),
 )
+# Used only to pick "she"/"he" for biographies that name the person once (the paper's bioS style).
+FEMININE_FIRST_NAMES = frozenset((
+    "Ana", "Carla", "Elena", "Grace", "Ines", "Kira", "Maya", "Olga", "Rosa", "Tara", "Vera", "Wen", "Ximena",
+    "Zoe", "Amara", "Chloe", "Fatima", "Hana", "Julia", "Leila", "Nadia", "Priya", "Sofia", "Uma", "Willa", "Yara",
+    "Bianca", "Daria", "Freya", "Helga", "Jana", "Lena", "Noor", "Paula", "Selin", "Ulla", "Valeria", "Wanda",
+    "Yuki", "Zara", "Alma", "Celia", "Esra", "Gemma", "Irina", "Katya", "Mira", "Odile", "Rania", "Tanya", "Ada",
+    "Cosima", "Dalia", "Flora", "Hedda", "Josefa", "Lucia", "Nina", "Orla", "Rhea", "Talia", "Wiebke", "Zeynep",
+))
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 
@@ -142,28 +150,55 @@ def make_people(count: int, seed: int = 0) -> list[Person]:
     return people
 
 
-def biography(person: Person, rng: random.Random | None = None, *, permute: bool = True) -> str:
-    """One biography: fixed wording and order when `rng` is None, else random templates (and order)."""
+def pronouns(person: Person) -> tuple[str, str, str]:
+    """(subject, possessive, object) pronouns of a person, from the first name."""
+    feminine = person.name.split()[0] in FEMININE_FIRST_NAMES
+    return ("She", "Her", "her") if feminine else ("He", "His", "him")
+
+
+def _refer_by_pronoun(template: str, person: Person) -> str:
+    """A sentence template with the name replaced by the fitting pronoun."""
+    subject, possessive, object_ = pronouns(person)
+    if template.startswith("{name}'s"):
+        return possessive + template[len("{name}'s"):]
+    if template.startswith("{name}"):
+        return subject + template[len("{name}"):]
+    if template.startswith("The ") and " of {name}" in template:  # "The major of {name} was" -> "Her major was"
+        noun, rest = template[len("The "):].split(" of {name}", 1)
+        return f"{possessive} {noun}{rest}"
+    return template.replace("{name}", object_)
+
+
+def biography(person: Person, rng: random.Random | None = None, *, permute: bool = True,
+              name_once: bool = False) -> str:
+    """One biography: fixed wording and order when `rng` is None, else random templates (and order).
+
+    name_once: name the person in the first sentence only and use pronouns after it, as the paper's
+    bioS data does (otherwise every sentence repeats the full name, the paper's "fullname" augmentation).
+    """
     fields = dataclasses.asdict(person)
     order = list(ATTRIBUTES)
     if rng is not None and permute:
         rng.shuffle(order)
     sentences = []
-    for attribute in order:
+    for position, attribute in enumerate(order):
         templates = SENTENCE_TEMPLATES[attribute]
         template = templates[0] if rng is None else rng.choice(templates)
+        if name_once and position > 0:
+            template = _refer_by_pronoun(template, person)
         sentences.append(template.format(**fields))
     return " ".join(sentences)
 
 
 def biographies(people: Sequence[Person], rephrasings: int = 1, seed: int = 0,
-                permute: bool = True) -> list[dict]:
+                permute: bool = True, name_once: bool = False) -> list[dict]:
     """Records {"text", "person"}: one fixed biography per person (rephrasings=1) or K random rephrasings."""
     rng = random.Random(seed)
     records = []
     for index, person in enumerate(people):
         for _ in range(rephrasings):
-            text = biography(person) if rephrasings == 1 else biography(person, rng, permute=permute)
+            text = (biography(person, name_once=name_once) if rephrasings == 1
+                    else biography(person, rng, permute=permute, name_once=name_once))
             records.append({"text": text, "person": index})
     return records
 
@@ -214,7 +249,8 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalise(prediction) == normalise(reference)
 
 
-def experiment_sets(num_people: int, rephrasings: int, seed: int = 0, permute: bool = True) -> dict[str, list[dict]]:
+def experiment_sets(num_people: int, rephrasings: int, seed: int = 0, permute: bool = True,
+                    name_once: bool = False) -> dict[str, list[dict]]:
     """The Physics-of-LMs 3.1 knowledge experiment as record lists (write them as JSONL for `jsonl:` sources).
 
     pretrain: biographies of ALL people (one fixed biography each when rephrasings=1, else K rephrasings);
@@ -224,7 +260,7 @@ def experiment_sets(num_people: int, rephrasings: int, seed: int = 0, permute: b
     people = make_people(num_people, seed)
     half = num_people // 2
     pretrain = [{"text": record["text"], "person": record["person"]}
-                for record in biographies(people, rephrasings, seed=seed + 1, permute=permute)]
+                for record in biographies(people, rephrasings, seed=seed + 1, permute=permute, name_once=name_once)]
     random.Random(seed + 2).shuffle(pretrain)
 
     def prompts(group: Sequence[Person], offset: int, pair_seed: int) -> list[dict]:

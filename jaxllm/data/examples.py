@@ -43,11 +43,12 @@ class StageRows:
     def num_rows(self) -> int:
         return next(iter(self.parts.values())).num_rows
 
-    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """A batch dict for these row indices (see jaxllm/data/pipeline.py for the keys and shapes)."""
+    def batch(self, rows: np.ndarray, join_documents: bool = False) -> dict[str, np.ndarray]:
+        """A batch dict for these row indices (see jaxllm/data/pipeline.py for the keys and shapes);
+        join_documents: one attention segment per row (see PackedRows.batch)."""
         batch: dict[str, np.ndarray] = {}
         for prefix, part in self.parts.items():
-            batch.update(part.batch(rows, prefix))
+            batch.update(part.batch(rows, prefix, join_documents))
         if self.labels is not None:
             batch["label"] = self.labels[np.asarray(rows, dtype=np.int64)].astype(np.float32)
         return batch

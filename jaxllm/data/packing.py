@@ -38,10 +38,16 @@ class PackedRows:
     def seq_len(self) -> int:
         return int(self.tokens.shape[1])
 
-    def batch(self, rows: np.ndarray | Sequence[int], prefix: str = "") -> dict[str, np.ndarray]:
-        """The rows as a batch dict: tokens, positions, segment_ids, loss_mask (float32), example_ids."""
+    def batch(self, rows: np.ndarray | Sequence[int], prefix: str = "", join_documents: bool = False
+              ) -> dict[str, np.ndarray]:
+        """The rows as a batch dict: tokens, positions, segment_ids, loss_mask (float32), example_ids.
+
+        join_documents: every row is one attention segment (its documents see the ones before them and
+        positions run across the row, GPT-2 style) instead of one segment per document."""
         rows = np.asarray(rows, dtype=np.int64)
         segment_ids = self.segment_ids[rows].astype(np.int32)
+        if join_documents:
+            segment_ids = (segment_ids > 0).astype(np.int32)
         return {
             f"{prefix}tokens": self.tokens[rows].astype(np.int32),
             f"{prefix}positions": positions_from_segments(segment_ids),

@@ -15,7 +15,8 @@ depend on P.
 
 Batch keys (shapes [b, T], b = B / process_count, T = data.seq_len):
 - pretrain, sft: tokens int32, positions int32 (restart at 0 in each segment), segment_ids int32
-  (1, 2, ... per example in the row, 0 = padding), loss_mask float32 (1 iff token t is a target
+  (1, 2, ... per example in the row, 0 = padding; with data.join_documents, pretraining rows are one
+  segment each: documents attend to the earlier ones in the row and positions run across it), loss_mask float32 (1 iff token t is a target
   predicted at t-1: 0 on each segment's first token, on padding and, in SFT, on prompt tokens);
 - dpo, reward: chosen_{tokens,positions,segment_ids,loss_mask} and rejected_{...}, one pair per row;
 - kto: tokens, positions, segment_ids, loss_mask, label float32 [b] (+1 desirable, -1 undesirable);
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -293,9 +295,9 @@ class BatchIterator(_SteppedIterator):
     """Infinite iterator of host-local batches for pretrain/sft/dpo/reward/kto."""
 
     def __init__(self, rows: StageRows, global_batch_size: int, seed: int, shuffle: bool, process_index: int,
-                 process_count: int, fingerprint: str, prefetch: int = 2):
+                 process_count: int, fingerprint: str, prefetch: int = 2, join_documents: bool = False):
         indices = ShuffledBatchIndices(rows.num_rows, global_batch_size, process_index, process_count, seed, shuffle)
-        dataset = grain.MapDataset.source(indices).map(rows.batch)
+        dataset = grain.MapDataset.source(indices).map(functools.partial(rows.batch, join_documents=join_documents))
         super().__init__(dataset, seed, rows.stage, fingerprint, global_batch_size, prefetch)
         self.rows = rows
         self.host_batch_size = indices.host_batch_size
@@ -394,8 +396,11 @@ def make_batch_iterator(config, tokenizer: Tokenizer | None = None, split: str =
     rows = build_rows(config, tokenizer, split)
     spec, held_out = _resolve_source(config, split)
     fingerprint = _cache_key(spec, held_out, stage, config.data, tokenizer, split)
+    join = _joins_documents(config)
+    if join:
+        fingerprint += ":joined"
     return BatchIterator(rows, config.train.batch_size, config.train.seed, shuffle, process_index, process_count,
-                         fingerprint, prefetch)
+                         fingerprint, prefetch, join)
 
 
 def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: int | None = None,
@@ -413,8 +418,13 @@ def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: i
     batches = []
     for index in range(count):
         start = index * config.train.batch_size + process_index * host_batch
-        batches.append(rows.batch((start + np.arange(host_batch)) % rows.num_rows))
+        batches.append(rows.batch((start + np.arange(host_batch)) % rows.num_rows, _joins_documents(config)))
     return batches
+
+
+def _joins_documents(config) -> bool:
+    """data.join_documents applies to pretraining rows only (SFT/preference rows stay isolated)."""
+    return bool(config.data.join_documents) and config.train.stage == "pretrain"
 
 
 def data_report(config, tokenizer: Tokenizer | None = None, split: str = "train") -> dict[str, Any]:
