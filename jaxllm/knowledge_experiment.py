@@ -31,7 +31,10 @@ class ExperimentSettings:
     people: int = 300
     versions: int = 5
     name_once: bool = True  # bioS style: full name in the first sentence, pronouns after (False: name every sentence)
-    join_documents: bool = True  # pretraining rows are one stream of biographies (GPT-2 style), not isolated ones
+    join_documents: bool = False  # True: pretraining rows are one stream of biographies (GPT-2 style)
+    # A tokenizer trained on the experiment's biographies (names become whole tokens, the same at the start
+    # of a biography and inside a question); 0 = the embedded default tokenizer (512 pieces).
+    tokenizer_vocab: int = 2048
     seed: int = 0
     preset: str = "tiny"
     pretrain_steps: int = 1200
@@ -74,9 +77,31 @@ def _write_jsonl(path: Path, records: list[dict]) -> str:
     return f"jsonl:{path}"
 
 
-def _stage_config(settings: ExperimentSettings, stage: str, source: str, steps: int, lr: float, init_from: str):
+def prepare_tokenizer(settings: ExperimentSettings, workdir: Path) -> str:
+    """The `data.tokenizer` value: "default", or a tokenizer trained once on this experiment's text (the
+    multi+permute biographies of everyone and the fine-tuning questions) under workdir/tokenizer."""
+    if not settings.tokenizer_vocab:
+        return "default"
+    from jaxllm.data.biographies import experiment_sets
+    from jaxllm.data.tokenizer import train_tokenizer
+
+    directory = workdir / "tokenizer"
+    if not (directory / "tokenizer.model").exists():
+        sets = experiment_sets(settings.people, settings.versions, seed=settings.seed, permute=True,
+                               name_once=settings.name_once)
+        lines = [r["text"] for r in sets["pretrain"]] + [f"{r['prompt']} {r['reference']}" for r in sets["qa_train"]]
+        corpus = workdir / "tokenizer_corpus.txt"
+        corpus.write_text("\n".join(lines) + "\n")
+        train_tokenizer([corpus], settings.tokenizer_vocab, directory, add_dummy_prefix=True)
+        corpus.unlink()
+    return str(directory)
+
+
+def _stage_config(settings: ExperimentSettings, stage: str, source: str, steps: int, lr: float, init_from: str,
+                  tokenizer: str = "default"):
     overrides = [
-        f"model.preset={settings.preset}", f"model.max_seq_len={max(settings.seq_len, 256)}",
+        f"model.preset={settings.preset}", f"data.tokenizer={tokenizer}",
+        f"model.max_seq_len={max(settings.seq_len, 256)}",
         f"train.stage={stage}", f"train.steps={steps}", f"train.batch_size={settings.batch_size}",
         f"train.seed={settings.seed}", f"data.source={source}", f"data.eval_source={source}",
         f"data.seq_len={settings.seq_len}", f"optimizer.learning_rate={lr}",
@@ -85,6 +110,8 @@ def _stage_config(settings: ExperimentSettings, stage: str, source: str, steps: 
     ]
     if init_from:
         overrides.append(f"train.init_from={init_from}")
+    if settings.tokenizer_vocab:
+        overrides.append(f"model.vocab_size={settings.tokenizer_vocab}")
     if stage == "pretrain" and settings.join_documents:
         overrides.append("data.join_documents=true")
     return load_config(None, overrides)
@@ -121,7 +148,7 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
 
 
 def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: Callable[[str], None],
-                progress: bool) -> dict[str, Any]:
+                progress: bool, tokenizer: str = "default") -> dict[str, Any]:
     from jaxllm import evaluate
     from jaxllm import checkpoint as ckpt
     from jaxllm.data.biographies import experiment_sets
@@ -138,7 +165,7 @@ def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: 
               ("sft", sft_source, settings.sft_steps, settings.sft_learning_rate, str(workdir / "pretrain"))]
     timings = {}
     for name, source, steps, lr, init_from in stages:
-        config = _stage_config(settings, name, source, steps, lr, init_from)
+        config = _stage_config(settings, name, source, steps, lr, init_from, tokenizer)
         config.train.progress = progress
         stage_dir = workdir / name
         if ckpt.latest_step(stage_dir) == steps and (stage_dir / "summary.json").exists():
@@ -196,7 +223,9 @@ def run_experiment(settings: ExperimentSettings, workdir: str | Path, log: Calla
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "settings.yaml").write_text(yaml.safe_dump(dataclasses.asdict(settings)))
     started = time.perf_counter()
-    results = [run_variant(settings, v, workdir / v.replace("+", "_"), log, progress) for v in settings.variants]
+    tokenizer = prepare_tokenizer(settings, workdir)
+    results = [run_variant(settings, v, workdir / v.replace("+", "_"), log, progress, tokenizer)
+               for v in settings.variants]
     _plot(results, workdir / "losses.png")
     report = {"settings": dataclasses.asdict(settings), "results": results,
               "wall_seconds": time.perf_counter() - started}

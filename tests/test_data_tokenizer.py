@@ -72,6 +72,19 @@ def test_train_tokenizer_gives_the_special_ids_and_lossless_round_trips(tmp_path
     assert Tokenizer.load(tmp_path / "tok").encode("Lisbon") == tokenizer.encode("Lisbon")
 
 
+def test_dummy_prefix_gives_a_word_the_same_tokens_at_the_start_and_inside_a_text(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Flora Orlov was born in Lisbon {i}. Where was Flora Orlov born?" for i in range(50)))
+    plain = train_tokenizer([corpus], 300, tmp_path / "plain")
+    prefixed = train_tokenizer([corpus], 300, tmp_path / "prefixed", add_dummy_prefix=True)
+    start, inside = prefixed.encode("Flora Orlov born?"), prefixed.encode("Where was Flora Orlov born?")
+    assert inside[-len(start):] == start
+    assert prefixed.piece(start[0]).startswith("\u2581")
+    assert not plain.piece(plain.encode("Flora Orlov born?")[0]).startswith("\u2581")  # unlike "was Flora"
+    text = "Flora Orlov was born in Lisbon."
+    assert prefixed.decode(prefixed.encode(text)) == text  # the added space is not decoded
+
+
 def test_train_tokenizer_is_deterministic(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the cat {i} sat on mat {i % 7}" for i in range(200)))

@@ -9,7 +9,8 @@ from jaxllm.knowledge_experiment import load_settings, run_experiment
 def test_experiment_runs_both_stages_and_writes_the_table(tmp_path):
     settings = load_settings(None, {"people": 8, "versions": 2, "preset": "micro", "pretrain_steps": 3,
                                     "sft_steps": 2, "batch_size": 8, "seq_len": 96, "eval_people": 2,
-                                    "max_new_tokens": 4, "mesh_devices": 1, "variants": ["multi+permute"]})
+                                    "max_new_tokens": 4, "mesh_devices": 1, "variants": ["multi+permute"],
+                                    "tokenizer_vocab": 384})
     report = run_experiment(settings, tmp_path, log=lambda *_: None, progress=False)
     (result,) = report["results"]
     assert result["biographies"] == 16 and result["sft_examples"] == 4 * 6

@@ -16,8 +16,9 @@ depend on P.
 Batch keys (shapes [b, T], b = B / process_count, T = data.seq_len):
 - pretrain, sft: tokens int32, positions int32 (restart at 0 in each segment), segment_ids int32
   (1, 2, ... per example in the row, 0 = padding; with data.join_documents, pretraining rows are one
-  segment each: documents attend to the earlier ones in the row and positions run across it), loss_mask float32 (1 iff token t is a target
-  predicted at t-1: 0 on each segment's first token, on padding and, in SFT, on prompt tokens);
+  segment each: documents attend to the earlier ones in the row and positions run across it), loss_mask
+  float32 (1 iff token t is a target predicted at t-1: 0 on each segment's first token, on padding and,
+  in SFT, on prompt tokens);
 - dpo, reward: chosen_{tokens,positions,segment_ids,loss_mask} and rejected_{...}, one pair per row;
 - kto: tokens, positions, segment_ids, loss_mask, label float32 [b] (+1 desirable, -1 undesirable);
 - all: example_ids int32 [b, K] (record ids of the row's segments, -1 padded; K = 8);

@@ -160,11 +160,14 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 
 def train_tokenizer(input_files: Sequence[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike,
                     model_type: str = "bpe", *, character_coverage: float = 0.9995,
-                    input_sentence_size: int = 2_000_000, num_threads: int = 1, seed: int = 0) -> Tokenizer:
+                    input_sentence_size: int = 2_000_000, num_threads: int = 1, seed: int = 0,
+                    add_dummy_prefix: bool = False) -> Tokenizer:
     """Trains a sentencepiece model on text files (one sentence per line) into out_dir/tokenizer.model.
 
     Byte fallback (no unknown tokens), identity normalisation, whitespace kept, digits split, the
     fixed special ids and the chat role markers. `num_threads=1` and `seed` make training deterministic.
+    add_dummy_prefix: encode every text as if it started with a space, so a word that opens a document
+    gets the same tokens as inside a sentence (decoding drops that space again).
     """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type='{model_type}' must be 'bpe' or 'unigram'")
@@ -188,7 +191,7 @@ def train_tokenizer(input_files: Sequence[str | os.PathLike], vocab_size: int, o
         spm.SentencePieceTrainer.Train(
             input=files, model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+            add_dummy_prefix=add_dummy_prefix, split_digits=True, allow_whitespace_only_pieces=True,
             character_coverage=character_coverage, max_sentence_length=1 << 16,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
