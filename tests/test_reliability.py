@@ -117,13 +117,16 @@ def test_sigterm_to_one_process_of_a_two_process_run_stops_both_at_one_step_and_
     """Two `jaxllm train` processes joined by jax.distributed (gloo on CPU); only process 1 gets SIGTERM.
     JAX's preemption notifier makes both reach the same sync step, save it together and exit 0."""
     cache = Path(os.environ.get("JAXLLM_TEST_CACHE", ROOT / ".jax_cache"))
-    config = kill_harness.HarnessConfig(steps=12, checkpoint_every=5, compile_cache=cache, sigterm_timeout=120)
+    # Enough steps that the preemption sync point (agreed through the coordination service, some steps
+    # after the signal on a fast idle machine) falls before the end of the run.
+    steps = 100
+    config = kill_harness.HarnessConfig(steps=steps, checkpoint_every=25, compile_cache=cache, sigterm_timeout=120)
     report = kill_harness.multihost_sigterm(config, tmp_path, processes=2, signalled=1, after_step=3)
     assert report["exit_codes"] == [0, 0] and report["problems"] == []
     stopped = report["stopped_at"]
-    assert 3 <= stopped < 12 and report["checkpoints"][-1] == stopped  # saved the step both had reached
+    assert 3 <= stopped < steps and report["checkpoints"][-1] == stopped  # saved the step both had reached
     assert report["resumed_from"] == [stopped, stopped] and report["restart_exit_codes"] == [0, 0]
-    assert report["final_checkpoints"][-1] == 12 and report["steps"] == list(range(1, 13))
+    assert report["final_checkpoints"][-1] == steps and report["steps"] == list(range(1, steps + 1))
 
 
 def test_resume_ignores_leftover_temporary_dirs_and_partly_deleted_old_checkpoints(tmp_path):
