@@ -130,13 +130,12 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
     from jaxllm.data import biographies as bio
     from jaxllm.evaluate import score_continuations
 
-    pools = {"birth_city": bio.CITIES, "university": bio.UNIVERSITIES, "major": bio.MAJORS,
-             "employer": [company for company, _ in bio.EMPLOYERS]}
     accuracies = []
-    for attribute, pool in pools.items():
+    for attribute, template in PROBE_PREFIXES.items():
+        pool = bio.VALUE_POOLS[attribute]
         requests = []
         for person in people:
-            prefix = PROBE_PREFIXES[attribute].format(name=person.name)
+            prefix = template.format(name=person.name)
             context = [tokenizer.bos_id, *tokenizer.encode(prefix)]
             for value in pool:
                 full = [tokenizer.bos_id, *tokenizer.encode(f"{prefix} {value}.")]

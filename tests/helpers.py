@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import model as model_lib
 from jaxllm.config import Config, load_config
 
 TINY = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
@@ -82,3 +87,22 @@ def train_memorised_qa(directory, prompt: str, answer: str):
         "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=5"])
     train(config, directory / "run", log=lambda *_: None)
     return directory / "run"
+
+
+def random_params(model_config, std: float, seed: int = 0):
+    """Model params drawn with NumPy (no compilation, unlike the jitted initialiser): N(0, std) weights, unit norms."""
+    rng = np.random.default_rng(seed)
+    _, abstract = model_lib.abstract_model(model_config)
+
+    def draw(path, leaf):
+        if getattr(path[-1], "key", None) == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def write_jsonl(path, records):
+    """Writes records as JSON lines to `path` and returns it."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import train_memorised_qa
+from helpers import train_memorised_qa, write_jsonl
 
 from jaxllm.analysis import (KnowledgeSettings, categorize, knowledge_categories, knowledge_main, load_qa,
                              shift_main, token_shift)
@@ -33,11 +33,6 @@ def model(checkpoint):
     return load_model_for_inference(checkpoint)
 
 
-def _write(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def test_categories_follow_gekhman_et_al():
     assert categorize(1.0, 0.0) == "HighlyKnown"
     assert categorize(0.5, 1.0) == categorize(0.1, 0.0) == "MaybeKnown"
@@ -46,7 +41,7 @@ def test_categories_follow_gekhman_et_al():
 
 
 def test_a_memorised_fact_is_highly_known_and_a_random_one_unknown(checkpoint, tmp_path, capsys):
-    qa = _write(tmp_path / "qa.jsonl", [FACT, RANDOM_FACT])
+    qa = write_jsonl(tmp_path / "qa.jsonl", [FACT, RANDOM_FACT])
     out = tmp_path / "knowledge"
     assert knowledge_main(["--checkpoint", str(checkpoint), "--qa", str(qa), "--out", str(out), "--shots", "1",
                            "--variants", "2", "--samples", "3", "--temperature", "0.7", "--max-new-tokens", "8"]) == 0
@@ -77,7 +72,7 @@ def load_qa_records(records):
 
 
 def test_identical_checkpoints_leave_every_token_unshifted(checkpoint, tmp_path):
-    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": FACT["prompt"]}, {"prompt": "Tell me a story."}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": FACT["prompt"]}, {"prompt": "Tell me a story."}])
     out = tmp_path / "shift"
     assert shift_main(["--base", str(checkpoint), "--aligned", str(checkpoint), "--prompts", str(prompts),
                        "--out", str(out), "--max-new-tokens", "12"]) == 0
@@ -112,7 +107,7 @@ def test_ranks_under_another_base_match_a_direct_sort(model):
 
 
 def test_bad_input_is_a_clear_error(tmp_path, model):
-    bad = _write(tmp_path / "qa.jsonl", [FACT, {"prompt": "no answer here"}])
+    bad = write_jsonl(tmp_path / "qa.jsonl", [FACT, {"prompt": "no answer here"}])
     with pytest.raises(DataError, match=r"qa.jsonl:2.*'reference'"):
         load_qa(str(bad))
     with pytest.raises(UsageError, match="does not exist"):

@@ -16,24 +16,11 @@ from jaxllm import state as state_lib
 from jaxllm.cli import main
 from jaxllm.config import MeshConfig, save_config
 
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 
 CONFIG = tiny_config()
 PROMPTS = [[2, 5, 9, 11, 7], [2, 8], [2, 30, 31, 40, 12, 13, 14, 15, 16], [2, 44, 45]]
 GREEDY = gen.SamplingSettings(max_new_tokens=8, temperature=0.0)  # one N: the tests share compilations
-
-
-def random_params(model_config, std: float, seed: int = 0):
-    """Model params drawn with NumPy (no compilation, unlike the jitted initialiser): N(0, std) weights, unit norms."""
-    rng = np.random.default_rng(seed)
-    _, abstract = model_lib.abstract_model(model_config)
-
-    def draw(path, leaf):
-        if getattr(path[-1], "key", None) == "scale":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 @pytest.fixture(scope="module")

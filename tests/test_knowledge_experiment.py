@@ -25,3 +25,42 @@ def test_bad_settings_are_clear_errors(tmp_path):
         load_settings(None, {"peeple": 3})
     with pytest.raises(ConfigError, match="unknown variant"):
         load_settings(None, {"variants": ["double"]})
+
+
+class _CharTokenizer:
+    bos_id = 2
+
+    @staticmethod
+    def encode(text):
+        return [ord(c) for c in text]
+
+
+def test_completion_probe_scores_the_right_value_against_its_pool(monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxllm import evaluate
+    from jaxllm.data import biographies as bio
+    from jaxllm.knowledge_experiment import completion_probe
+
+    people = bio.make_people(5, seed=2)
+
+    def knows(people_known):
+        def score(model_config, graphdef, params, requests, batch_size):
+            logprob = []
+            for context, continuation in requests:
+                text = "".join(map(chr, context[1:])) + "".join(map(chr, continuation))
+                person = next(p for p in people if text.startswith(p.name))
+                right = person in people_known and any(text.endswith(f" {person.attribute(a)}.")
+                                                       for a in ("birth_city", "university", "major", "employer"))
+                logprob.append(0.0 if right else -1.0)
+            return SimpleNamespace(logprob=np.array(logprob))
+        return score
+
+    config = SimpleNamespace(model=None)
+    monkeypatch.setattr(evaluate, "score_continuations", knows(people))
+    assert completion_probe(config, None, None, _CharTokenizer(), people) == 1.0
+    monkeypatch.setattr(evaluate, "score_continuations", knows(people[:2]))
+    partial = completion_probe(config, None, None, _CharTokenizer(), people)
+    assert 0.4 <= partial < 1.0  # two of five people known, the rest scored as ties (the pool's first value)

@@ -18,23 +18,10 @@ from jaxllm import train as train_lib
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, MeshConfig, save_config
 
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 
 QUIET = dict(log=lambda *_: None)
 TARGET, NEW_TOKENS = 7, 8
-
-
-def random_params(model_config, std: float, seed: int = 0):
-    """Model params drawn with NumPy (no compilation, unlike the jitted initialiser): N(0, std) weights, unit norms."""
-    rng = np.random.default_rng(seed)
-    _, abstract = model_lib.abstract_model(model_config)
-
-    def draw(path, leaf):
-        if getattr(path[-1], "key", None) == "scale":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def one_device():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import train_memorised_qa
+from helpers import train_memorised_qa, write_jsonl
 
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
@@ -28,17 +28,12 @@ def model(checkpoint):
     return load_model_for_inference(checkpoint)
 
 
-def _write(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_distill_writes_the_teachers_answers_as_conversations(checkpoint, tmp_path):
-    prompts = _write(tmp_path / "prompts.jsonl", [
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": "Where is Zorbia?"},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a city."},
                       {"role": "assistant", "content": "an old answer that the teacher replaces"}]},
@@ -102,7 +97,7 @@ def test_rephrase_asks_through_the_chat_template_and_writes_pretraining_text(che
                                     instruction=REPHRASE_STYLES["easy"], style="easy", text_field="body")
     assert reason == "" and tokenizer.decode(request.prompt_ids) == render_text(
         [{"role": "user", "content": f"{REPHRASE_STYLES['easy']}\n\n{document}"}], add_generation_prompt=True)
-    corpus = _write(tmp_path / "corpus.jsonl", [{"body": document}])
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"body": document}])
     out = tmp_path / "rephrased.jsonl"
     assert generate_data_main(["--teacher", str(checkpoint), "--prompts", str(corpus), "--out", str(out),
                                "--mode", "rephrase", "--instruction", "Say it better.", "--text-field", "body",
@@ -114,7 +109,7 @@ def test_bad_input_is_a_clear_error(checkpoint, tmp_path):
     out = str(tmp_path / "o.jsonl")
     with pytest.raises(UsageError, match="does not exist"):
         generate_data_main(["--teacher", str(checkpoint), "--prompts", str(tmp_path / "none.jsonl"), "--out", out])
-    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"title": "no prompt"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"title": "no prompt"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2.*'prompt'"):
         generate_data_main(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--max-new-tokens", "4"])
     with pytest.raises(DataError, match=r"bad.jsonl:1.*'text'"):

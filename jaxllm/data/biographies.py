@@ -228,18 +228,23 @@ def qa_pairs(people: Sequence[Person], seed: int = 0, attributes: Sequence[str] 
                        "attribute": attribute, "person": index}
 
 
+# The values each attribute but the birth date is drawn from.
+VALUE_POOLS: dict[str, tuple[str, ...]] = {
+    "birth_city": CITIES, "university": UNIVERSITIES, "major": MAJORS,
+    "employer": tuple(company for company, _ in EMPLOYERS),
+    "employer_city": tuple(sorted({city for _, city in EMPLOYERS})),
+}
+
+
 def wrong_answer(person: Person, attribute: str, rng: random.Random) -> str:
     """A plausible but wrong value for the attribute (another value from the same pool)."""
-    pools = {"birth_city": CITIES, "university": UNIVERSITIES, "major": MAJORS,
-             "employer": [company for company, _ in EMPLOYERS],
-             "employer_city": sorted({city for _, city in EMPLOYERS})}
     right = person.attribute(attribute)
     if attribute == "birth_date":
         while True:
             candidate = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1940, 2004)}"
             if candidate != right:
                 return candidate
-    return rng.choice([value for value in pools[attribute] if value != right])
+    return rng.choice([value for value in VALUE_POOLS[attribute] if value != right])
 
 
 def exact_match(prediction: str, reference: str) -> bool:

@@ -416,10 +416,11 @@ def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: i
     rows = build_rows(config, tokenizer, "eval")
     host_batch = _host_batch_size(config.train.batch_size, process_count)
     count = min(num_batches, -(-rows.num_rows // config.train.batch_size))
+    join = _joins_documents(config)
     batches = []
     for index in range(count):
         start = index * config.train.batch_size + process_index * host_batch
-        batches.append(rows.batch((start + np.arange(host_batch)) % rows.num_rows, _joins_documents(config)))
+        batches.append(rows.batch((start + np.arange(host_batch)) % rows.num_rows, join))
     return batches
 
 
