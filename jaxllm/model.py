@@ -13,6 +13,7 @@ attends only to earlier tokens of its own segment, in every attention implementa
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -106,9 +107,12 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float, inv_freq:
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     if attention_factor != 1.0:
         sin, cos = sin * attention_factor, cos * attention_factor
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    # The halves as a [..., 2, H/2] pair axis, not a split of the last axis: the same values, but XLA CPU
+    # emits a vectorised loop for it instead of a per-element select between the halves (~1% of a step).
+    halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, head_dim // 2)
+    x1, x2 = halves[..., 0, :], halves[..., 1, :]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-2)
+    return rotated.reshape(x.shape).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +370,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = _project(self, "gate", x, self.gate_proj[...], "btd,df->btf", self.dtype)
         up = _project(self, "up", x, self.up_proj[...], "btd,df->btf", self.dtype)
-        hidden = constrain(_ACTIVATIONS[self.config.mlp_activation](gate) * up, ("batch", "seq", "mlp"))
+        hidden = constrain(gated_activation(self.config.mlp_activation, gate, up), ("batch", "seq", "mlp"))
         return _project(self, "down", hidden, self.down_proj[...], "btf,fd->btd", self.dtype)
 
 
@@ -375,6 +379,28 @@ _ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_activation(activation: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up (SwiGLU / GeGLU), [..., F] each. The backward keeps only gate and up and
+    recomputes act(gate) in one fused pass: autodiff saved act's intermediates and spent five
+    elementwise passes over [tokens, F] on them (3% of the 25m CPU step)."""
+    return _ACTIVATIONS[activation](gate) * up
+
+
+def _gated_forward(activation, gate, up):
+    return gated_activation(activation, gate, up), (gate, up)
+
+
+def _gated_backward(activation, residuals, d_hidden):
+    gate, up = residuals
+    activated, activation_vjp = jax.vjp(_ACTIVATIONS[activation], gate)
+    (d_gate,) = activation_vjp(d_hidden * up)
+    return d_gate, d_hidden * activated
+
+
+gated_activation.defvjp(_gated_forward, _gated_backward)
 
 
 class Block(nnx.Module):

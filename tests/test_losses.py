@@ -30,6 +30,15 @@ def test_cross_entropy_matches_numpy(rng):
     nll = -np.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(total, np.sum(nll * weights[:, 1:]), rtol=1e-5)
     np.testing.assert_allclose(count, weights[:, 1:].sum())
+    correct = np.argmax(logits[:, :-1], -1) == tokens[:, 1:]
+    np.testing.assert_allclose(metrics["correct_sum"], np.sum(correct * weights[:, 1:]))
+
+
+def test_accuracy_counts_a_tied_top_logit_as_correct():
+    logits = jnp.asarray([[[1.0, 3.0, 3.0], [0.0, 0.0, 0.0], [5.0, 1.0, 2.0]]])
+    tokens = jnp.asarray([[0, 2, 1]])  # position 0 predicts 2 (tied top), position 1 predicts 1 (all tied)
+    _, _, metrics = losses.cross_entropy(logits, tokens, jnp.ones((1, 3)))
+    np.testing.assert_allclose(metrics["correct_sum"], 2.0)
 
 
 def test_token_logprobs_align_with_tokens(rng):

@@ -127,3 +127,29 @@ def test_flops_per_token_counts_dense_and_attention_terms():
     d, f, layers = 32, CONFIG.resolved_d_ff, 2
     per_layer = d * 4 * 8 + 2 * d * 2 * 8 + 4 * 8 * d + 3 * d * f
     assert flops == 6 * (layers * per_layer + d * 64) + 12 * layers * 32 * 4 * 8
+
+
+def test_rotary_embedding_matches_rotate_half_formula():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    positions = rng.integers(0, 100, (2, 5))
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    angles = positions[..., None, None] * np.concatenate([inv_freq, inv_freq])  # [B,T,1,H]
+    rotate_half = np.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
+    expected = x * np.cos(angles) + rotate_half * np.sin(angles)
+    got = model_lib.rotary_embedding(jnp.asarray(x), jnp.asarray(positions), 10000.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_gated_activation_value_and_gradients_match_autodiff(activation):
+    rng = np.random.default_rng(4)
+    gate, up, cotangent = (jnp.asarray(rng.normal(size=(3, 4, 6)).astype(np.float32)) for _ in range(3))
+
+    def plain(g, u):
+        return model_lib._ACTIVATIONS[activation](g) * u
+
+    value, vjp = jax.vjp(lambda g, u: model_lib.gated_activation(activation, g, u), gate, up)
+    expected_value, expected_vjp = jax.vjp(plain, gate, up)
+    chex.assert_trees_all_close(value, expected_value, rtol=1e-6)
+    chex.assert_trees_all_close(vjp(cotangent), expected_vjp(cotangent), rtol=1e-5, atol=1e-6)
