@@ -208,7 +208,8 @@ def blockwise_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, block
     q, k and v are put in head-major layout ([B,K,G,T,H], [B,K,S,H]) once, outside the block loop, so
     every block's matmuls read them without a transpose of their own (CPU: fewer layout copies). The
     backward is written by hand (`_block_causal`): it recomputes each block's probabilities with
-    keys on rows, so that every backward matmul is one XLA CPU runs multithreaded and fast."""
+    keys on rows, so that no backward matmul needs a transposed left operand (XLA CPU sends those to
+    a slow fallback kernel)."""
     length = q.shape[1]
     if length % block_size or length <= block_size:
         return reference_attention(q, k, v, q_index, kv_index, q_segment, kv_segment)
