@@ -359,7 +359,8 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     if path.suffix in ("", ".yaml") and path.parent in (Path("."), Path("configs")) and stem in builtin:
         return builtin[stem]
     names = ", ".join(builtin) or "none installed"
-    raise ConfigError(f"recipe {name_or_path} is neither a file nor a built-in recipe{_closest(stem, list(builtin))}; "
+    raise ConfigError(f"recipe file {name_or_path} does not exist and is not a built-in recipe"
+                      f"{_closest(stem, list(builtin))}; "
                       f"built-in recipes: {names} (`jaxllm recipes` describes them)")
 
 

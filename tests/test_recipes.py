@@ -35,9 +35,9 @@ def test_an_existing_file_wins_over_a_builtin_recipe_of_the_same_name(tmp_path, 
 
 
 def test_an_unknown_recipe_name_is_one_error_naming_the_closest_builtin():
-    with pytest.raises(ConfigError, match=r"recipe pretrain_tinny .*did you mean 'pretrain_tiny'.*jaxllm recipes"):
+    with pytest.raises(ConfigError, match=r"recipe file pretrain_tinny does not exist.*did you mean 'pretrain_tiny'.*jaxllm recipes"):
         resolve_recipe("pretrain_tinny")
-    with pytest.raises(ConfigError, match="neither a file nor a built-in recipe"):
+    with pytest.raises(ConfigError, match="does not exist and is not a built-in recipe"):
         resolve_recipe("some/dir/sft_tiny.yaml")  # a path with other directories is never a built-in name
 
 
