@@ -148,8 +148,10 @@ def _delegate(target: str, argv: list[str]) -> int:
 
 def _usage() -> str:
     commands = ["train", "recipes"] + sorted(DELEGATED)
-    return "usage: jaxllm COMMAND [ARGS]\n\ncommands:\n  " + "\n  ".join(commands) + \
-        "\n\nRun `jaxllm COMMAND --help` for a command's arguments."
+    return "usage: jaxllm [--no-compile-cache] COMMAND [ARGS]\n\ncommands:\n  " + "\n  ".join(commands) + \
+        "\n\nRun `jaxllm COMMAND --help` for a command's arguments. Compiled programs are cached in " \
+        "~/.cache/jaxllm/jax (JAX_COMPILATION_CACHE_DIR moves it; --no-compile-cache or " \
+        "JAXLLM_COMPILATION_CACHE=off turns it off)."
 
 
 def run(argv: list[str]) -> int:
@@ -181,6 +183,10 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_command_line:  # the persistent compilation cache (jaxllm.compile_cache), before JAX starts
+        from jaxllm.compile_cache import enable_compile_cache
+
+        argv = enable_compile_cache(argv)
     if from_command_line and argv and argv[0] not in ("-h", "--help", "--version", "version"):
         _add_cpu_xla_flag(os.environ)  # read when JAX starts its backends: no re-exec needed for it
         _maybe_reexec_with_fast_malloc(argv)
