@@ -1,6 +1,7 @@
 """Quality-filter profiles and the documented rule defaults; the CLI's compilation-cache settings."""
 
 import json
+import os
 from pathlib import Path
 
 from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache
@@ -69,8 +70,6 @@ def test_compile_cache_defaults_to_a_per_version_user_directory_and_can_be_turne
     assert "JAX_COMPILATION_CACHE_DIR" not in mine  # JAX reads the user's own value
     for off in ({"JAXLLM_COMPILATION_CACHE": "off"}, {"JAX_ENABLE_COMPILATION_CACHE": "false"}):
         assert compile_cache_env(off, ["eval"]) == {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)  # restored after the test
     assert enable_compile_cache(["eval", DISABLE_FLAG, "--task", "x"]) == ["eval", "--task", "x"]
-    import os
-
     assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"

@@ -35,7 +35,8 @@ def test_an_existing_file_wins_over_a_builtin_recipe_of_the_same_name(tmp_path, 
 
 
 def test_an_unknown_recipe_name_is_one_error_naming_the_closest_builtin():
-    with pytest.raises(ConfigError, match=r"recipe file pretrain_tinny does not exist.*did you mean 'pretrain_tiny'.*jaxllm recipes"):
+    expected = r"recipe file pretrain_tinny does not exist.*did you mean 'pretrain_tiny'.*jaxllm recipes"
+    with pytest.raises(ConfigError, match=expected):
         resolve_recipe("pretrain_tinny")
     with pytest.raises(ConfigError, match="does not exist and is not a built-in recipe"):
         resolve_recipe("some/dir/sft_tiny.yaml")  # a path with other directories is never a built-in name

@@ -44,7 +44,8 @@ def main() -> int:
         "eval": ["eval", "--checkpoint", str(checkpoint), "--task", "bio_mc", "--task", "heldout_text", "--limit", "32",
                  "--no-progress"],
         "generate": ["generate", "--checkpoint", str(checkpoint), "--chat", "--max-new-tokens", "16",
-                     "--prompt", "Where was Lucia Wagner born?", "--prompt", "Which university did Noor Nguyen study at?"],
+                     "--prompt", "Where was Lucia Wagner born?",
+                     "--prompt", "Which university did Noor Nguyen study at?"],
         "train": ["train", "sft_tiny", "train.steps=2", *fast],
     }
     results: dict[str, dict[str, list[float]]] = {}
