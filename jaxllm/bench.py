@@ -78,6 +78,10 @@ def _overrides_for(args: argparse.Namespace, extra: list[str]) -> list[str]:
     stage = "pretrain" if args.stage == "generate" else args.stage
     base = [f"model.preset={args.preset}", f"train.stage={stage}", f"train.batch_size={args.batch_size}",
             "train.steps=1000", "train.progress=false"]
+    from jaxllm.config import MODEL_PRESETS  # synthetic tokens: the preset's nominal vocabulary, not a tokenizer's
+
+    if "vocab_size" in MODEL_PRESETS.get(args.preset, {}):
+        base += [f"model.vocab_size={MODEL_PRESETS[args.preset]['vocab_size']}"]
     if args.seq_len:
         base += [f"data.seq_len={args.seq_len}"]
     mesh = parse_mesh(args.mesh)

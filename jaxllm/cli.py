@@ -83,7 +83,8 @@ def _maybe_reexec_with_fast_malloc(argv: list[str]) -> None:
 
 def _train_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm train", description="Train one stage from a YAML recipe.")
-    parser.add_argument("recipe", help="YAML recipe, e.g. configs/pretrain_tiny.yaml")
+    parser.add_argument("recipe", help="a YAML recipe file, or a built-in recipe's name (e.g. pretrain_tiny; "
+                        "`jaxllm recipes` lists them)")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config)")
     parser.add_argument("--dry-run", action="store_true",
                         help="compile ahead of time and print parameters, FLOPs/token and memory; no training")
@@ -91,9 +92,12 @@ def _train_command(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     from jaxllm.config import load_config
 
-    config = load_config(args.recipe, args.overrides)
+    config = load_config(args.recipe, args.overrides, log=print)
     if args.dry_run:
         from jaxllm.aot import dry_run
+        from jaxllm.train import load_tokenizer
+
+        load_tokenizer(config)  # a fixed model.vocab_size smaller than the tokenizer fails here, as in a run
 
         report = dry_run(config)
         for key, value in report.items():
@@ -115,6 +119,21 @@ def _train_command(argv: list[str]) -> int:
     return 0
 
 
+def _recipes_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm recipes",
+                                     description="List the recipes shipped with jaxllm (usable by name from any "
+                                                 "directory: `jaxllm train pretrain_tiny --workdir runs/pt`).")
+    parser.add_argument("--path", action="store_true", help="also print each recipe's file")
+    args = parser.parse_args(argv)
+    from jaxllm.config import builtin_recipes, recipe_summary
+
+    recipes = builtin_recipes()
+    width = max((len(name) for name in recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}" + (f"  [{path}]" if args.path else ""))
+    return 0
+
+
 def _delegate(target: str, argv: list[str]) -> int:
     module_name, function_name = target.split(":")
     try:
@@ -128,9 +147,11 @@ def _delegate(target: str, argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    commands = ["train"] + sorted(DELEGATED)
-    return "usage: jaxllm COMMAND [ARGS]\n\ncommands:\n  " + "\n  ".join(commands) + \
-        "\n\nRun `jaxllm COMMAND --help` for a command's arguments."
+    commands = ["train", "recipes"] + sorted(DELEGATED)
+    return "usage: jaxllm [--no-compile-cache] COMMAND [ARGS]\n\ncommands:\n  " + "\n  ".join(commands) + \
+        "\n\nRun `jaxllm COMMAND --help` for a command's arguments. Compiled programs are cached in " \
+        "~/.cache/jaxllm/jax (JAX_COMPILATION_CACHE_DIR moves it; --no-compile-cache or " \
+        "JAXLLM_COMPILATION_CACHE=off turns it off)."
 
 
 def run(argv: list[str]) -> int:
@@ -144,6 +165,8 @@ def run(argv: list[str]) -> int:
         return 0
     if argv[0] == "train":
         return _train_command(argv[1:])
+    if argv[0] == "recipes":
+        return _recipes_command(argv[1:])
     if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in DELEGATED:
         return _delegate(DELEGATED[f"{argv[0]} {argv[1]}"], argv[2:])
     if argv[0] in DELEGATED:
@@ -160,6 +183,10 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_command_line:  # the persistent compilation cache (jaxllm.compile_cache), before JAX starts
+        from jaxllm.compile_cache import enable_compile_cache
+
+        argv = enable_compile_cache(argv)
     if from_command_line and argv and argv[0] not in ("-h", "--help", "--version", "version"):
         _add_cpu_xla_flag(os.environ)  # read when JAX starts its backends: no re-exec needed for it
         _maybe_reexec_with_fast_malloc(argv)

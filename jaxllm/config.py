@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(unsafe_hash=True)  # hashable: it is static inside the model's graph definition
 class ModelConfig:
     preset: str = ""
-    vocab_size: int = 512
+    vocab_size: int = 0  # 0 = the tokenizer's size rounded up to a multiple of VOCAB_MULTIPLE (see load_config)
     d_model: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -78,6 +78,8 @@ class ModelConfig:
 
 
 # Llama-style presets; the numbers are the user's dial (nanochat-style: width/depth derive the rest).
+# A preset's vocab_size is its nominal size (for `jaxllm plan` and `jaxllm bench`, which have no tokenizer);
+# a recipe takes the vocabulary size from its tokenizer unless it sets model.vocab_size itself.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128),
     "tiny": dict(vocab_size=512, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256),
@@ -280,7 +282,7 @@ def _apply_model_preset(config: Config, explicit_model_keys: set[str]) -> None:
         raise ConfigError(f"model.preset '{preset}' is unknown{_closest(preset, list(MODEL_PRESETS))}; "
                           f"choose one of {', '.join(MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[preset].items():
-        if key not in explicit_model_keys:
+        if key not in explicit_model_keys and key != "vocab_size":
             setattr(config.model, key, value)
 
 
@@ -309,18 +311,94 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+# ----------------------------------------------------------------------------------------------
+# Built-in recipes: the YAML files shipped in the package (jaxllm/recipes; `configs/` in the checkout).
+
+RECIPE_PACKAGE = "jaxllm"
+RECIPE_DIRECTORY = "recipes"
+
+
+def builtin_recipe_dir() -> Path:
+    """The directory of the recipes shipped with the package (a real directory in a wheel or a checkout)."""
+    from importlib import resources
+
+    return Path(str(resources.files(RECIPE_PACKAGE).joinpath(RECIPE_DIRECTORY)))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipe name (file stem) -> file, for every YAML recipe shipped with the package."""
+    directory = builtin_recipe_dir()
+    if not directory.is_dir():
+        return {}
+    return {path.stem: path for path in sorted(directory.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe's leading comment block (its one-line description), or ""."""
+    words: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text or text.startswith(("jaxllm ", "`jaxllm")):
+            break
+        words.append(text)
+    summary = " ".join(words)
+    end = summary.find(". ")
+    return (summary[:end + 1] if end >= 0 else summary).rstrip(":")
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path as given when it exists, else the built-in recipe of that name.
+
+    `pretrain_tiny`, `pretrain_tiny.yaml` and `configs/pretrain_tiny.yaml` all name the built-in recipe, so
+    the README's commands work from any directory after `pip install`; an existing file always wins."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    builtin = builtin_recipes()
+    stem = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if path.suffix in ("", ".yaml") and path.parent in (Path("."), Path("configs")) and stem in builtin:
+        return builtin[stem]
+    names = ", ".join(builtin) or "none installed"
+    raise ConfigError(f"recipe file {name_or_path} does not exist and is not a built-in recipe"
+                      f"{_closest(stem, list(builtin))}; "
+                      f"built-in recipes: {names} (`jaxllm recipes` describes them)")
+
+
+VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of this: MXU/tensor-core and sharding friendly
+
+
+def vocab_size_for(tokenizer_ids: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The model's vocabulary size for a tokenizer of `tokenizer_ids` ids: rounded up to `multiple`."""
+    return -(-tokenizer_ids // multiple) * multiple
+
+
+def _resolve_vocab_size(config: Config, log) -> None:
+    """model.vocab_size=0 (the recipe does not fix it) -> the configured tokenizer's size, rounded up."""
+    if config.model.vocab_size:
+        return
+    from jaxllm.data.tokenizer import Tokenizer  # the tokenizer reads its own file; nothing is written
+
+    ids = Tokenizer.load(config.data.tokenizer).vocab_size
+    config.model.vocab_size = vocab_size_for(ids)
+    if log is not None:
+        log(f"model.vocab_size={config.model.vocab_size}: from the tokenizer {config.data.tokenizer} ({ids} ids, "
+            f"rounded up to a multiple of {VOCAB_MULTIPLE}); set model.vocab_size to fix it")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> Config:
-    """Builds a Config from an optional YAML recipe, a dict and `key.sub=value` overrides (in that order)."""
+                base: dict[str, Any] | None = None, log=None) -> Config:
+    """Builds a Config from an optional YAML recipe, a dict and `key.sub=value` overrides (in that order).
+
+    `path` is a YAML file or the name of a built-in recipe (`pretrain_tiny`; see `builtin_recipes`). A
+    model.vocab_size left at 0 is taken from data.tokenizer (rounded up to a multiple of 128); `log`, when
+    given, is told so."""
     config = Config()
     explicit_model: set[str] = set()
     layers: list[tuple[str, dict[str, Any]]] = []
     if base:
         layers.append(("config dict", base))
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"recipe file {path} does not exist")
+        path = resolve_recipe(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -340,6 +418,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 explicit_model.update(k for k in value if k != "preset")
             _update_dataclass(config, {key: value}, "", source)
     _apply_model_preset(config, explicit_model)
+    if config.model.vocab_size < 0:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} must be >= 0 (0 = from the tokenizer)")
+    _resolve_vocab_size(config, log)
     validate(config)
     return config
 
@@ -421,5 +502,5 @@ def config_json(config: Config) -> str:
 __all__ = [
     "Config", "ModelConfig", "OptimizerConfig", "DataConfig", "FeedbackConfig", "RLConfig", "TrainConfig",
     "MeshConfig", "ConfigError", "MODEL_PRESETS", "load_config", "from_dict", "to_dict", "save_config",
-    "parse_override", "validate",
+    "parse_override", "validate", "resolve_recipe", "builtin_recipes", "recipe_summary", "vocab_size_for",
 ]

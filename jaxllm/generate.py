@@ -585,7 +585,8 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--prompts-file", help=".jsonl with prompt/messages/text fields, or a text file, one a line")
     parser.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
-    parser.add_argument("--out", help="write one JSON line per prompt here instead of printing")
+    parser.add_argument("--out", help="write one JSON line per prompt here (prompt, completion, tokens, finished, "
+                        "logprob) instead of printing; without it several prompts print as prompt<TAB>answer lines")
     parser.add_argument("--batch-size", type=int, default=16)
     _add_sampling_arguments(parser, 64)
     args = parser.parse_args(argv)
@@ -620,9 +621,24 @@ def generate_main(argv: list[str]) -> int:
         total = sum(r["tokens"] for r in results)
         print(f"wrote {len(results)} completions ({total} tokens, {seconds:.1f}s) to {out}", file=sys.stderr)
     else:
-        for result in results:
-            print(result["prompt"] + result["completion"] if not args.chat else result["completion"])
+        for line in terminal_lines(results, args.chat):
+            print(line)
     return 0
+
+
+def _one_line(text: str) -> str:
+    """Backslash, tab and line breaks escaped, so a field never splits a `prompt<TAB>answer` line."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def terminal_lines(results: list[dict], chat: bool) -> list[str]:
+    """What `jaxllm generate` prints without --out. One prompt: the continuation after its prompt (or, with
+    --chat, the answer) as is. Several: one `prompt<TAB>answer` line each (tabs and newlines escaped as
+    \\t and \\n), so every answer stays next to the prompt it answers; --out writes JSONL instead."""
+    if len(results) == 1:
+        (result,) = results
+        return [result["completion"] if chat else result["prompt"] + result["completion"]]
+    return [f"{_one_line(r['prompt'])}\t{_one_line(r['completion'])}" for r in results]
 
 
 def chat_main(argv: list[str]) -> int:
@@ -689,5 +705,5 @@ __all__ = [
     "SamplingSettings", "SamplingParams", "GenerationOutput", "DecodeState", "generate", "stream", "prefill",
     "decode_step", "next_token", "build_processors", "compose", "repetition_penalty", "token_bias", "temperature",
     "top_k", "top_p", "min_p", "bucket", "left_pad", "mesh_of", "place_rows", "host_rows", "load_model_for_inference",
-    "settings_from_args", "generate_main", "chat_main",
+    "settings_from_args", "generate_main", "chat_main", "terminal_lines",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError, load_config, resolve_recipe
 
 VARIANTS = {"single": (1, False), "multi+permute": (None, True)}
 
@@ -52,6 +52,7 @@ class ExperimentSettings:
 def load_settings(path: str | None, overrides: dict[str, Any]) -> ExperimentSettings:
     data: dict[str, Any] = {}
     if path:
+        path = str(resolve_recipe(path))  # a file, or a built-in one: knowledge_cpu, configs/knowledge_gpu.yaml
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment config is a mapping of settings")

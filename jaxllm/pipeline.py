@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from jaxllm import checkpoint as ckpt
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError, load_config, resolve_recipe
 
 DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +71,12 @@ class PipelineRecipe:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A recipe path as given, else relative to the source checkout (so `configs/...` works anywhere)."""
-    path = Path(path)
-    if path.exists() or path.is_absolute():
-        return path
-    candidate = PACKAGE_ROOT / path
-    return candidate if candidate.exists() else path
+    """A recipe path as given, else the built-in recipe it names (`configs/sft_tiny.yaml`, `sft_tiny`), so
+    pipeline recipes that name stage recipes work from any directory after `pip install`."""
+    try:
+        return resolve_recipe(path)
+    except ConfigError:
+        return Path(path)  # the caller says that it does not exist
 
 
 def _build(cls, data: Any, where: str):

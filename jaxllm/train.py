@@ -113,7 +113,9 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
     reference_params = None
     guard_state: dict = {}
     with jax.set_mesh(mesh):
-        if resume_step is not None:
+        if resume_step is not None:  # the tokenizer first: another one also changes the derived vocab_size
+            ckpt.check_tokenizer(ckpt.read_meta(workdir, resume_step), tokenizer,
+                                 f"{workdir}/checkpoints/{resume_step}")
             state, data_state, meta = ckpt.restore(manager, resume_step,
                                                    _abstract_with_shardings(abstract_state, shardings))
             ckpt.check_tokenizer(meta, tokenizer, f"{workdir}/checkpoints/{resume_step}")

@@ -73,7 +73,12 @@ class Tokenizer:
             raise DataError(f"no tokenizer at '{path}': expected a directory holding {MODEL_FILENAME} "
                             "(make one with `jaxllm tokenizer train --input FILES --vocab-size N --out DIR`) "
                             "or data.tokenizer=default")
-        return cls(model_file.read_bytes(), name=str(model_file))
+        try:
+            return cls(model_file.read_bytes(), name=str(model_file))
+        except RuntimeError as error:  # sentencepiece's parse failure of a damaged or foreign file
+            raise DataError(f"data.tokenizer={path}: not a readable sentencepiece model ({str(error).strip()[:200]}); "
+                            "point it at a directory made by `jaxllm tokenizer train` or use data.tokenizer=default"
+                            ) from None
 
     # -- ids ---------------------------------------------------------------------------------------
     @property

@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxllm.quality.classifier import QualityClassifier, TrainOptions, train_quality_classifier
 from jaxllm.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
-from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule, heuristic_config_from
+from jaxllm.quality.rules import (PROFILES, RULES, HeuristicConfig, TextView, first_failing_rule,
+                                  heuristic_config_from)
 from jaxllm.quality.sources import TEXT_UNITS, InputError, Record, expand_paths, iter_records, parse_json_text
 
 STEPS = ("heuristics", "exact_dedup", "near_dedup", "quality_classifier")
@@ -380,14 +381,27 @@ def _heuristics_from_args(args: argparse.Namespace) -> HeuristicConfig | None:
         if unknown:
             raise ValueError(f"unknown rule(s) {', '.join(unknown)}; rules are: {', '.join(RULES)}")
         settings["disabled_rules"] = tuple(settings.get("disabled_rules", ())) + tuple(args.disable_rule)
-    return heuristic_config_from(settings)
+    from jaxllm.quality.rules import profile_config  # the profile first; --rules and --set change it
+
+    return heuristic_config_from(settings, base=profile_config(args.profile))
+
+
+def _filter_epilog() -> str:
+    from jaxllm.quality.rules import PROFILES, describe_profiles, describe_rules
+
+    rules = "\n".join("  " + line for line in describe_rules())
+    profiles = "\n".join("  " + line for line in describe_profiles())
+    return (f"heuristic rules, in the order they run, with their defaults (off = not checked; change one with "
+            f"--set NAME=VALUE, null turns it off):\n{rules}\n\nprofiles (--profile; {', '.join(PROFILES)}), "
+            f"the settings each changes from the defaults:\n{profiles}")
 
 
 def filter_main(argv: Sequence[str] | None = None) -> int:
     """`jaxllm data filter IN... --out OUT [--report R] [--classifier C --threshold T] ...`; an exit code."""
     parser = argparse.ArgumentParser(
         prog="jaxllm data filter",
-        description="Heuristic rules -> exact dedup -> MinHash near dedup -> quality classifier, with a report.")
+        description="Heuristic rules -> exact dedup -> MinHash near dedup -> quality classifier, with a report.",
+        epilog=_filter_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IN", help="JSONL or text files, or directories of them")
     parser.add_argument("--out", required=True, help="kept documents, JSONL (.gz to compress)")
     parser.add_argument("--report", help="write the report as JSON here")
@@ -397,6 +411,9 @@ def filter_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-heuristics", action="store_true", help="skip the heuristic rules")
     parser.add_argument("--no-dedup", action="store_true", help="skip exact and near deduplication")
     parser.add_argument("--no-near-dedup", action="store_true", help="skip only MinHash near deduplication")
+    parser.add_argument("--profile", default="web", choices=tuple(PROFILES),
+                        help="built-in heuristic settings for a kind of text (default web; listed below); "
+                        "--rules and --set apply on top")
     parser.add_argument("--rules", help="YAML/JSON file of heuristic settings (see HeuristicConfig)")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="one heuristic setting, e.g. --set min_words=20 --set max_char_run=null")

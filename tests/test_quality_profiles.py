@@ -1,0 +1,75 @@
+"""Quality-filter profiles and the documented rule defaults; the CLI's compilation-cache settings."""
+
+import json
+import os
+from pathlib import Path
+
+from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache
+from jaxllm.quality import filter_main
+from jaxllm.quality.rules import PROFILES, RULES, describe_rules, first_failing_rule, profile_config
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+GLOSSARY_ENTRY = ("kludge: n. A clever programming trick intended to solve a particular nasty case in an "
+                  "expedient, if not clear, manner. [Often used in jest —ESR]")
+
+
+def test_every_rule_is_listed_with_its_defaults_in_help_and_readme(capsys):
+    assert filter_main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    readme = README.read_text()
+    lines = describe_rules()
+    assert [line.split(":")[0] for line in lines] == list(RULES)
+    for line in lines:
+        name, settings = line.split(": ", 1)
+        assert line in help_text
+        assert f"- `{name}`: {settings}" in readme, f"README lacks the rule line for {name}"
+    for profile in PROFILES:
+        assert f"--profile {profile}`" in readme and f"  {profile}: " in help_text
+
+
+def test_glossary_profile_keeps_a_short_entry_that_web_defaults_reject():
+    assert first_failing_rule(GLOSSARY_ENTRY, profile_config("web"))[0] == "word_count"
+    assert first_failing_rule(GLOSSARY_ENTRY, profile_config("glossary")) is None
+    # The junk the rules exist for is still rejected under every profile.
+    for profile in PROFILES:
+        assert first_failing_rule("M" * 200 + " " + GLOSSARY_ENTRY, profile_config(profile))[0] == "char_run"
+
+
+def test_code_profile_keeps_source_code_and_prose_keeps_hard_wrapped_text():
+    code = ("import math\n\n\nclass Point:\n    x: float = 0.0\n    y: float = 0.0\n\n"
+            "    def norm(self) -> float:\n        return math.hypot(self.x, self.y)\n\n"
+            "    def scaled(self, factor: float) -> 'Point':\n        return Point(self.x * factor, self.y * factor)\n")
+    assert first_failing_rule(code, profile_config("web")) is not None
+    assert first_failing_rule(code, profile_config("code")) is None
+    wrapped = ("It was a bright cold day in April and the clocks were striking thirteen, and\n"
+               "the wind that blew along the street had the smell of boiled cabbage and old\n"
+               "rag mats in it, so that he went up the stairs to the flat with his chin\n"
+               "nuzzled into his breast in an effort to escape the vile wind, slipping quickly\n"
+               "through the glass doors of Victory Mansions, though not quickly enough to keep\n") * 1
+    assert first_failing_rule(wrapped, profile_config("web"))[0] == "punctuated_lines"
+    assert first_failing_rule(wrapped, profile_config("prose")) is None
+
+
+def test_profile_flag_applies_before_set_overrides(tmp_path):
+    source = tmp_path / "entries.jsonl"
+    source.write_text(json.dumps({"text": GLOSSARY_ENTRY}) + "\n" + json.dumps({"text": "tiny entry"}) + "\n")
+    out = tmp_path / "kept.jsonl"
+    assert filter_main([str(source), "--out", str(out), "--workers", "1", "--profile", "glossary"]) == 0
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [GLOSSARY_ENTRY]
+    assert filter_main([str(source), "--out", str(out), "--workers", "1", "--profile", "glossary",
+                        "--set", "min_words=30"]) == 0
+    assert out.read_text() == ""
+
+
+def test_compile_cache_defaults_to_a_per_version_user_directory_and_can_be_turned_off(tmp_path, monkeypatch):
+    env = compile_cache_env({"XDG_CACHE_HOME": str(tmp_path)}, ["eval"])
+    directory = Path(env["JAX_COMPILATION_CACHE_DIR"])
+    assert directory.parent == tmp_path / "jaxllm" / "jax" and directory.name.startswith("jax-")
+    assert "jaxlib-" in directory.name and float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
+    mine = compile_cache_env({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, ["eval"])
+    assert "JAX_COMPILATION_CACHE_DIR" not in mine  # JAX reads the user's own value
+    for off in ({"JAXLLM_COMPILATION_CACHE": "off"}, {"JAX_ENABLE_COMPILATION_CACHE": "false"}):
+        assert compile_cache_env(off, ["eval"]) == {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)  # restored after the test
+    assert enable_compile_cache(["eval", DISABLE_FLAG, "--task", "x"]) == ["eval", "--task", "x"]
+    assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"
