@@ -191,6 +191,17 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return flat
 
 
+def saved_head_names(path: str | Path, step: int | None = None) -> tuple[str, ...]:
+    """The scalar heads (e.g. "reward", "value") in a run's saved params, () when none or no checkpoint."""
+    directory = checkpoint_dir(path)
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        return ()
+    prefix = "params/heads/"
+    return tuple(sorted({key[len(prefix):].split("/")[0] for key in _flat_shapes(_metadata_tree(directory, step))
+                         if key.startswith(prefix)}))
+
+
 def check_shapes(directory: str | Path, step: int, abstract_tree: Any, prefix: str = "") -> None:
     """Raises CheckpointError listing every parameter whose saved shape differs from the target."""
     saved = _flat_shapes(_metadata_tree(Path(directory), step))

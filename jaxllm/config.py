@@ -129,7 +129,8 @@ class FeedbackConfig:
     """Preference / binary-feedback losses (DPO family, KTO) and the reward model."""
 
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    beta: float = 0.1
+    beta: float = 0.1  # DPO/IPO/KTO temperature; ORPO's lambda; SimPO's reward scale
+    margin: float = 0.0  # SimPO's target reward margin gamma
     label_smoothing: float = 0.0
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
@@ -160,7 +161,7 @@ class RLConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain | sft | dpo | kto | reward | rl
+    stage: str = "pretrain"  # a registered stage: pretrain | sft | dpo | kto | reward | rl | orpo | simpo
     steps: int = 100
     batch_size: int = 16  # global, in sequences (pairs for DPO)
     grad_accum_steps: int = 1
@@ -358,7 +359,6 @@ def validate(config: Config) -> None:
         "model.dtype": (m.dtype, ("float32", "bfloat16", "float16")),
         "model.param_dtype": (m.param_dtype, ("float32", "bfloat16")),
         "optimizer.schedule": (config.optimizer.schedule, ("cosine", "linear", "constant")),
-        "train.stage": (config.train.stage, ("pretrain", "sft", "dpo", "kto", "reward", "rl")),
         "data.sft_mode": (config.data.sft_mode, ("normal", "response_only", "all_tokens")),
         "data.truncation": (config.data.truncation, ("truncate", "drop")),
         "data.on_bad_record": (config.data.on_bad_record, ("fail", "skip")),
@@ -373,10 +373,9 @@ def validate(config: Config) -> None:
     if m.loss_chunk_size < 0 or m.attention_block_size < 1:
         raise ConfigError(f"model.loss_chunk_size={m.loss_chunk_size} must be >= 0 (0 = unfused) and "
                           f"model.attention_block_size={m.attention_block_size} >= 1")
-    if m.final_logit_softcap > 0 and (m.loss_chunk_size or config.train.stage == "rl"):
+    if m.final_logit_softcap > 0 and m.loss_chunk_size:
         raise ConfigError(f"model.final_logit_softcap={m.final_logit_softcap} is applied by the model's logits, which "
-                          "the fused loss (model.loss_chunk_size > 0) and the rl stage bypass; set "
-                          "model.loss_chunk_size=0 and use another stage")
+                          "the fused loss (model.loss_chunk_size > 0) bypasses; set model.loss_chunk_size=0")
     if m.lora_rank < 0 or (m.lora_rank and m.lora_alpha <= 0):
         raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = no LoRA) and model.lora_alpha="
                           f"{m.lora_alpha} > 0")
