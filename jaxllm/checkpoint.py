@@ -22,19 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxllm.errors import CheckpointError, CheckpointWriteError, WorkdirError
+
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing or does not fit the model being restored."""
-
-
-class WorkdirError(CheckpointError):
-    """The workdir cannot be written (read-only, permissions): a usage error, exit code 2."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing to the workdir failed while training (disk full, quota): a runtime error, exit code 1."""
 
 
 # Errors that only a write can cause (a permission error could come from reading an init_from checkpoint).

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message says which key and what to do."""
+from jaxllm.errors import ConfigError
 
 
 @dataclasses.dataclass(unsafe_hash=True)  # hashable: it is static inside the model's graph definition

@@ -43,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import Config, ConfigError, ModelConfig, save_config, to_dict
+from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -592,7 +593,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None, fs
     for note in conversion.notes:
         log(f"note: {note}")
     from jaxllm.data.tokenizer import check_vocab
-    from jaxllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
     tokenizer = HFTokenizer.load(hf_dir) if is_hf_tokenizer_dir(hf_dir) else None
     if tokenizer is not None:  # before any work: ids past the embedding table would be silently wrong
@@ -722,7 +722,6 @@ def merge_lora(workdir: str | Path, out: str | Path, log: Callable[[str], None] 
     """A LoRA workdir -> a plain workdir with the adapters merged into the base weights (and the tokenizer
     files of the nearest run in its init_from chain that has them)."""
     from jaxllm import checkpoint as ckpt
-    from jaxllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
     config, params = load_workdir_params(workdir)
     config.train.init_from = ""

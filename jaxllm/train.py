@@ -32,10 +32,7 @@ from jaxllm import step_builder
 from jaxllm import steps as steps_lib
 from jaxllm.report import read_metrics  # noqa: F401  (re-exported: jaxllm.train.read_metrics)
 from jaxllm.config import Config, ConfigError, config_json, save_config, to_dict
-
-
-class TrainingHalted(RuntimeError):
-    """Too many updates in a row were skipped (non-finite or spiking loss)."""
+from jaxllm.errors import TrainingHalted
 
 
 @dataclasses.dataclass

@@ -253,7 +253,7 @@ def _parse_feedback(record: Record) -> list[tuple[list[dict], str, float]]:
 def _prompt_answer_examples(items: list[tuple[Record, list[dict], list[str]]], tokenizer: Tokenizer):
     """Tokenises (record, prompt messages, answers) in two batched calls: prompt ids and answer ids."""
     template = getattr(tokenizer, "chat_template", None)
-    if template is not None:  # a model's own template (jaxllm.hf_tokenizer): answers end with its end of turn
+    if template is not None:  # a model's own template (jaxllm.data.hf_tokenizer): answers end with its end of turn
         return [(record, template.prompt_ids(prompt), [template.answer_ids(prompt, answer) for answer in group])
                 for record, prompt, group in items]
     prompts = render_chats([prompt for _, prompt, _ in items], tokenizer)
