@@ -135,7 +135,9 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, process_index: int =
     segment_ids = np.where(np.arange(length) < split, 1, 2)[None].repeat(batch_size, 0).astype(np.int32)
     positions = np.where(np.arange(length) < split, np.arange(length), np.arange(length) - split)
     positions = positions[None].repeat(batch_size, 0).astype(np.int32)
-    if config.train.stage == "sft":  # the answer is the second half of each document
+    from jaxllm import stages
+
+    if stages.get(config.train.stage).data_format == "chat":  # the answer is the second half of each document
         doc_length = np.where(segment_ids == 1, split, length - split)
         loss_mask = (positions >= doc_length // 2).astype(np.float32)
     else:
@@ -174,30 +176,32 @@ class TrainCase:
         from jaxllm import model as model_lib
         from jaxllm import sharding as sharding_lib
         from jaxllm import state as state_lib
-        from jaxllm import steps as steps_lib
+        from jaxllm import step_builder
 
         self.name, self.config, self.mesh, self.donate = name, config, mesh, donate
         self.kind = "train"
-        graphdef, abstract_params = model_lib.abstract_model(config.model)
-        optimizer = state_lib.make_optimizer(config.optimizer, config.train.steps)
-        abstract_state = jax.eval_shape(lambda p: state_lib.create_state(p, optimizer, seed), abstract_params)
-        shardings = state_lib.state_shardings(config, abstract_state, mesh)
-        batch_sharding = sharding_lib.batch_sharding(mesh)
-        replicated = sharding_lib.replicated(mesh)
-        needs_reference = steps_lib.needs_reference(config.train.stage)
+        built = step_builder.build(config, mesh)  # the step `jaxllm train` compiles: same layouts, heads, LoRA
+        abstract_params, optimizer, shardings = built.abstract_params, built.optimizer, built.state_shardings
+        needs_reference = built.reference_abstract is not None
         with jax.set_mesh(mesh):
-            self.state = jax.jit(lambda: state_lib.create_state(model_lib.init_model(config.model, seed)[1],
-                                                                optimizer, seed), out_shardings=shardings)()
-            self.reference = (jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p),
-                                      out_shardings=shardings.params)(self.state.params)
-                              if needs_reference else None)
+            def init():
+                params = model_lib.init_model(config.model, seed)[1]
+                reference = params
+                if built.base_abstract is not None:  # LoRA: the adapters train on the initialised model as base
+                    from jaxllm import lora as lora_lib
+
+                    reference, params = lora_lib.split(params)
+                if built.heads:
+                    params = {**params, model_lib.HEADS_KEY: state_lib.init_heads(config.model, built.heads, seed)}
+                return state_lib.create_state(params, optimizer, seed), reference if needs_reference else None
+
+            self.state, reference = jax.jit(init, out_shardings=(shardings, built.reference_shardings
+                                                                 if needs_reference else None))()
+            self.reference = reference if needs_reference else None
             host = synthetic_batch(config, config.train.batch_size, seed, jax.process_index(), jax.process_count())
             self.batch = sharding_lib.place_batch(host, mesh)
         self.limit = np.float32(np.inf)
-        step_fn = steps_lib.build_train_step(config, graphdef, optimizer)
-        jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding,
-                                                shardings.params if needs_reference else None, replicated),
-                         out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else ())
+        jitted = built.jit_train_step(donate)
         began = time.perf_counter()
         with jax.set_mesh(mesh):
             lowered = jitted.lower(self.state, self.batch, self.reference, self.limit)
@@ -206,7 +210,7 @@ class TrainCase:
         self.compile_seconds = time.perf_counter() - began
         self.memory = _memory_analysis(self.compiled)
         self.xla_flops = _xla_flops(self.compiled)
-        rows = config.train.batch_size * (2 if config.train.stage == "dpo" else 1)
+        rows = config.train.batch_size * (2 if built.stage.data_format == "pairs" else 1)
         self.tokens_per_step = rows * config.data.seq_len
         train_flops = model_lib.flops_per_token(config.model, config.data.seq_len)
         self.flops_per_token = train_flops

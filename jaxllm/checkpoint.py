@@ -22,19 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxllm.errors import CheckpointError, CheckpointWriteError, WorkdirError
+
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing or does not fit the model being restored."""
-
-
-class WorkdirError(CheckpointError):
-    """The workdir cannot be written (read-only, permissions): a usage error, exit code 2."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing to the workdir failed while training (disk full, quota): a runtime error, exit code 1."""
 
 
 # Errors that only a write can cause (a permission error could come from reading an init_from checkpoint).
@@ -189,6 +179,17 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         if shape is not None:
             flat[key] = tuple(shape)
     return flat
+
+
+def saved_head_names(path: str | Path, step: int | None = None) -> tuple[str, ...]:
+    """The scalar heads (e.g. "reward", "value") in a run's saved params, () when none or no checkpoint."""
+    directory = checkpoint_dir(path)
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        return ()
+    prefix = "params/heads/"
+    return tuple(sorted({key[len(prefix):].split("/")[0] for key in _flat_shapes(_metadata_tree(directory, step))
+                         if key.startswith(prefix)}))
 
 
 def check_shapes(directory: str | Path, step: int, abstract_tree: Any, prefix: str = "") -> None:

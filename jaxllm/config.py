@@ -8,16 +8,14 @@ whose fields any explicit key overrides.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message says which key and what to do."""
+from jaxllm import settings
+from jaxllm.errors import ConfigError
 
 
 @dataclasses.dataclass(unsafe_hash=True)  # hashable: it is static inside the model's graph definition
@@ -34,12 +32,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    attention: str = "auto"  # auto | xla | blockwise | cudnn | reference
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "reference"] = "auto"
     attention_block_size: int = 128  # query/key block for the blockwise implementation
     loss_chunk_size: int = 0  # >0: fused lm head + cross-entropy over this many positions at a time (no [B,T,V] logits)
-    remat: str = "none"  # none | full | dots
+    remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
     init_std: float = 0.02
     # Architecture variants of open models (jaxllm.convert); every default is the plain Llama above.
@@ -49,10 +47,10 @@ class ModelConfig:
     norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale), scales start at 0 (Gemma)
     post_norms: bool = False  # RMSNorm also on the attention and MLP outputs (Gemma 2)
     scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
-    mlp_activation: str = "silu"  # silu | gelu_tanh | gelu: the gate of the gated MLP
+    mlp_activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"  # the gate of the gated MLP
     attention_scale: float = 0.0  # attention logit scale; 0 = head_dim ** -0.5
     final_logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2)
-    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
     rope_scaling_factor: float = 1.0
     rope_original_max_len: int = 0  # llama3 / yarn: the context length the model was pretrained with
     rope_low_freq_factor: float = 1.0  # llama3
@@ -98,7 +96,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class OptimizerConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     decay_embeddings: bool = False
@@ -120,9 +118,9 @@ class DataConfig:
     # Pretraining: the documents packed in a row attend to each other (one BOS/EOS-separated stream, as
     # GPT-2 trains) instead of each being isolated; a document then starts in varied contexts.
     join_documents: bool = False
-    sft_mode: str = "normal"  # normal | response_only | all_tokens
-    truncation: str = "truncate"  # truncate | drop
-    on_bad_record: str = "fail"  # fail | skip
+    sft_mode: Literal["normal", "response_only", "all_tokens"] = "normal"
+    truncation: Literal["truncate", "drop"] = "truncate"
+    on_bad_record: Literal["fail", "skip"] = "fail"
     shuffle: bool = True
 
 
@@ -130,8 +128,9 @@ class DataConfig:
 class FeedbackConfig:
     """Preference / binary-feedback losses (DPO family, KTO) and the reward model."""
 
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO
+    beta: float = 0.1  # DPO/IPO/KTO temperature; ORPO's lambda; SimPO's reward scale
+    margin: float = 0.0  # SimPO's target reward margin gamma
     label_smoothing: float = 0.0
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
@@ -162,7 +161,7 @@ class RLConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain | sft | dpo | kto | reward | rl
+    stage: str = "pretrain"  # a registered stage: pretrain | sft | dpo | kto | reward | rl | orpo | simpo
     steps: int = 100
     batch_size: int = 16  # global, in sequences (pairs for DPO)
     grad_accum_steps: int = 1
@@ -174,7 +173,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     best_metric: str = ""  # an eval metric (e.g. "loss"): also keep the best checkpoint in WORKDIR/best
-    best_mode: str = "min"  # min | max
+    best_mode: Literal["min", "max"] = "min"
     async_checkpointing: bool = True
     z_loss: float = 0.0
     max_bad_steps_in_a_row: int = 5
@@ -210,76 +209,12 @@ class Config:
 _TOP_LEVEL_ALIASES = {"init_from": "train.init_from", "stage": "train.stage", "steps": "train.steps"}
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-            if number.is_integer():
-                return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if kind is str:
-        if value is None:
-            return ""
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported field type {annotation!r}")
-
-
-def _update_dataclass(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in updates.items():
-        where = f"{source}: '{prefix}{key}'"
-        if key not in fields:
-            raise ConfigError(f"{where} is not a known key{_closest(key, list(fields))}; "
-                              f"valid keys here: {', '.join(sorted(fields))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where} is a section; give it a mapping, not {value!r}")
-            _update_dataclass(current, value, f"{prefix}{key}.", source)
-        else:
-            setattr(obj, key, _coerce(value, fields[key].type, where))
-
-
 def _apply_model_preset(config: Config, explicit_model_keys: set[str]) -> None:
     preset = config.model.preset
     if not preset:
         return
     if preset not in MODEL_PRESETS:
-        raise ConfigError(f"model.preset '{preset}' is unknown{_closest(preset, list(MODEL_PRESETS))}; "
+        raise ConfigError(f"model.preset '{preset}' is unknown{settings.closest(preset, list(MODEL_PRESETS))}; "
                           f"choose one of {', '.join(MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[preset].items():
         if key not in explicit_model_keys and key != "vocab_size":
@@ -360,7 +295,7 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
         return builtin[stem]
     names = ", ".join(builtin) or "none installed"
     raise ConfigError(f"recipe file {name_or_path} does not exist and is not a built-in recipe"
-                      f"{_closest(stem, list(builtin))}; "
+                      f"{settings.closest(stem, list(builtin))}; "
                       f"built-in recipes: {names} (`jaxllm recipes` describes them)")
 
 
@@ -416,7 +351,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 key, value = next(iter(layer_value.items()))
             if key == "model" and isinstance(value, dict):
                 explicit_model.update(k for k in value if k != "preset")
-            _update_dataclass(config, {key: value}, "", source)
+            settings.update(config, {key: value}, source)
     _apply_model_preset(config, explicit_model)
     if config.model.vocab_size < 0:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} must be >= 0 (0 = from the tokenizer)")
@@ -433,31 +368,13 @@ def validate(config: Config) -> None:
                           "set model.head_dim or change the sizes")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    choices = {
-        "model.attention": (m.attention, ("auto", "xla", "blockwise", "cudnn", "reference")),
-        "model.remat": (m.remat, ("none", "full", "dots")),
-        "model.dtype": (m.dtype, ("float32", "bfloat16", "float16")),
-        "model.param_dtype": (m.param_dtype, ("float32", "bfloat16")),
-        "optimizer.schedule": (config.optimizer.schedule, ("cosine", "linear", "constant")),
-        "train.stage": (config.train.stage, ("pretrain", "sft", "dpo", "kto", "reward", "rl")),
-        "data.sft_mode": (config.data.sft_mode, ("normal", "response_only", "all_tokens")),
-        "data.truncation": (config.data.truncation, ("truncate", "drop")),
-        "data.on_bad_record": (config.data.on_bad_record, ("fail", "skip")),
-        "feedback.loss": (config.feedback.loss, ("sigmoid", "ipo", "hinge")),
-        "train.best_mode": (config.train.best_mode, ("min", "max")),
-        "model.mlp_activation": (m.mlp_activation, ("silu", "gelu_tanh", "gelu")),
-        "model.rope_scaling": (m.rope_scaling, ("none", "linear", "llama3", "yarn")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}='{value}' is not one of {', '.join(allowed)}{_closest(value, list(allowed))}")
+    settings.check_choices(config)
     if m.loss_chunk_size < 0 or m.attention_block_size < 1:
         raise ConfigError(f"model.loss_chunk_size={m.loss_chunk_size} must be >= 0 (0 = unfused) and "
                           f"model.attention_block_size={m.attention_block_size} >= 1")
-    if m.final_logit_softcap > 0 and (m.loss_chunk_size or config.train.stage == "rl"):
+    if m.final_logit_softcap > 0 and m.loss_chunk_size:
         raise ConfigError(f"model.final_logit_softcap={m.final_logit_softcap} is applied by the model's logits, which "
-                          "the fused loss (model.loss_chunk_size > 0) and the rl stage bypass; set "
-                          "model.loss_chunk_size=0 and use another stage")
+                          "the fused loss (model.loss_chunk_size > 0) bypasses; set model.loss_chunk_size=0")
     if m.lora_rank < 0 or (m.lora_rank and m.lora_alpha <= 0):
         raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = no LoRA) and model.lora_alpha="
                           f"{m.lora_alpha} > 0")
@@ -486,7 +403,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Config:
     config = Config()
-    _update_dataclass(config, data, "", "saved config")
+    settings.update(config, data, "saved config")
     validate(config)
     return config
 

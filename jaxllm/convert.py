@@ -25,7 +25,7 @@ Both sides rotate (first half, second half) of each head (HF `rotate_half`), so 
 Memory: safetensors are memory-mapped and read one tensor at a time; each jaxllm leaf is assembled
 layer by layer and placed on the devices (sharded over `--fsdp` devices) before the next, so the host
 never holds two copies of the model. to-hf writes shards of at most `--max-shard-gb` one after another.
-Reading and writing safetensors needs only numpy (and ml_dtypes for bfloat16).
+Reading and writing safetensors uses the `safetensors` library (`pip install jaxllm[hf]`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import shutil
-import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import Config, ConfigError, ModelConfig, save_config, to_dict
+from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,70 +51,63 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 SOURCE_FILE = "hf_source.json"
 
 # ----------------------------------------------------------------------------------------------
-# safetensors with numpy: 8-byte little-endian header size, a JSON header, then the raw data.
+# safetensors files, read and written with the `safetensors` library (the `hf` extra): numpy arrays,
+# bfloat16 as ml_dtypes.bfloat16, one tensor at a time from a memory-mapped file.
 
 _DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
            "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
            "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _safetensors():
+    """The `safetensors` package, imported on first use: only HF conversion needs it (`pip install jaxllm[hf]`)."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError:
+        raise ConfigError("reading and writing Hugging Face checkpoints needs the safetensors package: "
+                          "pip install 'jaxllm[hf]'") from None
+    return safetensors
 
 
 class SafetensorsFile:
-    """A memory-mapped .safetensors file: `names`, `shape(name)`, `dtype(name)`, `read(name)` (a view)."""
+    """A memory-mapped .safetensors file: `names`, `metadata`, `shape(name)`, `dtype(name)`, `read(name)`."""
 
     def __init__(self, path: Path):
         self.path = path
-        with path.open("rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ConfigError(f"{path} is not a safetensors file (too short)")
-            (size,) = struct.unpack("<Q", raw)
-            try:
-                self.header = json.loads(handle.read(size))
-            except ValueError:
-                raise ConfigError(f"{path} is not a safetensors file (its header is not JSON)") from None
-        self.metadata = self.header.pop("__metadata__", {}) or {}
-        self.data_start = 8 + size
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        try:
+            self._file = _safetensors().safe_open(str(path), framework="numpy")
+        except Exception as error:  # noqa: BLE001 - the library's error types differ between versions
+            raise ConfigError(f"{path} is not a readable safetensors file ({str(error).strip()[:200]})") from None
+        self.metadata = self._file.metadata() or {}
 
     @property
     def names(self) -> list[str]:
-        return list(self.header)
+        return list(self._file.keys())
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
+        return tuple(self._file.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> np.dtype:
-        code = self.header[name]["dtype"]
+        code = self._file.get_slice(name).get_dtype()
         if code not in _DTYPES:
             raise ConfigError(f"{self.path}: tensor {name} has dtype {code}, which jaxllm cannot read "
                               f"(supported: {', '.join(_DTYPES)}); quantized checkpoints are not supported")
         return _DTYPES[code]
 
     def read(self, name: str) -> np.ndarray:
-        begin, end = self.header[name]["data_offsets"]
-        flat = self._map[self.data_start + begin:self.data_start + end]
-        return flat.view(self.dtype(name)).reshape(self.shape(name))
+        self.dtype(name)  # an unsupported dtype is a clear error, not the library's
+        return self._file.get_tensor(name)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Writes `tensors` (C-contiguous numpy arrays) as one .safetensors file, in name order."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name in sorted(tensors):
-        array = tensors[name]
-        if array.dtype not in _NAMES:
+    """Writes `tensors` (numpy arrays) as one .safetensors file."""
+    supported = set(_DTYPES.values())
+    for name, array in tensors.items():
+        if array.dtype not in supported:
             raise ConfigError(f"tensor {name}: dtype {array.dtype} cannot be written to safetensors")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for name in sorted(tensors):
-            handle.write(np.ascontiguousarray(tensors[name]).tobytes())
+    _safetensors().numpy.save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(path),
+                                   metadata=dict(metadata or {"format": "pt"}))
 
 
 class HFWeights:
@@ -600,7 +593,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None, fs
     for note in conversion.notes:
         log(f"note: {note}")
     from jaxllm.data.tokenizer import check_vocab
-    from jaxllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
     tokenizer = HFTokenizer.load(hf_dir) if is_hf_tokenizer_dir(hf_dir) else None
     if tokenizer is not None:  # before any work: ids past the embedding table would be silently wrong
@@ -730,7 +722,6 @@ def merge_lora(workdir: str | Path, out: str | Path, log: Callable[[str], None] 
     """A LoRA workdir -> a plain workdir with the adapters merged into the base weights (and the tokenizer
     files of the nearest run in its init_from chain that has them)."""
     from jaxllm import checkpoint as ckpt
-    from jaxllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
     config, params = load_workdir_params(workdir)
     config.train.init_from = ""

@@ -598,7 +598,7 @@ def preference_accuracy(config: Config, graphdef, params, tokenizer, source: str
 
     eval_config = _with(config, train={"stage": "dpo", "batch_size": batch_size},
                         data={"source": source, "eval_source": source})
-    rows = build_rows(eval_config, tokenizer, "eval", stage="dpo", source=source)
+    rows = build_rows(eval_config, tokenizer, "eval", data_format="pairs", stage="dpo", source=source)
     logps = jax.jit(functools.partial(steps_lib.sequence_logprobs, graphdef))
     wins, margins = [], []
     total = min(max_pairs, rows.num_rows)

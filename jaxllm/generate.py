@@ -458,6 +458,7 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
     Params (including any reward/value heads the run trained) are restored onto `mesh` (default: the
     run's mesh if it fits here, else all devices data-parallel). The tokenizer is the workdir's own
     tokenizer.model if present, else `data.tokenizer` of the run; None when load_tokenizer is False."""
+    from jaxllm import checkpoint as ckpt
     from jaxllm import state as state_lib
     from jaxllm.config import load_config
 
@@ -472,7 +473,7 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
     config.model = lora.base_config(config.model)  # a LoRA run loads as its base with the adapters merged in
     mesh = mesh or _inference_mesh(config)
     graphdef, abstract = model_lib.abstract_model(config.model)
-    heads = state_lib.head_names(config)
+    heads = ckpt.saved_head_names(workdir)
     if heads:
         abstract[model_lib.HEADS_KEY] = jax.eval_shape(lambda: state_lib.init_heads(config.model, heads, 0))
     axes = state_lib.param_logical_axes(config, abstract)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
+from jaxllm import settings as settings_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
 
 VARIANTS = {"single": (1, False), "multi+permute": (None, True)}
@@ -57,16 +58,10 @@ def load_settings(path: str | None, overrides: dict[str, Any]) -> ExperimentSett
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment config is a mapping of settings")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(ExperimentSettings)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown experiment setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    if "variants" in data:
-        data["variants"] = tuple(data["variants"])
-        bad = [v for v in data["variants"] if v not in VARIANTS]
-        if bad:
-            raise ConfigError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    settings = ExperimentSettings(**data)
+    settings = settings_lib.build(ExperimentSettings, data, path or "experiment settings", noun="experiment setting")
+    bad = [v for v in settings.variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     if settings.people < 4 or settings.versions < 1:
         raise ConfigError("people must be at least 4 and versions at least 1")
     return settings

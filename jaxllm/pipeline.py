@@ -27,6 +27,8 @@ from typing import Any, Callable
 import yaml
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import settings
+from jaxllm import stages as stages_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
 
 DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
@@ -79,16 +81,6 @@ def resolve_path(path: str | Path) -> Path:
         return Path(path)  # the caller says that it does not exist
 
 
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    return cls(**data)
-
-
 def load_recipe(path: str | Path) -> PipelineRecipe:
     path = resolve_path(path)
     if not path.exists():
@@ -99,21 +91,19 @@ def load_recipe(path: str | Path) -> PipelineRecipe:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict) or not raw.get("stages"):
         raise ConfigError(f"{path}: a pipeline recipe needs a 'stages' list")
-    stages = [_build(StageSpec, s, f"{path}: stages[{i}]") for i, s in enumerate(raw.pop("stages"))]
+    stages = [settings.build(StageSpec, s, f"{path}: stages[{i}]") for i, s in enumerate(raw.pop("stages"))]
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: stage names must be unique, got {names}")
     recipe = PipelineRecipe(
         stages=stages,
         common=list(raw.pop("common", []) or []),
-        tokenizer=_build(TokenizerSpec, raw.pop("tokenizer", {}) or {}, f"{path}: tokenizer"),
-        evaluation=_build(EvaluationSpec, raw.pop("evaluation", {}) or {}, f"{path}: evaluation"),
+        tokenizer=settings.build(TokenizerSpec, raw.pop("tokenizer", {}) or {}, f"{path}: tokenizer"),
+        evaluation=settings.build(EvaluationSpec, raw.pop("evaluation", {}) or {}, f"{path}: evaluation"),
     )
-    if raw:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(raw))}; valid: stages, common, tokenizer, "
-                          "evaluation")
+    settings.check_keys(raw, ("stages", "common", "tokenizer", "evaluation"), str(path))
     for stage in recipe.stages:
-        load_config(resolve_path(stage.recipe), recipe.common + stage.overrides)  # fail early on bad recipes
+        stages_lib.of(load_config(resolve_path(stage.recipe), recipe.common + stage.overrides))  # fail early
     return recipe
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from jaxllm import settings
 from jaxllm.config import MODEL_PRESETS, ModelConfig
 
 FLOPS_PER_PARAM_TOKEN = 6  # forward 2 + backward 4 FLOPs per parameter per token
@@ -107,11 +108,7 @@ def _model_config(fields: Mapping[str, Any] | ModelConfig) -> ModelConfig:
             raise ValueError(f"unknown model preset '{preset}'; choose one of {', '.join(MODEL_PRESETS)}")
         merged.update(MODEL_PRESETS[preset])
     merged.update(fields)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
-    return ModelConfig(**merged)
+    return settings.build(ModelConfig, merged, "model", ValueError, noun="model field")
 
 
 def param_breakdown(model_config_fields: Mapping[str, Any] | ModelConfig) -> dict[str, int]:

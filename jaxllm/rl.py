@@ -46,8 +46,8 @@ from jaxllm import lora, losses
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
-from jaxllm import train as train_lib
 from jaxllm.config import Config, ConfigError
+from jaxllm.data.pipeline import make_batch_iterator
 from jaxllm.errors import UsageError
 
 PAD_ID, EOS_ID = generate_lib.PAD_ID, generate_lib.EOS_ID
@@ -415,7 +415,7 @@ class RolloutPrompts:
 class RLStage:
     """Holds what the rl stage needs between steps; `prepare_batch` and `evaluate` plug into run_loop."""
 
-    def __init__(self, context: train_lib.RunContext, rewards: Rewards, eval_prompts: list[dict],
+    def __init__(self, context: Any, rewards: Rewards, eval_prompts: list[dict],
                  log: Callable[[str], None] = print):
         config = context.config
         self.context, self.config, self.rewards, self.eval_prompts = context, config, rewards, eval_prompts
@@ -455,7 +455,7 @@ class RLStage:
         rows = build_rows(prompts, output, width + settings.max_new_tokens)
         return samples, rows, {"generate_seconds": seconds}
 
-    def prepare_batch(self, context: train_lib.RunContext, prompt_batch: dict) -> tuple[dict, dict]:
+    def prepare_batch(self, context: Any, prompt_batch: dict) -> tuple[dict, dict]:
         index = int(prompt_batch["rollout_index"])
         if self.cached is not None and self.cached[0] == index:  # rl.updates_per_batch > 1: same rollout
             return self.cached[1], {**self.cached[2], "generate_seconds": 0.0, "reward_seconds": 0.0}
@@ -514,7 +514,7 @@ class RLStage:
         return self.tokenizer.decode(ids) if self.tokenizer else " ".join(map(str, ids))
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, context: train_lib.RunContext) -> dict[str, float]:
+    def evaluate(self, context: Any) -> dict[str, float]:
         """Greedy answers to the eval prompts: mean reward, answer length, finished fraction."""
         if not self.eval_prompts:
             return {}
@@ -562,41 +562,44 @@ def rl_loss_fn(config: Config, graphdef):
 def _default_eval_prompts(config: Config, tokenizer) -> list[dict]:
     if not tokenizer or config.train.eval_batches < 1:
         return []
-    from jaxllm.data.pipeline import make_batch_iterator
-
-    iterator = make_batch_iterator(config, tokenizer, "eval", prefetch=0)
+    iterator = make_batch_iterator(config, tokenizer, "eval", prefetch=0, data_format="prompts")
     count = min(config.train.eval_batches, max(len(iterator.prompts) // iterator.host_batch_size, 1))
     return [iterator.batch_at(k) for k in range(count)]
 
 
-def train_rl(config: Config, workdir, mesh=None, tokenizer=None, log: Callable[[str], None] = print,
-             max_steps_this_run: int | None = None, *, prompt_iterator=None, eval_prompts: list[dict] | None = None,
-             reward_functions: dict[str, RewardFn] | None = None) -> train_lib.TrainResult:
-    """Runs the on-policy rl stage to train.steps (resuming from the workdir's checkpoint if present).
+def update_batch_spec(config: Config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The update batch `rl_loss` takes: rollout rows [B, T] with T at most data.seq_len + rl.max_new_tokens
+    (the longest prompt plus the answer), their log-probs, advantages and (ppo) values and returns."""
+    shape = (batch_size, config.data.seq_len + config.rl.max_new_tokens)
+    spec = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32), "positions": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+            **{k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("loss_mask", "old_logprobs",
+                                                                     "reference_logprobs")}}
+    if config.rl.algorithm == "ppo":
+        spec.update({k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("advantages", "old_values", "returns")})
+    else:
+        spec["advantages"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    return spec
 
-    prompt_iterator: default make_batch_iterator(config) on data.source (prompt records); eval_prompts:
-    prompt batches answered greedily at eval time (default: train.eval_batches batches of the eval
-    split); reward_functions: extra `fn(sample) -> float` registered by name for rl.reward."""
+
+def rollout_hooks(context: Any, prompt_iterator, log: Callable[[str], None] = print, *,
+                  eval_prompts: list[dict] | None = None,
+                  reward_functions: dict[str, RewardFn] | None = None) -> tuple[Any, Callable, Callable]:
+    """The on-policy loop's hooks for a set-up run `context`: (update-batch iterator over the prompt
+    batches, prepare_batch(context, prompt_batch) that samples, rewards and scores answers with the current
+    params, evaluate(context) answering the eval prompts greedily).
+
+    eval_prompts: prompt batches answered greedily at eval time (default: train.eval_batches batches of the
+    eval split); reward_functions: extra `fn(sample) -> float` registered by name for rl.reward."""
+    config = context.config
     for name, fn in (reward_functions or {}).items():
         register_reward(name)(fn)
-    check_rl_config(config)
-    context = train_lib.setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
-    if prompt_iterator is None:
-        from jaxllm.data.pipeline import make_batch_iterator
-
-        prompt_iterator = make_batch_iterator(config, context.tokenizer, "train", jax.process_index(),
-                                              jax.process_count())
     iterator = RolloutPrompts(prompt_iterator, config.rl.updates_per_batch)
-    if context.data_state is not None:
-        iterator.set_state(context.data_state)
     if eval_prompts is None:
         eval_prompts = _default_eval_prompts(config, context.tokenizer)
     rewards = Rewards(config, context.graphdef, context.tokenizer, context.mesh)
     stage = RLStage(context, rewards, eval_prompts, log)
-    step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer,
-                                         loss_fn=rl_loss_fn(config, context.graphdef))
-    return train_lib.run_loop(context, iterator, step_fn, None, [], prepare_batch=stage.prepare_batch,
-                              evaluate_fn=stage.evaluate, log=log, max_steps_this_run=max_steps_this_run)
+    return iterator, stage.prepare_batch, stage.evaluate
 
 
 # ----------------------------------------------------------------------------------------------

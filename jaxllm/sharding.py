@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import MeshConfig
+from jaxllm.errors import MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -32,10 +33,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
 }
-
-
-class MeshError(ValueError):
-    """The requested mesh does not fit the available devices."""
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:

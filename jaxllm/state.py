@@ -79,14 +79,6 @@ def init_heads(model_config: ModelConfig, names: tuple[str, ...], seed: int) -> 
     return heads
 
 
-def head_names(config: Config) -> tuple[str, ...]:
-    if config.train.stage == "reward":
-        return ("reward",)
-    if config.train.stage == "rl" and config.rl.algorithm == "ppo":
-        return ("value",)
-    return ()
-
-
 def create_state(params: Params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))

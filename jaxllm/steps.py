@@ -1,7 +1,8 @@
-"""Pure train and eval steps, one per stage: `(state, batch[, ref_params]) -> (state, metrics)`.
+"""The generic train and eval steps: `(state, batch[, ref_params]) -> (state, metrics)`.
 
-Each stage is a loss function `(params, batch, reference_params) -> (loss_sum, denominator, sums)`
-built from `jaxllm.losses`; one generic step turns any of them into an update with exact gradient
+Each stage (jaxllm/stages/) is a loss function `(params, batch, reference_params) -> (loss_sum,
+denominator, sums)` built from `jaxllm.losses` and the model-level pieces here (next-token loss,
+sequence log-probs, scalar-head scores); one generic step turns any of them into an update with exact gradient
 accumulation (sums over micro-batches, divided once by the total denominator), global-norm
 clipping (in the optimizer), and a guard that skips updates with a non-finite or spiking loss.
 """
@@ -32,7 +33,7 @@ _SUM_DENOMINATORS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage losses.
+# Model-level loss pieces the stages are built from.
 
 
 def lm_loss(graphdef, params, batch: Batch, reference_params=None, *, z_loss: float = 0.0, loss_chunk_size: int = 0):
@@ -54,8 +55,9 @@ def sequence_logprobs(graphdef, params, tokens, positions, segment_ids, loss_mas
     return losses.sequence_logprobs(losses.token_logprobs(logits, tokens), weights)
 
 
-def _pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """One forward pass over chosen and rejected rows together -> ([B], [B])."""
+def pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed answer log-probs of a pair batch's chosen and rejected rows ([B], [B]), from one forward
+    pass over both."""
     fields = ("tokens", "positions", "segment_ids", "loss_mask")
     joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
     logps = sequence_logprobs(graphdef, params, *joined)
@@ -63,29 +65,10 @@ def _pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array
     return logps[:half], logps[half:]
 
 
-def dpo_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, loss_type: str,
-             label_smoothing: float):
-    """DPO/IPO/hinge against the frozen reference (or precomputed `reference_chosen_logps` /
-    `reference_rejected_logps` in the batch)."""
-    policy_chosen, policy_rejected = _pair_logprobs(graphdef, params, batch)
-    if "reference_chosen_logps" in batch:
-        ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    else:
-        ref_chosen, ref_rejected = _pair_logprobs(graphdef, jax.lax.stop_gradient(reference_params), batch)
-    return losses.dpo_loss(policy_chosen, policy_rejected, jax.lax.stop_gradient(ref_chosen),
-                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing)
-
-
-def kto_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, desirable_weight: float,
-             undesirable_weight: float):
-    """KTO on thumbs up/down. The reference point z0 is the batch mean of log π/ref over all its
-    completions (detached, clamped at 0): a cheap stand-in for the paper's mismatched-pair KL."""
-    args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
-    policy = sequence_logprobs(graphdef, params, *args)
-    reference = jax.lax.stop_gradient(sequence_logprobs(graphdef, reference_params, *args))
-    kl_reference = jnp.mean(jax.lax.stop_gradient(policy) - reference)
-    return losses.kto_loss(policy, reference, batch["label"], kl_reference, beta, desirable_weight,
-                           undesirable_weight)
+def pair_token_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Number of answer (target) tokens [B] of a pair batch's chosen and rejected rows (0 for padding rows)."""
+    return tuple(jnp.sum(losses.target_weights(batch[f"{side}_loss_mask"], batch[f"{side}_segment_ids"]), axis=-1)
+                 for side in ("chosen", "rejected"))
 
 
 def last_token_index(weights: jax.Array) -> jax.Array:
@@ -102,36 +85,6 @@ def sequence_scores(graphdef, params, tokens, positions, segment_ids, loss_mask,
     final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     head_params = params[model_lib.HEADS_KEY][head]
     return final @ head_params["kernel"] + head_params["bias"]
-
-
-def reward_loss(graphdef, params, batch: Batch, reference_params=None):
-    """Reward model: Bradley-Terry on preference pairs, scores from the 'reward' head."""
-    fields = ("tokens", "positions", "segment_ids", "loss_mask")
-    joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
-    scores = sequence_scores(graphdef, params, *joined)
-    half = batch["chosen_tokens"].shape[0]
-    return losses.bradley_terry_loss(scores[:half], scores[half:])
-
-
-def stage_loss(config: Config, graphdef) -> LossFn:
-    """The loss function of `config.train.stage` with the graph definition and settings bound."""
-    stage, fb = config.train.stage, config.feedback
-    if stage in ("pretrain", "sft"):
-        return functools.partial(lm_loss, graphdef, z_loss=config.train.z_loss,
-                                 loss_chunk_size=config.model.loss_chunk_size)
-    if stage == "dpo":
-        return functools.partial(dpo_loss, graphdef, beta=fb.beta, loss_type=fb.loss,
-                                 label_smoothing=fb.label_smoothing)
-    if stage == "kto":
-        return functools.partial(kto_loss, graphdef, beta=fb.beta, desirable_weight=fb.desirable_weight,
-                                 undesirable_weight=fb.undesirable_weight)
-    if stage == "reward":
-        return functools.partial(reward_loss, graphdef)
-    raise ValueError(f"stage '{stage}' has no batch loss (the rl stage uses jaxllm.rl)")
-
-
-def needs_reference(stage: str) -> bool:
-    return stage in ("dpo", "kto", "rl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,22 +188,22 @@ def pretrain_step(state, batch, *, graphdef, optimizer, z_loss: float = 0.0, mic
 sft_step = pretrain_step  # the same loss: the SFT batch's loss_mask selects the answer tokens
 
 
-def dpo_step(state, batch, reference_params, *, graphdef, optimizer, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, micro_batches: int = 1):
-    loss_fn = functools.partial(dpo_loss, graphdef, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return train_step(state, batch, reference_params, loss_fn=loss_fn, optimizer=optimizer,
-                      micro_batches=micro_batches)
+def next_token_loss(config: Config, graphdef) -> LossFn:
+    """`lm_loss` with the config's z-loss and fused-loss chunk size bound (pretraining and SFT)."""
+    return functools.partial(lm_loss, graphdef, z_loss=config.train.z_loss, loss_chunk_size=config.model.loss_chunk_size)
 
 
 def build_train_step(config: Config, graphdef, optimizer, loss_fn: LossFn | None = None):
-    """The (unjitted) step of the configured stage: (state, batch, reference_params, loss_limit).
-    With LoRA (model.lora_rank > 0) state.params are the adapters and reference_params the frozen base."""
-    return functools.partial(train_step, loss_fn=_maybe_lora(config, loss_fn or stage_loss(config, graphdef)),
+    """The (unjitted) step (state, batch, reference_params, loss_limit) of `loss_fn`, by default the
+    next-token loss (pretraining, SFT); other stages pass theirs (`jaxllm.stages.build_train_step(config,
+    ...)` does it for the configured stage). With LoRA (model.lora_rank > 0) state.params are the
+    adapters and reference_params the frozen base."""
+    return functools.partial(train_step, loss_fn=_maybe_lora(config, loss_fn or next_token_loss(config, graphdef)),
                              optimizer=optimizer, micro_batches=config.train.grad_accum_steps)
 
 
 def build_eval_step(config: Config, graphdef, loss_fn: LossFn | None = None):
-    return functools.partial(eval_step, loss_fn=_maybe_lora(config, loss_fn or stage_loss(config, graphdef)))
+    return functools.partial(eval_step, loss_fn=_maybe_lora(config, loss_fn or next_token_loss(config, graphdef)))
 
 
 def _maybe_lora(config: Config, loss_fn: LossFn) -> LossFn:

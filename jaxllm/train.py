@@ -26,14 +26,13 @@ from jaxllm import checkpoint as ckpt
 from jaxllm import lora as lora_lib
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
+from jaxllm import stages as stages_lib
 from jaxllm import state as state_lib
+from jaxllm import step_builder
 from jaxllm import steps as steps_lib
 from jaxllm.report import read_metrics  # noqa: F401  (re-exported: jaxllm.train.read_metrics)
 from jaxllm.config import Config, ConfigError, config_json, save_config, to_dict
-
-
-class TrainingHalted(RuntimeError):
-    """Too many updates in a row were skipped (non-finite or spiking loss)."""
+from jaxllm.errors import TrainingHalted
 
 
 @dataclasses.dataclass
@@ -53,6 +52,7 @@ class RunContext:
     data_state: dict | None
     resumed_from: int | None
     guard_state: dict = dataclasses.field(default_factory=dict)  # SpikeGuard memory, saved in each checkpoint
+    built: step_builder.StepBuild | None = None  # the stage's step plan (layouts, shardings, the step itself)
 
     @property
     def is_main_process(self) -> bool:
@@ -95,16 +95,9 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
     ckpt.check_writable(workdir)
 
-    graphdef, abstract_params = model_lib.abstract_model(config.model)
-    base_abstract = None
-    if config.model.lora_rank:  # LoRA: the state trains only the adapters; the frozen base is reference_params
-        base_abstract, abstract_params = lora_lib.split(abstract_params)
-    heads = state_lib.head_names(config)
-    if heads:
-        abstract_params[model_lib.HEADS_KEY] = jax.eval_shape(lambda: state_lib.init_heads(config.model, heads, 0))
-    optimizer = state_lib.make_optimizer(config.optimizer, config.train.steps)
-    abstract_state = jax.eval_shape(lambda p: state_lib.create_state(p, optimizer, config.train.seed), abstract_params)
-    shardings = state_lib.state_shardings(config, abstract_state, mesh)
+    built = step_builder.build(config, mesh)
+    graphdef, abstract_params, optimizer = built.graphdef, built.abstract_params, built.optimizer
+    abstract_state, shardings = built.abstract_state, built.state_shardings
 
     manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
                                 async_save=config.train.async_checkpointing)
@@ -124,21 +117,20 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
         else:
             if config.train.init_from:
                 ckpt.check_tokenizer(ckpt.read_meta(config.train.init_from), tokenizer, config.train.init_from)
-            params = _initial_params(config, graphdef, abstract_params, shardings.params, log)
+            params = _initial_params(config, graphdef, abstract_params, shardings.params, built.heads, log)
             state = jax.jit(lambda p: state_lib.create_state(p, optimizer, config.train.seed),
                             out_shardings=shardings)(params)
         if config.model.lora_rank:
-            reference_params = lora_lib.load_base(config, base_abstract, mesh)
-        elif steps_lib.needs_reference(config.train.stage):
+            reference_params = lora_lib.load_base(config, built.base_abstract, mesh)
+        elif built.stage.needs_reference:
             reference_params = _reference_params(config, state, abstract_params, shardings.params, resume_step, log)
     if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's config.yaml alone
         save_config(config, workdir / "config.yaml")
     return RunContext(config, workdir, mesh, graphdef, optimizer, state, shardings, reference_params, manager,
-                      tokenizer, data_state, resume_step, guard_state)
+                      tokenizer, data_state, resume_step, guard_state, built)
 
 
-def _initial_params(config: Config, graphdef, abstract_params, param_shardings, log) -> Any:
-    heads = state_lib.head_names(config)
+def _initial_params(config: Config, graphdef, abstract_params, param_shardings, heads: tuple[str, ...], log) -> Any:
     model_abstract = {k: v for k, v in abstract_params.items() if k != model_lib.HEADS_KEY}
     model_shardings = {k: v for k, v in param_shardings.items() if k != model_lib.HEADS_KEY}
     if config.model.lora_rank:
@@ -308,15 +300,13 @@ class TrainResult:
 
 def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, batch_iterator=None,
           eval_batches: list | None = None, log: Callable[[str], None] = print,
-          max_steps_this_run: int | None = None) -> TrainResult:
+          max_steps_this_run: int | None = None, **stage_options) -> TrainResult:
     """Trains the configured stage to `train.steps`, resuming from the workdir's checkpoint if present.
 
-    `max_steps_this_run` stops early (with a checkpoint), as a preemption would."""
-    if config.train.stage == "rl":
-        from jaxllm import rl
-
-        return rl.train_rl(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log,
-                           max_steps_this_run=max_steps_this_run)
+    batch_iterator: default `jaxllm.stages.make_batch_iterator(config)` (prompt batches for on-policy
+    stages); `max_steps_this_run` stops early (with a checkpoint), as a preemption would; stage_options
+    go to an on-policy stage's rollout hooks (rl: eval_prompts, reward_functions)."""
+    stage = stages_lib.of(config, **stage_options)
     sharding_lib.maybe_initialize_distributed(config.mesh)  # before anything asks JAX about processes
     with _stop_signals():
         # The mesh, tokenizer and data are checked first: bad input fails before the workdir is written.
@@ -324,22 +314,21 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
         check_batch_fits_mesh(config, mesh)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         if batch_iterator is None:
-            from jaxllm.data.pipeline import make_batch_iterator
-
-            batch_iterator = make_batch_iterator(config, tokenizer or None, "train", jax.process_index(),
-                                                 jax.process_count())
-        if eval_batches is None:
-            from jaxllm.data.pipeline import make_eval_batches
-
-            eval_batches = make_eval_batches(config, tokenizer or None, config.train.eval_batches,
-                                             jax.process_index(), jax.process_count())
+            batch_iterator = stages_lib.make_batch_iterator(config, tokenizer or None, "train", jax.process_index(),
+                                                            jax.process_count())
+        if eval_batches is None and stage.rollouts is None:
+            eval_batches = stages_lib.make_eval_batches(config, tokenizer or None, config.train.eval_batches,
+                                                        jax.process_index(), jax.process_count())
         try:
             context = setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
+            prepare_batch = evaluate_fn = None
+            if stage.rollouts is not None:  # on-policy: each update's batch is sampled from the current params
+                hooks = stage.rollouts(context, batch_iterator, log, **stage_options)
+                batch_iterator, prepare_batch, evaluate_fn = hooks.batches, hooks.prepare, hooks.evaluate
             if context.data_state is not None:
                 batch_iterator.set_state(context.data_state)
-            step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer)
-            eval_fn = steps_lib.build_eval_step(config, context.graphdef)
-            return run_loop(context, batch_iterator, step_fn, eval_fn, eval_batches, log=log,
+            return run_loop(context, batch_iterator, context.built.train_step, context.built.eval_step,
+                            eval_batches or [], prepare_batch=prepare_batch, evaluate_fn=evaluate_fn, log=log,
                             max_steps_this_run=max_steps_this_run)
         except Exception as error:
             failure = ckpt.write_failure(error, workdir)
@@ -349,14 +338,8 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
 
 
 def jit_step(context: RunContext, step_fn):
-    shardings = context.state_shardings
-    batch_sharding = sharding_lib.batch_sharding(context.mesh)
-    replicated = sharding_lib.replicated(context.mesh)
-    reference_shardings = None  # the reference (for LoRA: the frozen base) as it was placed
-    if context.reference_params is not None:
-        reference_shardings = jax.tree.map(lambda x: x.sharding, context.reference_params)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, reference_shardings, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    """`step_fn` (e.g. the stage's, or one built with another loss) jitted like the run's step."""
+    return dataclasses.replace(context.built, train_step=step_fn).jit_train_step()
 
 
 def evaluate(context: RunContext, eval_fn, eval_batches: list) -> dict[str, float]:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import stages
 from jaxllm.cli import main
 from jaxllm.config import load_config
 from jaxllm.data import DataError, load_prompts
@@ -328,7 +329,7 @@ def test_any_json_gives_rows_or_a_data_error_for_every_stage(stage, data, on_bad
             prompts = load_prompts(f"jsonl:{path}", TOKENIZER, on_bad_record=on_bad_record, seq_len=48)
             assert prompts and all(len(p["prompt_ids"]) < 48 for p in prompts)
         else:
-            rows = pipeline.build_rows(config, TOKENIZER, stage=stage, source=f"jsonl:{path}")
+            rows = stages.build_rows(config, TOKENIZER, stage=stage, source=f"jsonl:{path}")
             _check_rows(rows, stage, len(lines))
     except DataError as error:
         assert str(error)  # a message for the user
@@ -339,7 +340,7 @@ def test_a_lone_surrogate_escape_is_a_data_error_naming_the_line(tmp_path, monke
     path = tmp_path / "surrogate.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "broken \\ud800 half of a pair"}\n')
     with pytest.raises(DataError, match="surrogate.jsonl:2"):
-        pipeline.build_rows(_fuzz_config("pretrain", "fail"), TOKENIZER, stage="pretrain", source=f"jsonl:{path}")
+        stages.build_rows(_fuzz_config("pretrain", "fail"), TOKENIZER, stage="pretrain", source=f"jsonl:{path}")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,5 +1,6 @@
 import pytest
 
+from jaxllm import stages
 from jaxllm.config import ConfigError, from_dict, load_config, to_dict
 
 
@@ -42,4 +43,4 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="unknown.*preset|preset 'huge' is unknown"):
         load_config(None, ["model.preset=huge"])
     with pytest.raises(ConfigError, match="train.stage='pretrian'.*did you mean 'pretrain'"):
-        load_config(None, ["train.stage=pretrian"])
+        stages.of(load_config(None, ["train.stage=pretrian"]))  # stage names are the registry's

@@ -262,7 +262,7 @@ def test_cli_reports_a_missing_model_folder_as_a_usage_error(tmp_path, capsys):
 def test_sentencepiece_tokenizer_model_matches_transformers_llama_tokenizer(tmp_path):
     import sentencepiece as spm
 
-    from jaxllm.hf_tokenizer import HFTokenizer
+    from jaxllm.data.hf_tokenizer import HFTokenizer
 
     corpus = ["The quick brown fox jumps over the lazy dog.", "Grüße aus München: Straße, Käse!",
               "Привет, мир! Как дела?", "你好，世界。今天天气很好。", "Numbers 12345 and emoji mixed"] * 40

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from jaxllm.config import load_config
-from jaxllm.data import DataError, data_report, load_prompts, make_batch_iterator, read_records
+from jaxllm.data import DataError, load_prompts, read_records
+from jaxllm.stages import data_report, make_batch_iterator
 from jaxllm.data import pipeline
 from jaxllm.data.tokenizer import Tokenizer
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from jaxllm.config import load_config
-from jaxllm.data import (Tokenizer, data_report, data_stats_main, lookup_records, make_batch_iterator,
-                         make_eval_batches)
+from jaxllm import stages
+from jaxllm.cli import data_stats_main
+from jaxllm.data import Tokenizer, lookup_records
+from jaxllm.stages import data_report, make_batch_iterator, make_eval_batches
 from jaxllm.data import pipeline
 
 TOKENIZER = Tokenizer.load("default")
@@ -147,7 +149,7 @@ def test_eval_batches_are_deterministic_and_come_from_the_held_out_set():
     for a, b in zip(first, second):
         _equal(a, b)
     assert data_report(config, TOKENIZER, "eval")["source"] == "default:pretrain_eval"
-    eval_rows = pipeline.build_rows(config, TOKENIZER, "eval").num_rows
+    eval_rows = stages.build_rows(config, TOKENIZER, "eval").num_rows
     assert len(make_eval_batches(config, TOKENIZER, 10_000)) == -(-eval_rows // 4)
 
 
@@ -155,8 +157,8 @@ def test_without_eval_source_every_20th_record_is_held_out_of_training(tmp_path)
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"document number {i} " * 4}) for i in range(60)))
     config = _config(f"data.source=jsonl:{path}")
-    train = pipeline.build_rows(config, TOKENIZER, "train").parts[""].example_ids
-    held = pipeline.build_rows(config, TOKENIZER, "eval").parts[""].example_ids
+    train = stages.build_rows(config, TOKENIZER, "train").parts[""].example_ids
+    held = stages.build_rows(config, TOKENIZER, "eval").parts[""].example_ids
     train_ids, held_ids = set(train[train >= 0].tolist()), set(held[held >= 0].tolist())
     assert held_ids == {19, 39, 59} and train_ids == set(range(60)) - held_ids
     assert data_report(config, TOKENIZER)["dropped"] == {"held_out_for_eval": 3}
@@ -175,10 +177,10 @@ def test_disk_cache_round_trips_the_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "DISK_CACHE_MIN_SECONDS", 0.0)
     pipeline._MEMORY_CACHE.clear()
     config = _config("train.stage=kto", "data.source=default:feedback")
-    built = pipeline.build_rows(config, TOKENIZER)
+    built = stages.build_rows(config, TOKENIZER)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     pipeline._MEMORY_CACHE.clear()
-    loaded = pipeline.build_rows(config, TOKENIZER)
+    loaded = stages.build_rows(config, TOKENIZER)
     assert loaded is not built
     _equal(loaded.batch(np.arange(5)), built.batch(np.arange(5)))
     assert loaded.report.to_dict() == built.report.to_dict()
@@ -199,10 +201,10 @@ def test_kto_accepts_ratings_with_a_threshold_and_preference_pairs(tmp_path):
     path.write_text("\n".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}", "rating": r})
                               for i, r in enumerate([5, 3, 2.5, 0])))
     config = _config("train.stage=kto", f"data.source=jsonl:{path}", f"data.eval_source=jsonl:{path}")
-    rows = pipeline.build_rows(config, TOKENIZER)
+    rows = stages.build_rows(config, TOKENIZER)
     assert dict(zip(rows.parts[""].example_ids[:, 0].tolist(), rows.labels.tolist())) == {
         0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}
-    pairs = pipeline.build_rows(_config("train.stage=kto", "data.source=default:preferences"), TOKENIZER)
+    pairs = stages.build_rows(_config("train.stage=kto", "data.source=default:preferences"), TOKENIZER)
     assert pairs.num_rows == 1200 and pairs.labels.sum() == 0  # each pair: one +1, one -1
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from jaxllm.config import load_config
-from jaxllm.data import DataError, Tokenizer, build_tfds_from_jsonl, make_batch_iterator, read_records
+from jaxllm.data import DataError, Tokenizer, build_tfds_from_jsonl, read_records
+from jaxllm.stages import make_batch_iterator
 from jaxllm.data import pipeline
 
 TOKENIZER = Tokenizer.load("default")

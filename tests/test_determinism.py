@@ -9,7 +9,7 @@ import pytest
 from jaxllm import sharding as sharding_lib
 from jaxllm import train as train_lib
 from jaxllm.config import MeshConfig, load_config
-from jaxllm.data import make_batch_iterator
+from jaxllm.stages import make_batch_iterator
 from jaxllm.data.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.load("default")

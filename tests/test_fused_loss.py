@@ -10,6 +10,7 @@ import pytest
 
 from jaxllm import losses
 from jaxllm import model as model_lib
+from jaxllm import stages
 from jaxllm import steps as steps_lib
 
 from helpers import SyntheticIterator, tiny_config
@@ -62,7 +63,7 @@ def test_fused_loss_gradient_scales_with_the_cotangent():
 def _loss_and_grads(config, params, batch, chunk_size):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, loss_chunk_size=chunk_size))
     graphdef, _ = model_lib.abstract_model(config.model)
-    loss_fn = steps_lib.stage_loss(config, graphdef)
+    loss_fn = stages.loss_fn(config, graphdef)
     return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
 
 

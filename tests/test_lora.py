@@ -11,6 +11,7 @@ import pytest
 from jaxllm import convert, lora
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
+from jaxllm import stages
 from jaxllm import train as train_lib
 from jaxllm.config import ConfigError, MeshConfig
 
@@ -92,7 +93,7 @@ def test_sft_with_lora_trains_only_adapters_and_merges_exactly(base_workdir, tmp
     assert float(np.abs(trained["blocks"]["mlp"]["down_lora_b"]).max()) > 0
     from jaxllm import steps as steps_lib
 
-    evaluate = jax.jit(steps_lib.build_eval_step(config, context.graphdef))
+    evaluate = jax.jit(stages.build_eval_step(config, context.graphdef))
     loss = lambda params: float(steps_lib.summarize_eval([evaluate(params, iterator.batch_at(0), base)])["loss"])  # noqa: E731
     assert loss(trained) < loss(jax.tree.map(np.zeros_like, trained)) - 0.02  # the adapters learned the batch
 
@@ -119,7 +120,7 @@ def test_dpo_with_lora_uses_the_frozen_base_as_reference(base_workdir, tmp_path)
     assert context.reference_params is not None and lora.split(context.reference_params)[1] == {}
     from jaxllm import steps as steps_lib
 
-    step = train_lib.jit_step(context, steps_lib.build_train_step(config, context.graphdef, context.optimizer))
+    step = train_lib.jit_step(context, stages.build_train_step(config, context.graphdef, context.optimizer))
     batch = SyntheticIterator("dpo", 4, config.data.seq_len, config.model.vocab_size).batch_at(0)
     with jax.set_mesh(context.mesh):
         placed = sharding_lib.place_batch(batch, context.mesh)
@@ -156,8 +157,8 @@ def test_ppo_with_lora_samples_with_the_adapters_and_trains_adapters_and_value_h
     config = tiny_config(*LORA, "train.stage=rl", "rl.algorithm=ppo", "train.steps=1", "train.batch_size=8",
                          "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=4", "rl.reward=sevens",
                          f"train.init_from={workdir}")
-    rl.train_rl(config, tmp_path / "ppo", mesh=one_device(), tokenizer=False, prompt_iterator=ToyPrompts(2),
-                eval_prompts=[], reward_functions={"sevens": lambda s: float(s.completion_ids.count(7))}, **QUIET)
+    train_lib.train(config, tmp_path / "ppo", mesh=one_device(), tokenizer=False, batch_iterator=ToyPrompts(2),
+                    eval_prompts=[], reward_functions={"sevens": lambda s: float(s.completion_ids.count(7))}, **QUIET)
     records = train_lib.read_metrics(tmp_path / "ppo")
     assert [r["step"] for r in records] == [1] and all(np.isfinite(r["value_loss"]) for r in records)
     context = train_lib.setup(config, tmp_path / "ppo", tokenizer=False, mesh=one_device(), **QUIET)

@@ -12,6 +12,7 @@ from jaxllm import generate as gen
 from jaxllm import model as model_lib
 from jaxllm import rl
 from jaxllm import sharding as sharding_lib
+from jaxllm import stages
 from jaxllm import state as state_lib
 from jaxllm import steps as steps_lib
 from jaxllm import train as train_lib
@@ -63,8 +64,8 @@ def toy_config(*overrides):
 
 
 def run_toy(workdir, *overrides, eval_prompts=()):
-    return rl.train_rl(toy_config(*overrides), workdir, mesh=one_device(), tokenizer=False,
-                       prompt_iterator=ToyPrompts(4), eval_prompts=list(eval_prompts),
+    return train_lib.train(toy_config(*overrides), workdir, mesh=one_device(), tokenizer=False,
+                           batch_iterator=ToyPrompts(4), eval_prompts=list(eval_prompts),
                        reward_functions={"target": target_count}, **QUIET)
 
 
@@ -158,8 +159,8 @@ def test_rloo_and_ppo_run_a_few_steps(tmp_path, algorithm):
 def test_rl_resumes_to_the_same_rewards_as_a_straight_run(tmp_path):
     run_toy(tmp_path / "straight", "train.steps=2", "train.async_checkpointing=false")
     for _ in range(2):
-        rl.train_rl(toy_config("train.steps=2", "train.async_checkpointing=false"), tmp_path / "resumed",
-                    mesh=one_device(), tokenizer=False, prompt_iterator=ToyPrompts(4), eval_prompts=[],
+        train_lib.train(toy_config("train.steps=2", "train.async_checkpointing=false"), tmp_path / "resumed",
+                        mesh=one_device(), tokenizer=False, batch_iterator=ToyPrompts(4), eval_prompts=[],
                     reward_functions={"target": target_count}, max_steps_this_run=1, **QUIET)
     curve = lambda name: [r["reward_mean"] for r in train_lib.read_metrics(tmp_path / name)]  # noqa: E731
     np.testing.assert_allclose(curve("straight"), curve("resumed"), rtol=1e-6)
@@ -192,7 +193,7 @@ def _save_run(path, config):
     path.mkdir(parents=True)
     save_config(config, path / "config.yaml")
     params = random_params(config.model, 0.3)
-    heads = state_lib.head_names(config)
+    heads = stages.head_names(config)
     if heads:
         params[model_lib.HEADS_KEY] = state_lib.init_heads(config.model, heads, 0)
     optimizer = state_lib.make_optimizer(config.optimizer, 1)
@@ -206,7 +207,7 @@ BIO = ("model.vocab_size=512", "model.max_seq_len=128", "data.seq_len=64", "mesh
 
 
 def test_biography_rollouts_are_rewarded_by_exact_match_and_by_the_model_judging_itself(tmp_path):
-    from jaxllm.data.pipeline import make_batch_iterator
+    from jaxllm.stages import make_batch_iterator
 
     config = tiny_config(*BIO, "train.stage=rl", "data.source=default:rl_prompts", "train.batch_size=4",
                          "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=4",

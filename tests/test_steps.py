@@ -8,6 +8,7 @@ import pytest
 
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
+from jaxllm import stages
 from jaxllm import state as state_lib
 from jaxllm import steps as steps_lib
 from jaxllm import train as train_lib
@@ -18,7 +19,7 @@ from helpers import SyntheticIterator, tiny_config
 
 def _fresh(config):
     graphdef, params = model_lib.init_model(config.model, 0)
-    heads = state_lib.head_names(config)
+    heads = stages.head_names(config)
     if heads:
         params[model_lib.HEADS_KEY] = state_lib.init_heads(config.model, heads, 0)
     optimizer = state_lib.make_optimizer(config.optimizer, config.train.steps)
@@ -31,7 +32,7 @@ def test_each_stage_drives_its_loss_down_on_a_tiny_batch(stage):
     graphdef, optimizer, state = _fresh(config)
     batch = SyntheticIterator(stage, 4, 32, 64).batch_at(0)
     reference = {k: v for k, v in state.params.items() if k != model_lib.HEADS_KEY}
-    step = jax.jit(steps_lib.build_train_step(config, graphdef, optimizer))
+    step = jax.jit(stages.build_train_step(config, graphdef, optimizer))
     losses = []
     for _ in range(25):
         state, metrics = step(state, batch, reference, jnp.inf)
@@ -45,7 +46,7 @@ def test_gradient_accumulation_over_four_micro_batches_matches_one_big_batch():
     graphdef, optimizer, state = _fresh(config)
     batch = SyntheticIterator("pretrain", 8, 32, 64).batch_at(3)
     batch["loss_mask"][0] = 0  # uneven token counts across micro-batches: the mean must still be exact
-    loss_fn = steps_lib.stage_loss(config, graphdef)
+    loss_fn = stages.loss_fn(config, graphdef)
 
     def mean_gradient(micro_batches):
         loss_sum, denominator, _, grads = steps_lib.accumulate_gradients(loss_fn, state.params, batch, None,
@@ -58,7 +59,7 @@ def test_gradient_accumulation_over_four_micro_batches_matches_one_big_batch():
     chex.assert_trees_all_close(grads_one, grads_accum, atol=1e-6, rtol=1e-4)
     # And the configured step uses it: same loss through build_train_step with grad_accum_steps=4.
     accum_config = tiny_config("train.batch_size=8", "train.grad_accum_steps=4", "train.steps=2")
-    _, metrics = jax.jit(steps_lib.build_train_step(accum_config, graphdef, optimizer))(state, batch)
+    _, metrics = jax.jit(stages.build_train_step(accum_config, graphdef, optimizer))(state, batch)
     np.testing.assert_allclose(metrics["loss"], loss_one, rtol=1e-5)
 
 
@@ -67,7 +68,7 @@ def test_non_finite_loss_skips_the_update_and_advances_the_step():
     graphdef, optimizer, state = _fresh(config)
     batch = SyntheticIterator("pretrain", 4, 32, 64).batch_at(0)
     batch["loss_mask"] = batch["loss_mask"] * np.float32(np.inf)  # plants an inf loss
-    new_state, metrics = jax.jit(steps_lib.build_train_step(config, graphdef, optimizer))(state, batch)
+    new_state, metrics = jax.jit(stages.build_train_step(config, graphdef, optimizer))(state, batch)
     assert float(metrics["skipped"]) == 1.0
     assert int(new_state.step) == 1
     chex.assert_trees_all_equal(new_state.params, state.params)
@@ -85,7 +86,7 @@ def test_sharded_step_on_a_2x2x2_mesh_equals_one_device():
         shardings = state_lib.state_shardings(config, abstract, mesh)
         with jax.set_mesh(mesh):
             state = jax.jit(lambda: _fresh(config)[2], out_shardings=shardings)()
-            step = jax.jit(steps_lib.build_train_step(config, graphdef, optimizer),
+            step = jax.jit(stages.build_train_step(config, graphdef, optimizer),
                            in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                            out_shardings=(shardings, sharding_lib.replicated(mesh)))
             losses = []

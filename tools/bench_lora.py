@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench_lora.py --preset small --rank 8 --steps 6 --out lora_bench.json
     .venv/bin/python tools/bench_lora.py --preset 25m --stage dpo --rank 16 model.dtype=bfloat16
 
-Both variants run the step `jaxllm train` runs (`steps.build_train_step`, donated state, one device) on
+Both variants run the step `jaxllm train` runs (`stages.build_train_step`, donated state, one device) on
 one fixed synthetic batch of the stage; full fine-tuning differentiates every parameter, LoRA only the
 adapters (the base is the step's reference_params, as in `jaxllm.train`). Timing: the median of
 `--steps` steps after one warm-up step, the two variants interleaved step by step so other load on the
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxllm import lora  # noqa: E402
 from jaxllm import model as model_lib  # noqa: E402
+from jaxllm import stages  # noqa: E402
 from jaxllm import state as state_lib  # noqa: E402
-from jaxllm import steps as steps_lib  # noqa: E402
 from jaxllm.config import load_config  # noqa: E402
 
 
@@ -61,9 +61,9 @@ def build(config, stage: str, batch: dict, base):
         reference = base
     else:
         trainable = jax.tree.map(jnp.copy, base)
-        reference = base if steps_lib.needs_reference(stage) else None
+        reference = base if stages.get(stage).needs_reference else None
     state = jax.jit(lambda p: state_lib.create_state(p, optimizer, 0))(trainable)
-    step = jax.jit(steps_lib.build_train_step(config, graphdef, optimizer), donate_argnums=(0,))
+    step = jax.jit(stages.build_train_step(config, graphdef, optimizer), donate_argnums=(0,))
     compiled = step.lower(state, batch, reference, np.float32(np.inf)).compile()
     return compiled, state, reference
 

@@ -12,7 +12,7 @@ _EXPORTS = {
     "tokenizer": ("Tokenizer", "check_vocab", "train_tokenizer", "tokenizer_train_main"),
     "chat": ("prompt_ids", "record_to_messages", "render_chat", "render_chats", "render_text"),
     "sources": ("build_tfds_from_jsonl", "list_default_sets", "lookup_records", "read_records"),
-    "pipeline": ("data_report", "data_stats", "data_stats_main", "load_prompts", "make_batch_iterator",
+    "pipeline": ("data_report", "data_stats", "infer_format", "load_prompts", "make_batch_iterator",
                  "make_eval_batches"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -137,7 +137,7 @@ def _assemble(messages: Sequence[dict], contents: Sequence[list[int]], tokenizer
 def render_chat(messages: Sequence[dict], tokenizer: Tokenizer, mode: str = "normal",
                 template: ChatTemplate = DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation; see the module docstring for the template and the modes."""
-    if getattr(tokenizer, "chat_template", None) is not None:  # a model's own template (jaxllm.hf_tokenizer)
+    if getattr(tokenizer, "chat_template", None) is not None:  # a model's own template (jaxllm.data.hf_tokenizer)
         return tokenizer.chat_template.render(messages, mode)
     selected = _select(messages, mode)
     contents = tokenizer.encode_batch([message["content"] for message in selected], num_threads=1)

@@ -1,14 +1,15 @@
-"""Records -> fixed-length rows for each stage (the tokenise-and-pack step, run once per source).
+"""Records -> fixed-length rows, one builder per data format (the tokenise-and-pack step, run once per
+source). A stage names the format it trains on (jaxllm/stages/); the formats are:
 
-- pretrain: `{text_field: str}` -> BOS + text + EOS, long documents cut into seq_len chunks, packed.
-- sft: `{"messages"}` or `{"prompt", "response"}` -> the chat template and mask (chat.py), truncated or
+- text (pretraining): `{text_field: str}` -> BOS + text + EOS, long documents cut into seq_len chunks, packed.
+- chat (SFT): `{"messages"}` or `{"prompt", "response"}` -> the chat template and mask (chat.py), truncated or
   dropped when longer than seq_len (data.truncation), packed when data.pack.
-- dpo / reward: `{"prompt", "chosen", "rejected"}` (strings or message lists, or two full conversations
+- pairs (DPO, reward models, ORPO, SimPO): `{"prompt", "chosen", "rejected"}` (strings or message lists, or two full conversations
   that differ only in the last assistant message) -> one pair per row, the answer tokens masked in.
-- kto: `{"prompt", "completion", "label"}` with label true/false (or 1/0/-1), or `{"prompt",
+- feedback (KTO): `{"prompt", "completion", "label"}` with label true/false (or 1/0/-1), or `{"prompt",
   "completion", "rating"}` where rating >= KTO_RATING_THRESHOLD (3, i.e. 3-5 on a 0-5 scale) is a thumbs
   up; preference records are accepted too (chosen -> +1, rejected -> -1). One example per row.
-- rl: `{"prompt" | "messages", "reference"?}` -> prompt records (`load_prompts`).
+- prompts (on-policy RL): `{"prompt" | "messages", "reference"?}` -> prompt records (`load_prompts`).
 
 Bad records raise DataError or are counted (data.on_bad_record); see report.py for the reasons.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from jaxllm.data.chat import prompt_messages, record_to_messages, render_chats, validate_messages
@@ -26,7 +28,7 @@ from jaxllm.data.report import BadRecordPolicy, DataError, DataReport
 from jaxllm.data.sources import Record
 from jaxllm.data.tokenizer import Tokenizer
 
-STAGES = ("pretrain", "sft", "dpo", "kto", "reward", "rl")
+DATA_FORMATS = ("text", "chat", "pairs", "feedback", "prompts")
 KTO_RATING_THRESHOLD = 3.0
 
 
@@ -251,7 +253,7 @@ def _parse_feedback(record: Record) -> list[tuple[list[dict], str, float]]:
 def _prompt_answer_examples(items: list[tuple[Record, list[dict], list[str]]], tokenizer: Tokenizer):
     """Tokenises (record, prompt messages, answers) in two batched calls: prompt ids and answer ids."""
     template = getattr(tokenizer, "chat_template", None)
-    if template is not None:  # a model's own template (jaxllm.hf_tokenizer): answers end with its end of turn
+    if template is not None:  # a model's own template (jaxllm.data.hf_tokenizer): answers end with its end of turn
         return [(record, template.prompt_ids(prompt), [template.answer_ids(prompt, answer) for answer in group])
                 for record, prompt, group in items]
     prompts = render_chats([prompt for _, prompt, _ in items], tokenizer)
@@ -319,7 +321,37 @@ def feedback_rows(records: list[Record], tokenizer: Tokenizer, seq_len: int, tru
         raise no_examples_error(report)
     label_array = np.asarray(labels, dtype=np.float32)
     report.notes.append(f"{int((label_array > 0).sum())} desirable, {int((label_array < 0).sum())} undesirable")
-    return StageRows("kto", {"": pack_examples(examples, example_ids, seq_len, pack=False)}, label_array, report)
+    return StageRows(report.stage, {"": pack_examples(examples, example_ids, seq_len, pack=False)}, label_array, report)
+
+
+# ----------------------------------------------------------------------------------------------
+# The row builders by data format, and the batch layout each one makes
+
+RowBuilder = Callable[[list[Record], Tokenizer, Any, BadRecordPolicy, DataReport], StageRows]
+
+ROW_BUILDERS: dict[str, RowBuilder] = {
+    "text": lambda records, tok, data, policy, report: pretrain_rows(
+        records, tok, data.seq_len, data.pack, data.text_field, policy, report),
+    "chat": lambda records, tok, data, policy, report: sft_rows(
+        records, tok, data.seq_len, data.pack, data.sft_mode, data.truncation, policy, report),
+    "pairs": lambda records, tok, data, policy, report: preference_rows(
+        records, tok, data.seq_len, data.truncation, report.stage, policy, report),
+    "feedback": lambda records, tok, data, policy, report: feedback_rows(
+        records, tok, data.seq_len, data.truncation, policy, report),
+}
+
+_ROW_FIELDS = {"tokens": np.int32, "positions": np.int32, "segment_ids": np.int32, "loss_mask": np.float32}
+
+
+def batch_spec(data_format: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one batch of packed rows of a format (without example_ids)."""
+    if data_format not in ROW_BUILDERS:
+        raise DataError(f"data format '{data_format}' has no packed rows; one of {', '.join(ROW_BUILDERS)}")
+    prefixes = ("chosen_", "rejected_") if data_format == "pairs" else ("",)
+    spec = {p + k: jax.ShapeDtypeStruct((batch_size, seq_len), d) for p in prefixes for k, d in _ROW_FIELDS.items()}
+    if data_format == "feedback":
+        spec["label"] = jax.ShapeDtypeStruct((batch_size,), np.float32)
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------

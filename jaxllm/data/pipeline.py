@@ -36,7 +36,6 @@ streaming larger corpora is not implemented.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import hashlib
@@ -52,8 +51,7 @@ import grain
 import numpy as np
 
 from jaxllm.data.chat import prompt_ids
-from jaxllm.data.examples import (STAGES, StageRows, feedback_rows, no_examples_error, parse_prompt_record,
-                                  preference_rows, pretrain_rows, sft_rows)
+from jaxllm.data.examples import DATA_FORMATS, ROW_BUILDERS, StageRows, no_examples_error, parse_prompt_record
 from jaxllm.data.packing import MAX_EXAMPLES_PER_ROW
 from jaxllm.data.report import BadRecordPolicy, DataError, DataReport, format_report
 from jaxllm.data.sources import default_eval_source, iter_records, source_fingerprint
@@ -89,10 +87,11 @@ def _cache_dir() -> Path | None:
     return Path(value) if value else Path.home() / ".cache" / "jaxllm" / "data"
 
 
-def _cache_key(spec: str, held_out: str, stage: str, data, tokenizer: Tokenizer, split: str) -> str:
+def _cache_key(spec: str, held_out: str, stage: str, data_format: str, data, tokenizer: Tokenizer,
+               split: str) -> str:
     settings = {
         "format": FORMAT_VERSION, "source": spec, "fingerprint": source_fingerprint(spec), "held_out": held_out,
-        "stage": stage, "split": split, "tokenizer": tokenizer.fingerprint, "seq_len": data.seq_len,
+        "stage": stage, "data_format": data_format, "split": split, "tokenizer": tokenizer.fingerprint, "seq_len": data.seq_len,
         "pack": data.pack, "sft_mode": data.sft_mode, "truncation": data.truncation,
         "on_bad_record": data.on_bad_record, "text_field": data.text_field,
     }
@@ -136,7 +135,8 @@ def _hold_out(records: list, mode: str, report: DataReport) -> list:
     return selected
 
 
-def _build(spec: str, held_out: str, stage: str, data, tokenizer: Tokenizer, split: str) -> StageRows:
+def _build(spec: str, held_out: str, stage: str, data_format: str, data, tokenizer: Tokenizer,
+           split: str) -> StageRows:
     report = DataReport(source=spec, stage=stage, split=split, seq_len=data.seq_len)
     policy = BadRecordPolicy(data.on_bad_record, report)
     records = list(iter_records(spec, data.text_field, policy))
@@ -146,16 +146,7 @@ def _build(spec: str, held_out: str, stage: str, data, tokenizer: Tokenizer, spl
             raise no_examples_error(report)
         raise DataError(f"data source '{spec}' is empty: it has no records")
     records = _hold_out(records, held_out, report)
-    if stage == "pretrain":
-        rows = pretrain_rows(records, tokenizer, data.seq_len, data.pack, data.text_field, policy, report)
-    elif stage == "sft":
-        rows = sft_rows(records, tokenizer, data.seq_len, data.pack, data.sft_mode, data.truncation, policy, report)
-    elif stage in ("dpo", "reward"):
-        rows = preference_rows(records, tokenizer, data.seq_len, data.truncation, stage, policy, report)
-    elif stage == "kto":
-        rows = feedback_rows(records, tokenizer, data.seq_len, data.truncation, policy, report)
-    else:
-        raise DataError(f"stage '{stage}' has no packed rows; one of {', '.join(STAGES[:-1])} (rl uses load_prompts)")
+    rows = _row_builder(data_format)(records, tokenizer, data, policy, report)
     report.rows = rows.num_rows
     report.tokens = int(sum((part.segment_ids > 0).sum() for part in rows.parts.values()))
     report.loss_tokens = int(sum(part.loss_mask.sum() for part in rows.parts.values()))
@@ -163,12 +154,21 @@ def _build(spec: str, held_out: str, stage: str, data, tokenizer: Tokenizer, spl
     return rows
 
 
-def build_rows(config, tokenizer: Tokenizer, split: str = "train", *, stage: str | None = None,
+def _row_builder(data_format: str):
+    if data_format not in ROW_BUILDERS:
+        raise DataError(f"data format '{data_format}' has no packed rows; one of {', '.join(ROW_BUILDERS)} "
+                        "(prompts are read with load_prompts)")
+    return ROW_BUILDERS[data_format]
+
+
+def build_rows(config, tokenizer: Tokenizer, split: str = "train", *, data_format: str, stage: str | None = None,
                source: str | None = None) -> StageRows:
-    """Tokenised, packed rows of a split for a stage (from caches when possible)."""
+    """Tokenised, packed rows of a split in a data format (from caches when possible). `stage` labels the
+    rows and their report (default config.train.stage)."""
     stage = stage or config.train.stage
+    _row_builder(data_format)
     spec, held_out = (source, "") if source else _resolve_source(config, split)
-    key = _cache_key(spec, held_out, stage, config.data, tokenizer, split)
+    key = _cache_key(spec, held_out, stage, data_format, config.data, tokenizer, split)
     if key in _MEMORY_CACHE:
         _MEMORY_CACHE.move_to_end(key)
         return _MEMORY_CACHE[key]
@@ -176,7 +176,7 @@ def build_rows(config, tokenizer: Tokenizer, split: str = "train", *, stage: str
     rows = _load_disk(directory / f"{key}.npz", stage) if directory and (directory / f"{key}.npz").exists() else None
     if rows is None:
         started = time.perf_counter()
-        rows = _build(spec, held_out, stage, config.data, tokenizer, split)
+        rows = _build(spec, held_out, stage, data_format, config.data, tokenizer, split)
         if directory and time.perf_counter() - started > DISK_CACHE_MIN_SECONDS:
             _save_disk(directory / f"{key}.npz", rows)
     _MEMORY_CACHE[key] = rows
@@ -376,15 +376,17 @@ def load_prompts(source: str, tokenizer: Tokenizer | None = None, *, on_bad_reco
 
 
 def make_batch_iterator(config, tokenizer: Tokenizer | None = None, split: str = "train", process_index: int = 0,
-                        process_count: int = 1, prefetch: int = 2) -> BatchIterator | PromptIterator:
-    """The infinite, resumable, host-local batch iterator for `config.train.stage` (see the module docstring)."""
+                        process_count: int = 1, prefetch: int = 2, *,
+                        data_format: str) -> BatchIterator | PromptIterator:
+    """The infinite, resumable, host-local batch iterator of a split in `data_format` (see the module
+    docstring); `jaxllm.stages.make_batch_iterator(config)` passes the configured stage's format."""
     tokenizer = tokenizer or Tokenizer.load(config.data.tokenizer)
     check_vocab(tokenizer, config.model.vocab_size)
     stage = config.train.stage
-    if stage not in STAGES:
-        raise DataError(f"train.stage='{stage}' must be one of {', '.join(STAGES)}")
+    if data_format not in DATA_FORMATS:
+        raise DataError(f"data format '{data_format}' must be one of {', '.join(DATA_FORMATS)}")
     shuffle = config.data.shuffle and split == "train"
-    if stage == "rl":
+    if data_format == "prompts":
         spec, held_out = _resolve_source(config, split)
         prompts = load_prompts(spec, tokenizer, on_bad_record=config.data.on_bad_record, seq_len=config.data.seq_len,
                                text_field=config.data.text_field)
@@ -394,10 +396,10 @@ def make_batch_iterator(config, tokenizer: Tokenizer | None = None, split: str =
         fingerprint = f"{source_fingerprint(spec)}:{tokenizer.fingerprint}"
         return PromptIterator(prompts, config.rl.prompts_per_step, config.train.seed, shuffle, process_index,
                               process_count, fingerprint, tokenizer.pad_id, prefetch)
-    rows = build_rows(config, tokenizer, split)
+    rows = build_rows(config, tokenizer, split, data_format=data_format)
     spec, held_out = _resolve_source(config, split)
-    fingerprint = _cache_key(spec, held_out, stage, config.data, tokenizer, split)
-    join = _joins_documents(config)
+    fingerprint = _cache_key(spec, held_out, stage, data_format, config.data, tokenizer, split)
+    join = _joins_documents(config, data_format)
     if join:
         fingerprint += ":joined"
     return BatchIterator(rows, config.train.batch_size, config.train.seed, shuffle, process_index, process_count,
@@ -405,18 +407,20 @@ def make_batch_iterator(config, tokenizer: Tokenizer | None = None, split: str =
 
 
 def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: int | None = None,
-                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                      process_index: int = 0, process_count: int = 1, *,
+                      data_format: str) -> list[dict[str, np.ndarray]]:
     """Deterministic eval batches (rows in order, no shuffling): up to `num_batches` (default
     train.eval_batches), fewer when the eval rows run out; the last batch is filled by wrapping around."""
     tokenizer = tokenizer or Tokenizer.load(config.data.tokenizer)
     check_vocab(tokenizer, config.model.vocab_size)
-    if config.train.stage == "rl":
-        raise DataError("stage rl has no eval batches; use load_prompts(data.eval_source or default:qa_eval)")
+    if data_format == "prompts":
+        raise DataError(f"stage {config.train.stage} trains on prompts and has no eval batches; use "
+                        "load_prompts(data.eval_source or default:qa_eval)")
     num_batches = config.train.eval_batches if num_batches is None else num_batches
-    rows = build_rows(config, tokenizer, "eval")
+    rows = build_rows(config, tokenizer, "eval", data_format=data_format)
     host_batch = _host_batch_size(config.train.batch_size, process_count)
     count = min(num_batches, -(-rows.num_rows // config.train.batch_size))
-    join = _joins_documents(config)
+    join = _joins_documents(config, data_format)
     batches = []
     for index in range(count):
         start = index * config.train.batch_size + process_index * host_batch
@@ -424,47 +428,47 @@ def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: i
     return batches
 
 
-def _joins_documents(config) -> bool:
-    """data.join_documents applies to pretraining rows only (SFT/preference rows stay isolated)."""
-    return bool(config.data.join_documents) and config.train.stage == "pretrain"
+def _joins_documents(config, data_format: str) -> bool:
+    """data.join_documents applies to plain-text rows only (chat/preference rows stay isolated)."""
+    return bool(config.data.join_documents) and data_format == "text"
 
 
-def data_report(config, tokenizer: Tokenizer | None = None, split: str = "train") -> dict[str, Any]:
-    """The data report of a split for config.train.stage (counts, packing efficiency, drops and why)."""
+def data_report(config, tokenizer: Tokenizer | None = None, split: str = "train", *,
+                data_format: str) -> dict[str, Any]:
+    """The data report of a split in a data format (counts, packing efficiency, drops and why)."""
     tokenizer = tokenizer or Tokenizer.load(config.data.tokenizer)
-    return build_rows(config, tokenizer, split).report.to_dict()
+    return build_rows(config, tokenizer, split, data_format=data_format).report.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------
 # `jaxllm data stats SOURCE`
 
 
-def infer_stage(source: str, text_field: str = "text") -> str:
-    """Guesses the stage a source is meant for from its first record's fields."""
+def infer_format(source: str, text_field: str = "text") -> str:
+    """Guesses the data format of a source from its first record's fields."""
     for record in iter_records(source, text_field, on_bad=lambda reason, message: None):
         fields = set(record.data)
         if {"chosen", "rejected"} <= fields:
-            return "dpo"
+            return "pairs"
         if "completion" in fields:
-            return "kto"
+            return "feedback"
         if "response" in fields or ("messages" in fields and any(
                 isinstance(m, dict) and m.get("role") == "assistant" for m in record.data["messages"] or [])):
-            return "sft"
+            return "chat"
         if "prompt" in fields or "messages" in fields:
-            return "rl"
-        return "pretrain"
+            return "prompts"
+        return "text"
     raise DataError(f"data source '{source}' has no readable records")
 
 
-def data_stats(source: str, config, tokenizer: Tokenizer | None = None, stage: str | None = None) -> dict[str, Any]:
-    """Counts for a source as the pipeline would use it: records, examples, rows, tokens, packing
-    efficiency, truncated/dropped/bad records and why. stage: None = config.train.stage, "auto" = guessed."""
+def data_stats(source: str, config, tokenizer: Tokenizer | None = None, *, data_format: str,
+               stage: str | None = None) -> dict[str, Any]:
+    """Counts for a source read in `data_format` as the pipeline would use it: records, examples, rows,
+    tokens, packing efficiency, truncated/dropped/bad records and why. `stage` labels the report."""
     tokenizer = tokenizer or Tokenizer.load(config.data.tokenizer)
-    stage = stage or config.train.stage
-    if stage == "auto":
-        stage = infer_stage(source, config.data.text_field)
-    if stage == "rl":
-        report = DataReport(source=source, stage="rl", seq_len=config.data.seq_len)
+    stage = stage or data_format
+    if data_format == "prompts":
+        report = DataReport(source=source, stage=stage, seq_len=config.data.seq_len)
         prompts = load_prompts(source, tokenizer, on_bad_record=config.data.on_bad_record,
                                seq_len=config.data.seq_len, text_field=config.data.text_field, report=report)
         lengths = np.asarray([len(p["prompt_ids"]) for p in prompts])
@@ -474,46 +478,7 @@ def data_stats(source: str, config, tokenizer: Tokenizer | None = None, stage: s
         stats["example_lengths"] = {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
                                     "max": int(lengths.max())}
         return stats
-    rows = build_rows(config, tokenizer, stage=stage, source=source)
+    rows = build_rows(config, tokenizer, data_format=data_format, stage=stage, source=source)
     stats = rows.report.to_dict()
     stats["batches_per_epoch"] = round(rows.num_rows / config.train.batch_size, 2)
     return stats
-
-
-def data_stats_main(argv: list[str]) -> int:
-    """`jaxllm data stats SOURCE [--stage auto|pretrain|sft|dpo|kto|reward|rl] [--seq-len N] ...`."""
-    from jaxllm.config import load_config
-
-    parser = argparse.ArgumentParser(prog="jaxllm data stats",
-                                     description="Count what the data pipeline makes of a source.")
-    parser.add_argument("source", help="default:NAME, text:PATH, jsonl:PATH or tfds:NAME/CONFIG:SPLIT")
-    parser.add_argument("--stage", default="auto", choices=("auto", *STAGES))
-    parser.add_argument("--config", default=None, help="a recipe YAML whose data.* settings to use")
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None, help='"default" or a directory holding tokenizer.model')
-    parser.add_argument("--text-field", default=None)
-    parser.add_argument("--no-pack", action="store_true")
-    parser.add_argument("--sft-mode", choices=("normal", "response_only", "all_tokens"), default=None)
-    parser.add_argument("--truncation", choices=("truncate", "drop"), default=None)
-    parser.add_argument("--on-bad-record", choices=("fail", "skip"), default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    overrides = [f"data.{key}={value}" for key, value in (
-        ("seq_len", args.seq_len), ("tokenizer", args.tokenizer), ("text_field", args.text_field),
-        ("sft_mode", args.sft_mode), ("truncation", args.truncation), ("on_bad_record", args.on_bad_record))
-        if value is not None]
-    if args.no_pack:
-        overrides.append("data.pack=false")
-    if args.batch_size is not None:
-        overrides.append(f"train.batch_size={args.batch_size}")
-    if args.seq_len is not None:  # stats need no model; let any seq_len through validation
-        overrides.append(f"model.max_seq_len={max(args.seq_len, 1)}")
-    try:
-        config = load_config(args.config, overrides)
-        stats = data_stats(args.source, config, stage=args.stage)
-    except (DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(stats, indent=1) if args.json else format_report(stats))
-    return 0

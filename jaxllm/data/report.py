@@ -11,16 +11,9 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
+from jaxllm.errors import DataError  # noqa: F401  (re-exported: jaxllm.data.DataError)
 
-class DataError(ValueError):
-    """Bad or unusable input data; the message says which record, what is wrong and what to do.
 
-    `reason` (one of BAD_RECORD_REASONS, or "") is the key under which a skipped record is counted.
-    """
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason
 
 
 # Reasons a record is rejected (bad input) or dropped (a policy decision); the report counts both.

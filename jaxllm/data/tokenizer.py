@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from jaxllm.data.report import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -60,12 +61,10 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike = "default") -> "Tokenizer":
         """`path` is "default" (the embedded tokenizer), a directory holding tokenizer.model, or the file.
         A Hugging Face tokenizer folder (tokenizer.json, or tokenizer.model with tokenizer_config.json)
-        gives a `jaxllm.hf_tokenizer.HFTokenizer`, which has the same interface."""
+        gives a `jaxllm.data.hf_tokenizer.HFTokenizer`, which has the same interface."""
         if str(path) == "default":
             return cls(_default_model_bytes(), name="default")
         location = Path(path)
-        from jaxllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
-
         if is_hf_tokenizer_dir(location):  # a Hugging Face model's tokenizer (jaxllm convert from-hf)
             return HFTokenizer.load(location)  # type: ignore[return-value]
         model_file = location / MODEL_FILENAME if location.is_dir() else location

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm import settings
+
 
 @dataclasses.dataclass(frozen=True)
 class HeuristicConfig:
@@ -468,15 +470,10 @@ def heuristic_config_from(overrides: dict[str, Any], base: HeuristicConfig | Non
     Values may come from YAML/JSON: lists become tuples, "latin,greek" a tuple of names, null turns
     an optional threshold off.
     """
-    import difflib
-
-    fields = [f.name for f in dataclasses.fields(HeuristicConfig)]
+    settings.check_keys(overrides, [f.name for f in dataclasses.fields(HeuristicConfig)], "quality rules", ValueError,
+                        noun="heuristic setting")
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown heuristic setting '{key}'{hint}; settings are: {', '.join(fields)}")
         if key in _TUPLE_SETTINGS:
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())

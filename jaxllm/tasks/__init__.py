@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxllm.data.report import DataError
+from jaxllm import settings
 from jaxllm.errors import UsageError
 
 KINDS = ("perplexity", "multiple_choice", "generate", "pairwise")
@@ -354,10 +355,6 @@ def load_task_file(path: str | Path) -> Task:
         raise UsageError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: a task file must be a mapping of Task fields (name, kind, source, ...)")
-    names = {f.name for f in dataclasses.fields(Task)} - {"loader"}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     raw.setdefault("name", path.stem)
     if "kind" not in raw:
         raise UsageError(f"{path}: a task needs a 'kind' ({', '.join(KINDS)})")
@@ -367,7 +364,7 @@ def load_task_file(path: str | Path) -> Task:
         source = Path(str(raw["source"]))
         if not source.is_absolute():  # a relative file is relative to the task file
             raw["source"] = str(path.parent / source)
-    return Task(**raw)
+    return settings.build(Task, raw, str(path), UsageError, exclude=("loader",))
 
 
 def _adhoc_name(kind: str, source: str) -> str:

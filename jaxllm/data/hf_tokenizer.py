@@ -460,14 +460,4 @@ class HFChatTemplate:
         return self._end_of_turn
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """jaxllm's own tokenizer for "default" or a folder with only tokenizer.model, else an HFTokenizer."""
-    if str(path) != "default" and is_hf_tokenizer_dir(path):
-        return HFTokenizer.load(path)
-    from jaxllm.data.tokenizer import Tokenizer
-
-    return Tokenizer.load(path)
-
-
-__all__ = ["HFTokenizer", "HFChatTemplate", "TemplateError", "DEFAULT_TEMPLATE", "is_hf_tokenizer_dir",
-           "load_tokenizer"]
+__all__ = ["HFTokenizer", "HFChatTemplate", "TemplateError", "DEFAULT_TEMPLATE", "is_hf_tokenizer_dir"]
