@@ -14,7 +14,8 @@ import yaml
 from jaxllm.cli import main
 from jaxllm.config import load_config
 from jaxllm.data import Tokenizer
-from jaxllm.data.pipeline import build_rows, load_prompts
+from jaxllm.data.pipeline import load_prompts
+from jaxllm.stages import build_rows
 from jaxllm.generate import terminal_lines
 from jaxllm.tasks import get_task
 
