@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import re
 import sys
 import time
@@ -372,10 +371,8 @@ def ppo_advantages(rewards: np.ndarray, old_logprobs: np.ndarray, reference_logp
     token_rewards[np.arange(len(rewards)), last] += rewards * (weights.sum(axis=1) > 0)
     advantages, returns = _gae_jit(token_rewards, values, weights, gamma=gamma, lam=lam)
     advantages, returns = np.asarray(advantages), np.asarray(returns)
-    count = max(weights.sum(), 1.0)
-    mean = (advantages * weights).sum() / count
-    std = math.sqrt(((advantages - mean) ** 2 * weights).sum() / count)
-    return ((advantages - mean) / (std + 1e-6) * weights).astype(np.float32), returns.astype(np.float32)
+    whitened = np.asarray(losses.whitened(jnp.asarray(advantages), jnp.asarray(weights)))
+    return whitened.astype(np.float32), returns.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
