@@ -175,7 +175,7 @@ def sequence_logprobs(token_lp: jax.Array, weights: jax.Array) -> jax.Array:
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
              reference_rejected: jax.Array, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> LossOutput:
+             label_smoothing: float = 0.0, pair_weights: jax.Array | None = None) -> LossOutput:
     """DPO (Rafailov et al. 2023) and variants from per-sequence log-probs [B].
 
     sigmoid: -(1-ε) log σ(β h) - ε log σ(-β h), h = (π_c - ref_c) - (π_r - ref_r)  (ε: label smoothing)
@@ -183,7 +183,9 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
     hinge:   max(0, 1 - β h)                                       (SLiC)
     The log-probs are *summed* over each answer's tokens (`sequence_logprobs`), for IPO too: h is the
     summed log-ratio, not the per-token average some IPO implementations use, so the IPO target 1/(2β)
-    applies to whole sequences. Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    applies to whole sequences. pair_weights [B]: 1 for a pair, 0 for a padding row (absent from every
+    sum and count; default all 1). Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    present = _presence(pair_weights, policy_chosen)
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     h = chosen_ratio - rejected_ratio
@@ -197,15 +199,22 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
         raise ValueError(f"unknown DPO loss type '{loss_type}'; use sigmoid, ipo or hinge")
     chosen_reward = beta * chosen_ratio
     rejected_reward = beta * rejected_ratio
-    count = jnp.asarray(losses.shape[0], jnp.float32)
+    count = jnp.sum(present)
     metrics = {
         "pairs": count,
-        "reward_chosen_sum": jnp.sum(chosen_reward),
-        "reward_rejected_sum": jnp.sum(rejected_reward),
-        "reward_margin_sum": jnp.sum(chosen_reward - rejected_reward),
-        "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "reward_chosen_sum": jnp.sum(chosen_reward * present),
+        "reward_rejected_sum": jnp.sum(rejected_reward * present),
+        "reward_margin_sum": jnp.sum((chosen_reward - rejected_reward) * present),
+        "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32) * present),
     }
-    return jnp.sum(losses), count, metrics
+    return jnp.sum(losses * present), count, metrics
+
+
+def _presence(weights: jax.Array | None, like: jax.Array) -> jax.Array:
+    """[B] float32 1/0 row presence (all ones when None)."""
+    if weights is None:
+        return jnp.ones(like.shape, jnp.float32)
+    return (weights > 0).astype(jnp.float32)
 
 
 def kto_loss(policy_logprobs: jax.Array, reference_logprobs: jax.Array, labels: jax.Array, kl_reference: jax.Array,
@@ -232,16 +241,18 @@ def kto_loss(policy_logprobs: jax.Array, reference_logprobs: jax.Array, labels: 
     return jnp.sum(losses), count, metrics
 
 
-def bradley_terry_loss(reward_chosen: jax.Array, reward_rejected: jax.Array) -> LossOutput:
-    """Reward-model loss -log σ(r_c - r_r) on scalar rewards [B]."""
+def bradley_terry_loss(reward_chosen: jax.Array, reward_rejected: jax.Array,
+                       pair_weights: jax.Array | None = None) -> LossOutput:
+    """Reward-model loss -log σ(r_c - r_r) on scalar rewards [B]; pair_weights [B] as in dpo_loss."""
+    present = _presence(pair_weights, reward_chosen)
     losses = -jax.nn.log_sigmoid(reward_chosen - reward_rejected)
-    count = jnp.asarray(losses.shape[0], jnp.float32)
+    count = jnp.sum(present)
     metrics = {
         "pairs": count,
-        "preference_correct_sum": jnp.sum((reward_chosen > reward_rejected).astype(jnp.float32)),
-        "reward_margin_sum": jnp.sum(reward_chosen - reward_rejected),
+        "preference_correct_sum": jnp.sum((reward_chosen > reward_rejected).astype(jnp.float32) * present),
+        "reward_margin_sum": jnp.sum((reward_chosen - reward_rejected) * present),
     }
-    return jnp.sum(losses), count, metrics
+    return jnp.sum(losses * present), count, metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,18 @@ def sequence_logprobs(graphdef, params, tokens, positions, segment_ids, loss_mas
     return losses.sequence_logprobs(losses.token_logprobs(logits, tokens), weights)
 
 
+def row_presence(loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B,T] -> [B] float32: 1 for a row with at least one target token, 0 for a padding row (e.g. the
+    fill of a last, partial eval batch), which must count as absent in every per-row loss and count."""
+    return (jnp.sum(losses.target_weights(loss_mask, segment_ids), axis=1) > 0).astype(jnp.float32)
+
+
+def pair_presence(batch: Batch) -> jax.Array:
+    """[B] 1 for a preference pair with any answer token on either side, 0 for a padding pair."""
+    return jnp.maximum(row_presence(batch["chosen_loss_mask"], batch["chosen_segment_ids"]),
+                       row_presence(batch["rejected_loss_mask"], batch["rejected_segment_ids"]))
+
+
 def _pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """One forward pass over chosen and rejected rows together -> ([B], [B])."""
     fields = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -73,18 +85,22 @@ def dpo_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, l
     else:
         ref_chosen, ref_rejected = _pair_logprobs(graphdef, jax.lax.stop_gradient(reference_params), batch)
     return losses.dpo_loss(policy_chosen, policy_rejected, jax.lax.stop_gradient(ref_chosen),
-                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing)
+                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing,
+                           pair_weights=pair_presence(batch))
 
 
 def kto_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, desirable_weight: float,
              undesirable_weight: float):
     """KTO on thumbs up/down. The reference point z0 is the batch mean of log π/ref over all its
-    completions (detached, clamped at 0): a cheap stand-in for the paper's mismatched-pair KL."""
+    completions (detached, clamped at 0): a cheap stand-in for the paper's mismatched-pair KL.
+    Padding rows (no answer token) are absent: label 0 and left out of z0's mean."""
     args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
     policy = sequence_logprobs(graphdef, params, *args)
     reference = jax.lax.stop_gradient(sequence_logprobs(graphdef, reference_params, *args))
-    kl_reference = jnp.mean(jax.lax.stop_gradient(policy) - reference)
-    return losses.kto_loss(policy, reference, batch["label"], kl_reference, beta, desirable_weight,
+    present = row_presence(batch["loss_mask"], batch["segment_ids"])
+    kl_reference = losses.safe_mean(jnp.sum((jax.lax.stop_gradient(policy) - reference) * present),
+                                    jnp.sum(present))
+    return losses.kto_loss(policy, reference, batch["label"] * present, kl_reference, beta, desirable_weight,
                            undesirable_weight)
 
 
@@ -110,7 +126,7 @@ def reward_loss(graphdef, params, batch: Batch, reference_params=None):
     joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
     scores = sequence_scores(graphdef, params, *joined)
     half = batch["chosen_tokens"].shape[0]
-    return losses.bradley_terry_loss(scores[:half], scores[half:])
+    return losses.bradley_terry_loss(scores[:half], scores[half:], pair_weights=pair_presence(batch))
 
 
 def stage_loss(config: Config, graphdef) -> LossFn:
