@@ -98,8 +98,12 @@ def test_a_kto_eval_counts_each_example_once_and_padding_leaves_the_reference_po
     _, reference = model_lib.init_model(config.model, 1)
     last = batches[-1]
     alone = {k: v[:2] for k, v in last.items()}
-    kl = lambda b: float(steps_lib.kto_loss(graphdef, params, b, reference, beta=0.1, desirable_weight=1.0,  # noqa: E731
-                                            undesirable_weight=1.0)[2]["kl_reference"])
+
+    def kl(batch):
+        return float(steps_lib.kto_loss(graphdef, params, batch, reference, beta=0.1, desirable_weight=1.0,
+                                        undesirable_weight=1.0)[2]["kl_reference"])
+
+    # Same rows, another batch shape: float32 reordering only.
     assert kl(last) == pytest.approx(kl(alone), rel=1e-5, abs=1e-7)
 
 
