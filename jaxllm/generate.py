@@ -563,7 +563,9 @@ def _read_prompt_records(path: Path) -> list[dict]:
 
 
 def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:
-    """(display text, token ids): chat records through the chat template, plain text as BOS + text."""
+    """(display text, token ids): chat records through the chat template, plain text after the
+    tokenizer's own prefix (`prefix_ids`: BOS for jaxllm's and Llama's tokenizers, nothing for Qwen's,
+    as `transformers` encodes it; never the EOS that stands in for a missing BOS)."""
     from jaxllm.data.chat import prompt_ids, render_text, validate_messages
 
     if "messages" in record or isinstance(record.get("prompt"), list):
@@ -575,7 +577,7 @@ def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:
     if chat:
         messages = [{"role": "user", "content": text}]
         return text, prompt_ids(messages, tokenizer)
-    return text, [tokenizer.bos_id, *tokenizer.encode(text)]
+    return text, [*getattr(tokenizer, "prefix_ids", (tokenizer.bos_id,)), *tokenizer.encode(text)]
 
 
 def generate_main(argv: list[str]) -> int:

@@ -175,13 +175,17 @@ def sequence_logprobs(token_lp: jax.Array, weights: jax.Array) -> jax.Array:
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
              reference_rejected: jax.Array, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> LossOutput:
+             label_smoothing: float = 0.0, pair_weights: jax.Array | None = None) -> LossOutput:
     """DPO (Rafailov et al. 2023) and variants from per-sequence log-probs [B].
 
     sigmoid: -(1-ε) log σ(β h) - ε log σ(-β h), h = (π_c - ref_c) - (π_r - ref_r)  (ε: label smoothing)
     ipo:     (h - 1/(2β))²                                        (Azar et al. 2023)
     hinge:   max(0, 1 - β h)                                       (SLiC)
-    Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    The log-probs are *summed* over each answer's tokens (`sequence_logprobs`), for IPO too: h is the
+    summed log-ratio, not the per-token average some IPO implementations use, so the IPO target 1/(2β)
+    applies to whole sequences. pair_weights [B]: 1 for a pair, 0 for a padding row (absent from every
+    sum and count; default all 1). Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    present = _presence(pair_weights, policy_chosen)
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     h = chosen_ratio - rejected_ratio
@@ -195,15 +199,22 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
         raise ValueError(f"unknown DPO loss type '{loss_type}'; use sigmoid, ipo or hinge")
     chosen_reward = beta * chosen_ratio
     rejected_reward = beta * rejected_ratio
-    count = jnp.asarray(losses.shape[0], jnp.float32)
+    count = jnp.sum(present)
     metrics = {
         "pairs": count,
-        "reward_chosen_sum": jnp.sum(chosen_reward),
-        "reward_rejected_sum": jnp.sum(rejected_reward),
-        "reward_margin_sum": jnp.sum(chosen_reward - rejected_reward),
-        "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "reward_chosen_sum": jnp.sum(chosen_reward * present),
+        "reward_rejected_sum": jnp.sum(rejected_reward * present),
+        "reward_margin_sum": jnp.sum((chosen_reward - rejected_reward) * present),
+        "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32) * present),
     }
-    return jnp.sum(losses), count, metrics
+    return jnp.sum(losses * present), count, metrics
+
+
+def _presence(weights: jax.Array | None, like: jax.Array) -> jax.Array:
+    """[B] float32 1/0 row presence (all ones when None)."""
+    if weights is None:
+        return jnp.ones(like.shape, jnp.float32)
+    return (weights > 0).astype(jnp.float32)
 
 
 def kto_loss(policy_logprobs: jax.Array, reference_logprobs: jax.Array, labels: jax.Array, kl_reference: jax.Array,
@@ -230,16 +241,18 @@ def kto_loss(policy_logprobs: jax.Array, reference_logprobs: jax.Array, labels: 
     return jnp.sum(losses), count, metrics
 
 
-def bradley_terry_loss(reward_chosen: jax.Array, reward_rejected: jax.Array) -> LossOutput:
-    """Reward-model loss -log σ(r_c - r_r) on scalar rewards [B]."""
+def bradley_terry_loss(reward_chosen: jax.Array, reward_rejected: jax.Array,
+                       pair_weights: jax.Array | None = None) -> LossOutput:
+    """Reward-model loss -log σ(r_c - r_r) on scalar rewards [B]; pair_weights [B] as in dpo_loss."""
+    present = _presence(pair_weights, reward_chosen)
     losses = -jax.nn.log_sigmoid(reward_chosen - reward_rejected)
-    count = jnp.asarray(losses.shape[0], jnp.float32)
+    count = jnp.sum(present)
     metrics = {
         "pairs": count,
-        "preference_correct_sum": jnp.sum((reward_chosen > reward_rejected).astype(jnp.float32)),
-        "reward_margin_sum": jnp.sum(reward_chosen - reward_rejected),
+        "preference_correct_sum": jnp.sum((reward_chosen > reward_rejected).astype(jnp.float32) * present),
+        "reward_margin_sum": jnp.sum((reward_chosen - reward_rejected) * present),
     }
-    return jnp.sum(losses), count, metrics
+    return jnp.sum(losses * present), count, metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,10 +269,43 @@ def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     return register
 
 
+def centered(values: jax.Array, axis: int = -1) -> jax.Array:
+    """values minus their mean along `axis`, computed so that identical values give exactly 0.
+
+    A float32 mean of n identical values can be 1 ulp off (the running sum rounds), so `x - mean(x)`
+    would be ~1e-7 instead of 0. Subtracting the first element before averaging makes every term of an
+    all-equal slice exactly 0 (x - x == 0 in IEEE arithmetic); the mean is shift-invariant, so the
+    result is otherwise the same. values [..., n] -> [..., n] (same shape and dtype)."""
+    shifted = values - jax.lax.slice_in_dim(values, 0, 1, axis=axis)
+    return shifted - jnp.mean(shifted, axis=axis, keepdims=True)
+
+
+def standardized(values: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+    """(x - mean) / (population std + eps) along `axis`; exactly 0 for a slice of identical values
+    (see `centered`), never x / eps. values [..., n] -> [..., n]."""
+    deviation = centered(values, axis)
+    std = jnp.sqrt(jnp.mean(jnp.square(deviation), axis=axis, keepdims=True))  # population std (ddof=0)
+    return jnp.where(std > 0, deviation / (std + eps), 0.0)
+
+
+def whitened(values: jax.Array, weights: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """PPO advantage whitening over the weighted entries: (x - mean) / (population std + eps), means
+    taken over entries with weight > 0 (answer tokens), 0 elsewhere. values, weights [B,T] -> [B,T].
+    Exactly 0 when every weighted value is equal (shifted by the first weighted value, see `centered`)."""
+    mask = (weights > 0).astype(values.dtype)
+    reference = values.reshape(-1)[jnp.argmax(mask.reshape(-1))]
+    shifted = (values - reference) * mask
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    deviation = (shifted - jnp.sum(shifted) / count) * mask
+    std = jnp.sqrt(jnp.sum(jnp.square(deviation)) / count)
+    return jnp.where(std > 0, deviation / (std + eps), 0.0)
+
+
 @register_advantage("reinforce")
 def reinforce_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
-    """REINFORCE with a baseline: reward minus the batch-mean reward. rewards [B] -> [B]."""
-    return rewards - jnp.mean(rewards)
+    """REINFORCE with a baseline: reward minus the batch-mean reward (exactly 0 when all rewards are
+    equal, see `centered`). rewards [B] -> [B]."""
+    return centered(rewards)
 
 
 @register_advantage("rloo")
@@ -269,18 +315,19 @@ def rloo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
     if group_size < 2:
         return reinforce_advantages(rewards, group_size)
     grouped = rewards.reshape(-1, group_size)
+    grouped = grouped - grouped[:, :1]  # shift-invariant; makes an all-equal group exactly 0 (see `centered`)
     others = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
     return (grouped - others).reshape(-1)
 
 
 @register_advantage("grpo")
 def grpo_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
-    """GRPO: (r - mean of its group) / (std of its group + eps). A group whose rewards are all equal
-    gets zero advantage, hence zero gradient."""
-    grouped = rewards.reshape(-1, group_size)
-    mean = jnp.mean(grouped, axis=1, keepdims=True)
-    std = jnp.std(grouped, axis=1, keepdims=True)
-    return ((grouped - mean) / (std + eps)).reshape(-1)
+    """GRPO (Shao et al. 2024): (r - mean of its group) / (population std of its group + eps), the std
+    with ddof=0 as in the paper's reference code. rewards [P*G] grouped contiguously -> [P*G].
+    A group whose rewards are all equal gets exactly zero advantage, hence no gradient, whatever its
+    size and value (see `standardized`: a naive float32 mean is 1 ulp off, and dividing that by
+    std + eps ~ 1e-6 gave every member of such a group an advantage of ~0.1 with one sign)."""
+    return standardized(rewards.reshape(-1, group_size), axis=1, eps=eps).reshape(-1)
 
 
 def equal_reward_groups(rewards: jax.Array, group_size: int) -> jax.Array:
@@ -338,7 +385,9 @@ def clipped_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, reference_
 
     logprobs/old_logprobs/reference_logprobs [B,T]; advantages [B] (per sequence) or [B,T] (per token);
     weights [B,T] answer tokens. Loss per token: -(min(ρA, clip(ρ, 1±ε)A) - β KL), summed; the
-    denominator is the number of answer tokens."""
+    denominator is the number of answer tokens in the whole batch: a token-level mean over the batch
+    (every answer token weighs the same, as in DAPO/Dr. GRPO), not the GRPO paper's mean over each
+    sequence's tokens followed by a mean over sequences."""
     if advantages.ndim == 1:
         advantages = advantages[:, None]
     ratio = jnp.exp(logprobs - old_logprobs)

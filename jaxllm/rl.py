@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import re
 import sys
 import time
@@ -372,10 +371,8 @@ def ppo_advantages(rewards: np.ndarray, old_logprobs: np.ndarray, reference_logp
     token_rewards[np.arange(len(rewards)), last] += rewards * (weights.sum(axis=1) > 0)
     advantages, returns = _gae_jit(token_rewards, values, weights, gamma=gamma, lam=lam)
     advantages, returns = np.asarray(advantages), np.asarray(returns)
-    count = max(weights.sum(), 1.0)
-    mean = (advantages * weights).sum() / count
-    std = math.sqrt(((advantages - mean) ** 2 * weights).sum() / count)
-    return ((advantages - mean) / (std + 1e-6) * weights).astype(np.float32), returns.astype(np.float32)
+    whitened = np.asarray(losses.whitened(jnp.asarray(advantages), jnp.asarray(weights)))
+    return whitened.astype(np.float32), returns.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,9 +520,10 @@ class RLStage:
         for number, prompt_batch in enumerate(self.eval_prompts):
             samples, rows, _ = self.sample(params, prompt_batch, self.greedy, 1, jax.random.key(number))
             values, _ = self.rewards(samples, rows, params)
-            rewards.extend(values.tolist())
-            lengths.extend(len(s.completion_ids) for s in samples)
-            done.extend(s.finished for s in samples)
+            present = np.asarray(prompt_batch.get("present", np.ones(len(samples), bool)))  # not a wrapped repeat
+            rewards.extend(np.asarray(values)[present].tolist())
+            lengths.extend(len(s.completion_ids) for s, keep in zip(samples, present) if keep)
+            done.extend(s.finished for s, keep in zip(samples, present) if keep)
         return {"reward_mean": float(np.mean(rewards)), "answer_length": float(np.mean(lengths)),
                 "finished_fraction": float(np.mean(done)), "prompts": float(len(rewards))}
 
@@ -563,8 +561,20 @@ def _default_eval_prompts(config: Config, tokenizer) -> list[dict]:
     if not tokenizer or config.train.eval_batches < 1:
         return []
     iterator = make_batch_iterator(config, tokenizer, "eval", prefetch=0, data_format="prompts")
-    count = min(config.train.eval_batches, max(len(iterator.prompts) // iterator.host_batch_size, 1))
-    return [iterator.batch_at(k) for k in range(count)]
+    return eval_prompt_batches(iterator, config.train.eval_batches)
+
+
+def eval_prompt_batches(iterator, num_batches: int) -> list[dict]:
+    """Up to num_batches prompt batches covering the eval prompts in order, each prompt once: the last
+    batch is filled by wrapping around (generation needs full batches) and its "present" [host batch]
+    bool marks the real rows, so the wrapped repeats are left out of the eval metrics."""
+    prompts, global_batch = len(iterator.prompts), iterator.global_batch_size
+    count = min(num_batches, -(-prompts // global_batch))
+    batches = []
+    for k in range(count):
+        slots = k * global_batch + iterator.offset + np.arange(iterator.host_batch_size)
+        batches.append({**iterator.batch_at(k), "present": slots < prompts})
+    return batches
 
 
 def update_batch_spec(config: Config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -55,6 +55,18 @@ def sequence_logprobs(graphdef, params, tokens, positions, segment_ids, loss_mas
     return losses.sequence_logprobs(losses.token_logprobs(logits, tokens), weights)
 
 
+def row_presence(loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B,T] -> [B] float32: 1 for a row with at least one target token, 0 for a padding row (e.g. the
+    fill of a last, partial eval batch), which must count as absent in every per-row loss and count."""
+    return (jnp.sum(losses.target_weights(loss_mask, segment_ids), axis=1) > 0).astype(jnp.float32)
+
+
+def pair_presence(batch: Batch) -> jax.Array:
+    """[B] 1 for a preference pair with any answer token on either side, 0 for a padding pair."""
+    return jnp.maximum(row_presence(batch["chosen_loss_mask"], batch["chosen_segment_ids"]),
+                       row_presence(batch["rejected_loss_mask"], batch["rejected_segment_ids"]))
+
+
 def pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed answer log-probs of a pair batch's chosen and rejected rows ([B], [B]), from one forward
     pass over both."""

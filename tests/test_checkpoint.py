@@ -40,6 +40,7 @@ def test_interrupted_runs_resume_to_the_same_losses_and_params(tmp_path):
     for _ in range(3):  # three "preemptions" of 3 steps each
         _train(config, tmp_path / "resumed", max_steps_this_run=3)
     assert ckpt.latest_step(tmp_path / "resumed") == 9
+    # Bit-exact: the same program on the same machine, resumed from exact checkpoints.
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
     mesh = sharding_lib.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     _, abstract = model_lib.abstract_model(config.model)

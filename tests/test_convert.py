@@ -80,6 +80,8 @@ def test_converted_model_logits_match_transformers(tmp_path, name):
     tokens = _tokens(SIZES["vocab_size"])
     got, expected = _jax_logits(conversion.model, params, tokens), _hf_logits(hf_model, tokens)
     assert got.shape == expected.shape
+    # Two implementations (PyTorch eager vs XLA) of the same float32 network: logits of order 1 differ by
+    # reordered sums (a few ulps per term); 1e-4 absolute leaves room for other CPUs' kernels.
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     if name == "mistral_window":
         assert conversion.model.max_seq_len == 32 and any("sliding_window" in n for n in conversion.notes)
@@ -127,6 +129,7 @@ def test_round_trip_jaxllm_to_hf_to_jaxllm_is_bit_exact(tmp_path, fields):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tokens = _tokens(96, seed=3)
     np.testing.assert_allclose(_hf_logits(hf_model, tokens), _jax_logits(model_config, params, tokens), atol=1e-4)
+    # Export then import copies the same float32 arrays: bit-exact.
     back = convert.from_hf(hf_dir, tmp_path / "back", log=lambda _: None)
     _, reloaded = convert.load_workdir_params(back)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reloaded)
@@ -279,3 +282,42 @@ def test_sentencepiece_tokenizer_model_matches_transformers_llama_tokenizer(tmp_
         ids = ours.encode(text)
         assert ids == theirs.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    # The add-BOS rule (what `jaxllm generate --prompt` puts first) as transformers encodes a text:
+    # tokenizer_config.json's add_bos_token when present (Llama 2 says true), else nothing.
+    for add_bos in (None, True, False):
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        config.pop("add_bos_token", None)
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            config if add_bos is None else {**config, "add_bos_token": add_bos}))
+        ours, theirs = HFTokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+        assert ours.prefix_ids == ((1,) if add_bos else ()), add_bos
+        assert [*ours.prefix_ids, *ours.encode(MIXED_TEXT)] == theirs.encode(MIXED_TEXT), add_bos
+
+
+def _with_bos_template(source, directory):
+    """The BPE folder of `source` re-saved with a Llama-3-style post-processor that prepends a BOS."""
+    fast = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    bos = fast.token_to_id("<|im_start|>")
+    fast.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", bos)])
+    directory.mkdir()
+    fast.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return bos
+
+
+def test_generate_prompts_follow_the_tokenizers_own_add_bos_rule_like_transformers(tmp_path):
+    from jaxllm.generate import _prompt_ids
+    from jaxllm.hf_tokenizer import HFTokenizer
+
+    _bpe_tokenizer_folder(tmp_path / "qwen", QWEN_STYLE_TEMPLATE)  # no BOS token: EOS stands in for bos_id
+    bos = _with_bos_template(tmp_path / "qwen", tmp_path / "llama3")
+    for name, expected_prefix in (("qwen", ()), ("llama3", (bos,))):
+        ours = HFTokenizer.load(tmp_path / name)
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
+        for text in ("The quick brown fox", MIXED_TEXT):
+            ids = _prompt_ids({"text": text}, ours, chat=False)[1]
+            assert ids == theirs.encode(text), (name, text)  # transformers' add_special_tokens=True
+            assert ids[0] != ours.eos_id, (name, text)  # never EOS standing in for a missing BOS
+        assert ours.prefix_ids == expected_prefix, name

@@ -48,6 +48,8 @@ def test_same_seed_and_config_give_bit_identical_losses_on_one_device(one_device
 def test_eight_device_mesh_matches_one_device_within_tolerance_and_itself_bit_for_bit(one_device_run, tmp_path):
     losses, _ = one_device_run
     eight, eight_eval = _run(tmp_path / "eight", 8)
+    # Losses only (not post-Adam params, see tests/helpers.py): reordered float32 sums, and an Adam update
+    # flipped by a last-bit gradient difference moves a loss by that element's near-zero gradient times lr.
     np.testing.assert_allclose(eight, losses, rtol=2e-5)
     again, again_eval = _run(tmp_path / "eight_again", 8)
     assert again == eight and again_eval == eight_eval

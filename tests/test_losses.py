@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from jaxllm import losses
 
@@ -161,3 +163,67 @@ def test_gradients_of_losses_are_finite(rng):
     x = jnp.asarray(rng.normal(size=4).astype(np.float32))
     grad = jax.grad(lambda a: losses.dpo_loss(a, x, x, x)[0])(x)
     assert np.all(np.isfinite(grad))
+
+
+# An all-equal group (e.g. every answer wrong but finished: all 0.1) must give exactly zero advantage:
+# a naive float32 mean of identical values is 1 ulp off, and dividing by std + eps amplified it to ~0.1.
+_EQUAL_REWARDS = st.one_of(st.sampled_from([0.0, 0.1, 1.1, 1e3, -0.1, -1.1, -1e3, 0.3, 1 / 3]),
+                           st.floats(-1e4, 1e4, width=32))
+# Jitted (one compilation per shape instead of one per eager op): keeps each example ~0.1 s.
+_ESTIMATORS = {name: jax.jit(fn, static_argnums=1) for name, fn in losses.ADVANTAGE_ESTIMATORS.items()}
+_EQUAL_GROUPS = jax.jit(losses.equal_reward_groups, static_argnums=1)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(value=_EQUAL_REWARDS, group_size=st.integers(2, 64))
+@example(value=1.1, group_size=16).via("issue 16: -0.1065 each")
+@example(value=0.1, group_size=8).via("issue 16: -0.0074 each")
+@example(value=1e3, group_size=7)
+@example(value=-1.1, group_size=64)
+def test_a_group_of_equal_rewards_has_exactly_zero_advantage(value, group_size):
+    rewards = jnp.full((2 * group_size,), value, jnp.float32)  # two groups of `group_size` equal rewards
+    for estimator in ("grpo", "rloo", "reinforce"):
+        advantages = np.asarray(_ESTIMATORS[estimator](rewards, group_size))
+        assert np.all(advantages == 0.0), (estimator, advantages)
+    assert float(_EQUAL_GROUPS(rewards, group_size)) == 1.0
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(value=_EQUAL_REWARDS, group_size=st.integers(2, 64))
+def test_equal_groups_stay_exactly_zero_beside_groups_that_differ(value, group_size):
+    equal = np.full((group_size,), value, np.float32)
+    varied = equal.copy()
+    varied[-1] = np.float32(value + 1.0)
+    rewards = jnp.asarray(np.concatenate([equal, varied]))
+    for estimator in ("grpo", "rloo"):
+        advantages = np.asarray(_ESTIMATORS[estimator](rewards, group_size))
+        assert np.all(advantages[:group_size] == 0.0), (estimator, advantages)
+        assert advantages[-1] > 0 and np.all(advantages[group_size:-1] < 0), (estimator, advantages)
+    assert float(_EQUAL_GROUPS(rewards, group_size)) == 0.5
+
+
+def test_grpo_matches_the_naive_formula_on_distinct_rewards(rng):
+    rewards = rng.normal(size=(4 * 16,)).astype(np.float32)
+    grouped = rewards.reshape(4, 16).astype(np.float64)
+    expected = (grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, keepdims=True) + 1e-6)  # population std
+    # float32 against a float64 reference: a few ulps of values of order 1.
+    np.testing.assert_allclose(losses.grpo_advantages(jnp.asarray(rewards), 16), expected.ravel(), rtol=1e-5,
+                               atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(value=_EQUAL_REWARDS, answer_start=st.integers(0, 15))
+def test_ppo_whitening_of_equal_advantages_is_exactly_zero(value, answer_start):
+    weights = (np.arange(16)[None] >= answer_start).astype(np.float32).repeat(3, 0)  # [3, 16] answer tokens
+    values = np.full((3, 16), value, np.float32)
+    assert np.all(np.asarray(jax.jit(losses.whitened)(jnp.asarray(values), jnp.asarray(weights))) == 0.0)
+
+
+def test_ppo_whitening_has_zero_mean_and_unit_population_std_on_the_answer_tokens(rng):
+    values = rng.normal(3.0, 2.0, size=(3, 10)).astype(np.float32)
+    weights = (rng.random((3, 10)) < 0.6).astype(np.float32)
+    out = np.asarray(losses.whitened(jnp.asarray(values), jnp.asarray(weights)))
+    answer = out[weights > 0]
+    assert np.all(out[weights == 0] == 0)
+    # float32 sums of ~18 values of order 1: 1e-5 is ~100 ulps; eps=1e-6 shifts the std by ~5e-7 relative.
+    np.testing.assert_allclose([answer.mean(), answer.std()], [0.0, 1.0], atol=1e-5)

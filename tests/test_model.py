@@ -48,6 +48,8 @@ def test_implementations_agree_with_reference(params, impl):
     got = _forward(impl, params, tokens, positions, segments)
     chex.assert_shape(got, (2, 32, 64))
     assert got.dtype == jnp.float32
+    # Another implementation of the same float32 attention (block order, fused softmax): logits of order 1
+    # differ by reordering only; 2e-5 is ~100 ulps (see tests/helpers.py on cross-program comparisons).
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import chex
 import jax
 import numpy as np
 
-from helpers import SyntheticIterator
+from helpers import SyntheticIterator, assert_adam_trained_params_close
 from multihost_config import STEPS, multihost_config
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import train as train_lib
 from jaxllm.config import MeshConfig
@@ -86,6 +86,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one_proce
     # The two processes trained exactly like the one.
     one_losses, two_losses = _losses(tmp_path / "one_process"), _losses(tmp_path / "two_processes")
     assert len(two_losses) == STEPS
+    # gloo all-reduces sum in another order than one process: float32 reordering only (see helpers).
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
 
     # The 2-process checkpoint resumes in one process, onto another mesh (a single device).
@@ -96,6 +97,8 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one_proce
     assert resumed.resumed_from == STEPS and int(resumed.state.step) == STEPS
     reference = train_lib.setup(config, tmp_path / "one_process", mesh=one_device, tokenizer=False,
                                 log=lambda *_: None)
-    chex.assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(reference.state.params),
-                                atol=1e-5, rtol=1e-5)
+    # Params after STEPS AdamW steps whose gradients differ in the last bits: the Adam drift bound
+    # elementwise and tight in norm (a fixed 1e-5 is within one flipped near-zero-gradient update; issue 16).
+    initial = model_lib.init_model(config.model, config.train.seed)[1]
+    assert_adam_trained_params_close(resumed.state.params, reference.state.params, initial, config, STEPS)
     assert resumed.data_state == {"index": STEPS}

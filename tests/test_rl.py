@@ -163,6 +163,7 @@ def test_rl_resumes_to_the_same_rewards_as_a_straight_run(tmp_path):
                         mesh=one_device(), tokenizer=False, batch_iterator=ToyPrompts(4), eval_prompts=[],
                     reward_functions={"target": target_count}, max_steps_this_run=1, **QUIET)
     curve = lambda name: [r["reward_mean"] for r in train_lib.read_metrics(tmp_path / name)]  # noqa: E731
+    # Same program, same machine: rewards (counts of target tokens over fixed rollouts) agree to rounding.
     np.testing.assert_allclose(curve("straight"), curve("resumed"), rtol=1e-6)
 
 

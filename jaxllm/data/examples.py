@@ -51,8 +51,9 @@ class StageRows:
         batch: dict[str, np.ndarray] = {}
         for prefix, part in self.parts.items():
             batch.update(part.batch(rows, prefix, join_documents))
-        if self.labels is not None:
-            batch["label"] = self.labels[np.asarray(rows, dtype=np.int64)].astype(np.float32)
+        if self.labels is not None:  # a padding row (negative index) has label 0: neither good nor bad
+            rows = np.asarray(rows, dtype=np.int64)
+            batch["label"] = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(np.float32)
         return batch
 
     def to_arrays(self) -> dict[str, np.ndarray]:

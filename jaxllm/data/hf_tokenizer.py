@@ -7,7 +7,8 @@
 
 Same interface as jaxllm's own tokenizer: `encode` (no BOS/EOS added; special-token strings in the text
 become their ids), `encode_batch`, `decode` (pad/BOS/EOS dropped, other special tokens kept as text),
-`vocab_size`, `pad_id`, `bos_id`, `eos_id`, `unk_id`, `piece`, `piece_bytes`, `fingerprint`. Models
+`vocab_size`, `pad_id`, `bos_id`, `eos_id`, `unk_id`, `piece`, `piece_bytes`, `fingerprint`, and
+`prefix_ids`: what the tokenizer itself puts before a plain text (its add-BOS rule; empty for Qwen). Models
 without a BOS token use their EOS id for `bos_id` (Qwen's `<|endoftext|>` does both jobs); models without
 a pad token pad with EOS (padding is masked by segment ids, so the id does not matter).
 
@@ -91,6 +92,16 @@ class _TokenizersBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def special_prefix(self) -> list[int]:
+        """The ids the tokenizer's post-processor puts before a text (e.g. Llama 3's <|begin_of_text|>;
+        none for Qwen), found by encoding a probe text with and without special tokens."""
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        full = self.tokenizer.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -202,11 +213,24 @@ class _SentencePieceBackend:
         return max([self.first.GetPieceSize(), *(i + 1 for i in self.added.values())])
 
 
+def _prefix_ids(backend, bos: int | None, config: dict[str, Any]) -> list[int]:
+    """The ids `transformers` (5.x) prepends to a plain text: [bos] or [] as tokenizer_config.json's
+    "add_bos_token" says (Llama 2, Mistral and Gemma folders say true); without that key, what a
+    tokenizer.json post-processor adds (a TemplateProcessing "<bos> $A" gives [bos]; Qwen's adds
+    nothing), and nothing for a bare sentencepiece model. Never the EOS that stands in for a missing BOS."""
+    add_bos = config.get("add_bos_token")
+    if isinstance(add_bos, bool) and bos is not None:
+        return [bos] if add_bos else []
+    if isinstance(backend, _TokenizersBackend):
+        return backend.special_prefix()
+    return []
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer with jaxllm's tokenizer interface (see the module docstring)."""
 
     def __init__(self, backend, special: dict[str, int | None], template: str | None, name: str,
-                 fingerprint: str, special_texts: dict[str, str]):
+                 fingerprint: str, special_texts: dict[str, str], prefix_ids: Sequence[int] = ()):
         self._backend = backend
         self.name = name
         self.fingerprint = fingerprint
@@ -218,6 +242,7 @@ class HFTokenizer:
         self._bos = special.get("bos") if special.get("bos") is not None else eos
         self._pad = special.get("pad") if special.get("pad") is not None else eos
         self._unk = special.get("unk")
+        self.prefix_ids = tuple(prefix_ids)  # what `transformers` puts before a plain text (its add-BOS rule)
         self.special_texts = special_texts
         self.has_chat_template = template is not None
         self.chat_template = HFChatTemplate(template or DEFAULT_TEMPLATE, self)
@@ -269,7 +294,7 @@ class HFTokenizer:
                 texts[f"{role}_token"] = text
         template = _read_template(directory, config)
         digest = hashlib.sha256(fingerprint_bytes + (template or "").encode()).hexdigest()[:16]
-        return cls(backend, ids, template, str(directory), digest, texts)
+        return cls(backend, ids, template, str(directory), digest, texts, _prefix_ids(backend, ids.get("bos"), config))
 
     # -- ids ---------------------------------------------------------------------------------------
     @property

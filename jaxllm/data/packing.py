@@ -43,17 +43,21 @@ class PackedRows:
         """The rows as a batch dict: tokens, positions, segment_ids, loss_mask (float32), example_ids.
 
         join_documents: every row is one attention segment (its documents see the ones before them and
-        positions run across the row, GPT-2 style) instead of one segment per document."""
+        positions run across the row, GPT-2 style) instead of one segment per document.
+        A negative row index gives a padding row: all padding (segment 0, pad token 0, loss mask 0,
+        example_ids -1), so it adds nothing to any loss sum or count (fills a last, partial eval batch)."""
         rows = np.asarray(rows, dtype=np.int64)
-        segment_ids = self.segment_ids[rows].astype(np.int32)
+        present = (rows >= 0)[:, None]
+        rows = np.where(rows >= 0, rows, 0)
+        segment_ids = np.where(present, self.segment_ids[rows], 0).astype(np.int32)
         if join_documents:
             segment_ids = (segment_ids > 0).astype(np.int32)
         return {
-            f"{prefix}tokens": self.tokens[rows].astype(np.int32),
+            f"{prefix}tokens": np.where(present, self.tokens[rows], 0).astype(np.int32),
             f"{prefix}positions": positions_from_segments(segment_ids),
             f"{prefix}segment_ids": segment_ids,
-            f"{prefix}loss_mask": self.loss_mask[rows].astype(np.float32),
-            "example_ids": self.example_ids[rows].astype(np.int32),
+            f"{prefix}loss_mask": np.where(present, self.loss_mask[rows], 0).astype(np.float32),
+            "example_ids": np.where(present, self.example_ids[rows], -1).astype(np.int32),
         }
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -343,6 +343,7 @@ class PromptIterator(_SteppedIterator):
                          global_batch_size, prefetch)
         self.prompts = prompts
         self.host_batch_size = indices.host_batch_size
+        self.offset = indices.offset  # this host's first slot in each global batch
 
 
 def load_prompts(source: str, tokenizer: Tokenizer | None = None, *, on_bad_record: str = "fail",
@@ -410,7 +411,8 @@ def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: i
                       process_index: int = 0, process_count: int = 1, *,
                       data_format: str) -> list[dict[str, np.ndarray]]:
     """Deterministic eval batches (rows in order, no shuffling): up to `num_batches` (default
-    train.eval_batches), fewer when the eval rows run out; the last batch is filled by wrapping around."""
+    train.eval_batches), fewer when the eval rows run out. Every row is used at most once: the last
+    batch is filled with padding rows (see PackedRows.batch), which every loss counts as absent."""
     tokenizer = tokenizer or Tokenizer.load(config.data.tokenizer)
     check_vocab(tokenizer, config.model.vocab_size)
     if data_format == "prompts":
@@ -424,7 +426,8 @@ def make_eval_batches(config, tokenizer: Tokenizer | None = None, num_batches: i
     batches = []
     for index in range(count):
         start = index * config.train.batch_size + process_index * host_batch
-        batches.append(rows.batch((start + np.arange(host_batch)) % rows.num_rows, join))
+        indices = start + np.arange(host_batch)
+        batches.append(rows.batch(np.where(indices < rows.num_rows, indices, -1), join))
     return batches
 
 

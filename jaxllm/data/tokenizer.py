@@ -97,6 +97,11 @@ class Tokenizer:
         return BOS_ID
 
     @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """The ids put before a plain text (a prompt to continue): BOS."""
+        return (BOS_ID,)
+
+    @property
     def eos_id(self) -> int:
         return EOS_ID
 

@@ -22,7 +22,8 @@ def dpo_loss(graphdef, params, batch: dict, reference_params, *, beta: float, lo
     else:
         ref_chosen, ref_rejected = steps.pair_logprobs(graphdef, jax.lax.stop_gradient(reference_params), batch)
     return losses.dpo_loss(policy_chosen, policy_rejected, jax.lax.stop_gradient(ref_chosen),
-                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing)
+                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing,
+                           pair_weights=steps.pair_presence(batch))
 
 
 def _loss(config: Config, graphdef) -> LossFn:

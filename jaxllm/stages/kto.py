@@ -17,12 +17,14 @@ def kto_loss(graphdef, params, batch: dict, reference_params, *, beta: float, de
              undesirable_weight: float):
     """KTO on thumbs up/down (batch["label"] [B]: +1 / -1). The reference point z0 is the batch mean of
     log pi/ref over all its completions (detached, clamped at 0): a cheap stand-in for the paper's
-    mismatched-pair KL."""
+    mismatched-pair KL. Padding rows (no answer token) are absent: label 0 and left out of z0's mean."""
     args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
     policy = steps.sequence_logprobs(graphdef, params, *args)
     reference = jax.lax.stop_gradient(steps.sequence_logprobs(graphdef, reference_params, *args))
-    kl_reference = jnp.mean(jax.lax.stop_gradient(policy) - reference)
-    return losses.kto_loss(policy, reference, batch["label"], kl_reference, beta, desirable_weight,
+    present = steps.row_presence(batch["loss_mask"], batch["segment_ids"])
+    kl_reference = losses.safe_mean(jnp.sum((jax.lax.stop_gradient(policy) - reference) * present),
+                                    jnp.sum(present))
+    return losses.kto_loss(policy, reference, batch["label"] * present, kl_reference, beta, desirable_weight,
                            undesirable_weight)
 
 

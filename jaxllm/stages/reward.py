@@ -20,7 +20,7 @@ def reward_loss(graphdef, params, batch: dict, reference_params=None):
     joined = [jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in fields]
     scores = steps.sequence_scores(graphdef, params, *joined, head=HEAD)
     half = batch["chosen_tokens"].shape[0]
-    return losses.bradley_terry_loss(scores[:half], scores[half:])
+    return losses.bradley_terry_loss(scores[:half], scores[half:], pair_weights=steps.pair_presence(batch))
 
 
 def _loss(config: Config, graphdef) -> LossFn:
