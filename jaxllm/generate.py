@@ -39,6 +39,7 @@ import numpy as np
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm.config import Config, ModelConfig
+from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
 
 Params = dict[str, Any]
@@ -542,24 +543,16 @@ def settings_from_args(args: argparse.Namespace, tokenizer, extra_stop_ids: Sequ
 
 def _read_prompt_records(path: Path) -> list[dict]:
     """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text
-    (one prompt a line)."""
+    (one prompt a line), read by the data layer's record reader."""
     if not path.is_file():
         raise UsageError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
+    records = list(iter_records(f"jsonl:{path}" if path.suffix == ".jsonl" else f"lines:{path}"))
+    if not records:
         raise UsageError(f"prompts file {path} is empty")
-    if path.suffix != ".jsonl":
-        return [{"text": line} for line in lines]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not any(k in record for k in ("prompt", "messages", "text")):
-            raise UsageError(f"{path}:{number}: a prompt record needs a 'prompt', 'messages' or 'text' field")
-        records.append(record)
-    return records
+    for record in records:
+        if not any(k in record.data for k in ("prompt", "messages", "text")):
+            raise UsageError(f"{record.where}: a prompt record needs a 'prompt', 'messages' or 'text' field")
+    return [record.data for record in records]
 
 
 def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:

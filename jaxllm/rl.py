@@ -47,6 +47,7 @@ from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.pipeline import make_batch_iterator
+from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
 
 PAD_ID, EOS_ID = generate_lib.PAD_ID, generate_lib.EOS_ID
@@ -683,13 +684,7 @@ def score_main(argv: list[str]) -> int:
     path = Path(args.input)
     if not path.is_file():
         raise UsageError(f"input file {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    records = [(record.where, record.data) for record in iter_records(f"jsonl:{path}")]
     if not records:
         raise UsageError(f"input file {path} has no records")
     config, graphdef, params, tokenizer = generate_lib.load_model_for_inference(args.checkpoint)

@@ -174,21 +174,12 @@ def build_request(record, mode: str, tokenizer, room: int, *, instruction: str =
 def read_inputs(path_or_source: str, mode: str, text_field: str = "text") -> Iterator:
     """Input records as a stream (jaxllm.data.sources.Record). A plain text file holds one prompt per line
     in distill mode and blank-line separated documents otherwise. A missing input fails here, at once."""
-    from jaxllm.data.sources import Record, iter_records
+    from jaxllm.data.sources import iter_records
     from jaxllm.selection import source_spec
 
     spec = source_spec(path_or_source)
     if mode == "distill" and spec.startswith("text:") and Path(spec[5:]).is_file():
-        path = Path(spec[5:])
-
-        def lines() -> Iterator:
-            number = 0
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, 1):
-                    if line.strip():
-                        yield Record(number, {"prompt": line.strip()}, f"{path}:{line_number}")
-                        number += 1
-        return lines()
+        return iter_records(f"lines:{spec[5:]}", "prompt")
     return iter_records(spec, text_field)
 
 

@@ -50,3 +50,11 @@ def test_parquet_files_are_read_row_by_row(tmp_path):
     records = read_records(f"parquet:{tmp_path / 'pairs.parquet'}")
     assert [r.data for r in records] == rows
     assert [r.data for r in read_records(f"parquet:{tmp_path}")] == rows
+
+
+def test_lines_source_gives_one_record_per_non_empty_line_with_its_line_number(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Where was Ada born?\n\n  What did Bo study?  \n")
+    records = read_records(f"lines:{path}", "prompt")
+    assert [r.data for r in records] == [{"prompt": "Where was Ada born?"}, {"prompt": "What did Bo study?"}]
+    assert [r.where for r in records] == [f"{path}:1", f"{path}:3"] and [r.index for r in records] == [0, 1]

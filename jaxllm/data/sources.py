@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxllm.data.report import DataError
 
-SOURCE_KINDS = ("default", "text", "jsonl", "parquet", "tfds")
+SOURCE_KINDS = ("default", "text", "lines", "jsonl", "parquet", "tfds")
 DEFAULT_DIR = "default"
 # An eval set paired with a default training set (used when data.eval_source is empty).
 DEFAULT_EVAL_PAIRS = {
@@ -62,7 +62,7 @@ def parse_source(spec: str) -> tuple[str, str]:
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not rest:
         raise DataError(f"data source '{spec}' is not understood: use one of "
-                        "default:NAME, text:PATH, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT")
+                        "default:NAME, text:PATH, lines:FILE, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT")
     return kind, rest
 
 
@@ -188,6 +188,18 @@ def _text_block_records(data: bytes, name: str, text_field: str, on_bad: BadReco
             block = []
 
 
+def _line_records(path: Path, text_field: str, on_bad: BadRecord) -> Iterator[Record]:
+    """One record per non-empty line of a text file (prompts, questions), `where` = file:line."""
+    if not path.is_file():
+        raise DataError(f"lines:{path}: no such file")
+    index = 0
+    for line_number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        line = _decode_line(raw.rstrip(b"\r"), f"{path}:{line_number}", on_bad) if raw.strip() else None
+        if line is not None:
+            yield Record(index, {text_field: line.strip()}, f"{path}:{line_number}")
+            index += 1
+
+
 def _text_dir_records(files: list[Path], text_field: str, on_bad: BadRecord) -> Iterator[Record]:
     for index, path in enumerate(files):
         raw = path.read_bytes()
@@ -284,6 +296,8 @@ def iter_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail)
             index += sum(1 for raw in data.split(b"\n") if raw.strip())
     elif kind == "parquet":
         yield from _parquet_records(_data_files(Path(rest), "parquet"))
+    elif kind == "lines":
+        yield from _line_records(Path(rest), text_field, on_bad)
     elif kind == "text":
         path = Path(rest)
         files = _text_files(path)
