@@ -42,12 +42,35 @@ _WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota
                  errno.EROFS: "the file system is read-only"}
 
 
+# What a run writes in its workdir: these directories (when they exist) get a probe file, these files (when
+# they exist) are opened for appending, before step 1.
+RUN_DIRECTORIES = (CHECKPOINT_DIR, "best", "tensorboard")
+RUN_FILES = ("metrics.jsonl", "skipped_batches.jsonl", "config.yaml", "summary.json")
+
+
 def check_writable(workdir: Path) -> None:
-    """Creates the workdir and writes a few bytes there, so an unwritable or full disk is one clear error
-    before any work (WorkdirError: read-only/permissions; CheckpointWriteError: full)."""
-    probe = workdir / f".jaxllm-write-test-{os.getpid()}"
+    """Creates the workdir and probes every directory and file of it that the run writes, so an unwritable
+    or full disk is one clear error before any work (WorkdirError: read-only/permissions; CheckpointWriteError:
+    full). A read-only `checkpoints/` in a writable workdir is caught here, not at the first save."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(workdir, workdir, error) from None
+    for directory in [workdir] + [workdir / name for name in RUN_DIRECTORIES if (workdir / name).is_dir()]:
+        _probe_directory(directory, workdir)
+    for name in RUN_FILES:
+        path = workdir / name
+        if path.is_file():
+            try:
+                with path.open("ab"):
+                    pass
+            except OSError as error:
+                raise _unwritable(path, workdir, error) from None
+
+
+def _probe_directory(directory: Path, workdir: Path) -> None:
+    probe = directory / f".jaxllm-write-test-{os.getpid()}"
+    try:
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as error:
@@ -55,11 +78,16 @@ def check_writable(workdir: Path) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointWriteError(f"cannot write to the workdir {workdir}: {_WRITE_ERRNOS[error.errno]} "
-                                       f"({error.strerror}); free some space or choose another --workdir") from None
-        raise WorkdirError(f"cannot write to the workdir {workdir}: {error.strerror or error}; choose a writable "
-                           "--workdir (or fix its permissions)") from None
+        raise _unwritable(directory, workdir, error) from None
+
+
+def _unwritable(path: Path, workdir: Path, error: OSError) -> Exception:
+    what = "the workdir" if path == workdir else f"{path.name} in the workdir"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"cannot write to {what} {path}: {_WRITE_ERRNOS[error.errno]} "
+                                    f"({error.strerror}); free some space or choose another --workdir")
+    return WorkdirError(f"cannot write to {what} {path}: {error.strerror or error}; choose a writable --workdir "
+                        "(or fix its permissions or mount)")
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how TensorStore (Orbax's array writer) reports errno

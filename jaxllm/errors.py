@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxllm.checkpoint import CheckpointError
 from jaxllm.config import ConfigError
+from jaxllm.files import WorkdirBusy
 from jaxllm.sharding import MeshError
 
 
@@ -19,6 +20,6 @@ def _data_error() -> type[Exception]:
     return DataError
 
 
-USAGE_ERRORS: tuple[type[BaseException], ...] = (ConfigError, MeshError, CheckpointError, UsageError,
+USAGE_ERRORS: tuple[type[BaseException], ...] = (ConfigError, MeshError, CheckpointError, UsageError, WorkdirBusy,
                                                  _data_error(), FileNotFoundError)
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, OSError)
