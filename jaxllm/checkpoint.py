@@ -15,6 +15,7 @@ import logging
 import errno
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,44 @@ def make_manager(workdir: str | Path, keep: int = 2, async_save: bool = True,
                                  item_names=("state", "data", "meta"))
 
 
+def array_digests(tree: Any) -> dict[str, str]:
+    """{"path/of/leaf": "crc32:<hex>"} of the bytes of every array leaf, or {} when some leaf is not fully
+    addressable by this process (several hosts: each sees only its shards; no digests are written then)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for _, leaf in leaves):
+        return {}
+    digests = {}
+    for path, leaf in leaves:
+        host = np.ascontiguousarray(jax.device_get(leaf)).reshape(-1)
+        digests[_path_key(path)] = f"crc32:{zlib.crc32(host.view(np.uint8)):08x}"
+    return digests
+
+
+def check_digests(saved: dict[str, str] | None, tree: Any, where: str, directory: Path, prefix: str = "") -> None:
+    """Raises CheckpointError naming the checkpoint and the arrays whose bytes differ from the digests
+    written with it (the checkpoint's files were damaged after the save). Nothing to check without digests."""
+    if not saved:
+        return
+    actual = array_digests(tree)
+    damaged = [key for key, digest in actual.items() if prefix + key in saved and saved[prefix + key] != digest]
+    if damaged:
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+        older = [s for s in steps if s < int(Path(where).name)] if Path(where).name.isdigit() else []
+        instead = f"to resume from step {older[-1]}" if older else "to start again from step 0"
+        raise CheckpointError(f"checkpoint {where} is damaged: {len(damaged)} array(s) differ from the digests written "
+                              f"with it ({', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}). Move it out "
+                              f"of {directory} {instead}")
+
+
+def _path_key(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
          meta: dict[str, Any], force: bool = False) -> bool:
-    """Starts an (async) save of everything needed to resume at `step`."""
+    """Starts an (async) save of everything needed to resume at `step`. The meta item gets a crc32 digest of
+    every array (`array_digests`), checked on every restore."""
+    meta = {**meta, "array_digests": array_digests(state)}
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(data_state),
@@ -190,7 +226,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
         raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is damaged. Move it out of {directory} to resume from the "
                               "one before") from error
-    return restored["state"], restored["data"] or {}, restored["meta"] or {}
+    meta = restored["meta"] or {}
+    check_digests(meta.get("array_digests"), restored["state"], f"{directory}/{step}", directory)
+    return restored["state"], restored["data"] or {}, meta
 
 
 def latest_step(path: str | Path) -> int | None:
@@ -212,7 +250,7 @@ def _metadata_tree(directory: Path, step: int) -> Any:
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+        key = _path_key(path)
         shape = getattr(leaf, "shape", None)
         if shape is not None:
             flat[key] = tuple(shape)
@@ -256,6 +294,8 @@ def load_params(path: str | Path, abstract_params: Any, step: int | None = None)
         restored = checkpointer.restore(
             directory / str(step) / "state",
             args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    check_digests(read_meta(directory, step).get("array_digests"), {"params": restored["params"]},
+                  f"{directory}/{step}", directory)
     return restored["params"]
 
 

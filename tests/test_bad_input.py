@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,25 @@ def test_damaged_newest_checkpoint_exits_2_and_says_which_to_move(existing, caps
     assert _snapshot(workdir) == before
 
 
+def test_flipped_bytes_in_a_checkpoint_array_exit_2_naming_the_checkpoint(existing, capsys):
+    """XOR 16 bytes in the middle of the largest array file: the crc32 digests written with the checkpoint
+    no longer match what is read back (before, the run resumed with NaN losses)."""
+    workdir, _ = existing
+    largest = max((p for p in (workdir / "checkpoints" / "3" / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    largest.write_bytes(bytes(data))
+    before = _snapshot(workdir)
+    capsys.readouterr()
+    assert _train(workdir, "train.steps=6") == 2
+    line = _one_clear_error(capsys)
+    assert re.search(r"checkpoints/3 is damaged: \d+ array\(s\) differ from the digests written with it", line), line
+    assert "Move it out of" in line and "to start again from step 0" in line
+    assert _snapshot(workdir) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # Unwritable and full workdirs
 
@@ -241,6 +262,46 @@ def test_full_disk_exits_1_names_the_intact_checkpoint_and_the_same_command_resu
         _remount(mount_point, "size=16m")
     assert _train(workdir, "train.steps=9") == 0
     assert ckpt.latest_step(workdir) == 9
+
+
+def _cli(workdir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`jaxllm train` in its own process: a hang in interpreter shutdown (Orbax threads) shows only there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXLLM_DATA_CACHE": "off"}
+    return subprocess.run([sys.executable, "-m", "jaxllm.cli", "train", str(RECIPE), "--workdir", str(workdir),
+                           *FAST, *overrides], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    if not _mount_tmpfs(workdir / "checkpoints", "size=8m"):
+        pytest.skip("needs root and mount to make a read-only directory (root ignores permission bits)")
+    try:
+        shutil.copytree(trained / "checkpoints", workdir / "checkpoints", dirs_exist_ok=True)
+        _remount(workdir / "checkpoints", "ro")
+        began = time.monotonic()
+        result = _cli(workdir, "train.steps=6")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"cannot write to checkpoints in the workdir {workdir / 'checkpoints'}: Read-only file system" \
+            in result.stderr and "Traceback" not in result.stderr
+        assert not (workdir / "metrics.jsonl").read_text().count('"step": 4'), "it trained before failing"
+        print(f"read-only checkpoints/: exit 2 after {time.monotonic() - began:.1f}s")
+    finally:
+        subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
+
+
+def test_a_save_failing_mid_run_exits_1_promptly_without_hanging_in_shutdown(trained, mount_point):
+    """A failed background save used to leave Orbax's threads waiting on a 300 s timeout at exit."""
+    size_kib = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file()) // 1024
+    if not _mount_tmpfs(mount_point, f"size={size_kib + 900}k"):  # room for less than one more checkpoint
+        pytest.skip("needs root and mount to make a full disk")
+    workdir = mount_point / "run"
+    shutil.copytree(trained, workdir)
+    began = time.monotonic()
+    result = _cli(workdir, "train.steps=9", timeout=150)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the newest complete checkpoint (step 3) is intact" in result.stderr
+    print(f"failed save: exit 1 after {time.monotonic() - began:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -229,3 +229,44 @@ def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder_and_sigkill_
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data fingerprinted by content (#20.10)
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, old: bytes, new: bytes) -> None:
+    stat = path.stat()
+    content = path.read_bytes()
+    assert len(old) == len(new) and old in content
+    path.write_bytes(content.replace(old, new))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_a_data_file_changed_in_place_with_the_same_size_and_time_has_another_fingerprint(tmp_path):
+    from jaxllm.data.sources import source_fingerprint
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "Ada Lovelace was born in London."}\n')
+    before = source_fingerprint(f"jsonl:{path}")
+    _rewrite_keeping_size_and_mtime(path, b"London", b"Berlin")
+    assert source_fingerprint(f"jsonl:{path}") != before
+
+
+def test_resuming_on_changed_data_exits_2_unless_allowed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXLLM_DATA_CACHE", "off")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Person {i} was born in London in {1800 + i}."}) + "\n"
+                            for i in range(64)))
+    workdir = tmp_path / "run"
+    command = ["train", str(ROOT / "configs" / "pretrain_tiny.yaml"), "--workdir", str(workdir), *MICRO,
+               f"data.source=jsonl:{data}", "data.eval_source=", "train.checkpoint_every=2"]
+    assert main([*command, "train.steps=2"]) == 0
+    _rewrite_keeping_size_and_mtime(data, b"London", b"Berlin")
+    capsys.readouterr()
+    assert main([*command, "train.steps=3"]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"the data .* changed since .*checkpoints/2 was saved .* data.allow_change=true", error), error
+    assert main([*command, "train.steps=3", "data.allow_change=true"]) == 0
+    assert "warning: the data changed since" in capsys.readouterr().out
