@@ -223,6 +223,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
     except (ValueError, OSError, KeyError) as error:
         if _write_errno(error) is not None:
             raise
+        # The failed read leaves asyncio tasks whose exceptions nobody retrieves; asyncio would log each with
+        # a traceback (at garbage collection, after this clean error). The process is failing: quiet them.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is damaged. Move it out of {directory} to resume from the "
                               "one before") from error

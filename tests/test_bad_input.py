@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -184,6 +185,29 @@ def test_flipped_bytes_in_a_checkpoint_array_exit_2_naming_the_checkpoint(existi
     assert re.search(r"checkpoints/3 is damaged: \d+ array\(s\) differ from the digests written with it", line), line
     assert "Move it out of" in line and "to start again from step 0" in line
     assert _snapshot(workdir) == before
+
+
+def test_damaged_data_position_exits_2_naming_the_checkpoint(existing, capsys):
+    workdir, _ = existing
+    (workdir / "checkpoints" / "3" / "data" / "metadata").write_text('{"step": "three", "seed": 0}')
+    before = _snapshot(workdir)
+    capsys.readouterr()
+    assert _train(workdir, "train.steps=6") == 2
+    line = _one_clear_error(capsys)
+    assert f"{workdir}/checkpoints/3: its saved data position does not fit this run" in line, line
+    assert _snapshot(workdir) == before
+
+
+def test_sigterm_during_start_up_exits_130_with_one_line_not_by_the_signal(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXLLM_NO_REEXEC": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "jaxllm.cli", "train", str(RECIPE), "--workdir",
+                                str(tmp_path / "run"), *FAST, "train.steps=3"], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(1.5)  # inside start-up: importing JAX alone takes longer (an early clean stop would exit 0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (0, 130), (process.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
