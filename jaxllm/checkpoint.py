@@ -187,6 +187,33 @@ def _path_key(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
+def shut_down(manager: ocp.CheckpointManager | None) -> None:
+    """Closes the manager after a failure and cancels Orbax's background save threads that still wait for a
+    signal which will never come (e.g. 'the directory was created' after its creation failed): they are
+    non-daemon threads waiting up to 300 s, which would keep a failing process alive at interpreter exit."""
+    import threading
+
+    try:
+        if manager is not None:
+            manager.close()
+    except Exception:  # noqa: BLE001 - a failed save re-raises on close; the caller is already failing
+        pass
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+    except ImportError:  # another Orbax layout: nothing known to cancel
+        return
+    thread_class = getattr(orbax_future, "_SignalingThread", None)
+    if thread_class is None:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_class) and thread.is_alive():
+            thread.cancel()
+            try:  # wake it: it checks the cancel flag once its awaited signals are set
+                orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
          meta: dict[str, Any], force: bool = False) -> bool:
     """Starts an (async) save of everything needed to resume at `step`. The meta item gets a crc32 digest of

@@ -212,10 +212,7 @@ def release(manager, lock: WorkdirLock | None) -> None:
     """Shuts the checkpoint manager down (its background threads would otherwise keep a failed process
     alive for minutes) and releases the workdir lock. Safe to call twice."""
     try:
-        if manager is not None:
-            manager.close()
-    except Exception:  # noqa: BLE001 - a failed save re-raises on close; the caller is already failing
-        pass
+        ckpt.shut_down(manager)
     finally:
         if lock is not None:
             lock.release()

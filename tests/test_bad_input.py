@@ -314,18 +314,32 @@ def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained
         subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
 
 
-def test_a_save_failing_mid_run_exits_1_promptly_without_hanging_in_shutdown(trained, mount_point):
-    """A failed background save used to leave Orbax's threads waiting on a 300 s timeout at exit."""
-    size_kib = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file()) // 1024
-    if not _mount_tmpfs(mount_point, f"size={size_kib + 900}k"):  # room for less than one more checkpoint
-        pytest.skip("needs root and mount to make a full disk")
-    workdir = mount_point / "run"
-    shutil.copytree(trained, workdir)
-    began = time.monotonic()
-    result = _cli(workdir, "train.steps=9", timeout=150)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "the newest complete checkpoint (step 3) is intact" in result.stderr
-    print(f"failed save: exit 1 after {time.monotonic() - began:.1f}s")
+PROBE_MISSED = ("import sys; from jaxllm import checkpoint; checkpoint.check_writable = lambda workdir: None; "
+                "from jaxllm.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_a_save_failing_mid_run_exits_promptly_without_hanging_in_shutdown(trained, tmp_path):
+    """With the start-up probe disabled (as if it missed a failure), the first save into a read-only
+    checkpoints/ fails mid-run: the failure path shuts the checkpoint manager down, so the process exits
+    with the clean error at once (it used to hang ~4.5 min in Orbax's threads at interpreter shutdown)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    if not _mount_tmpfs(workdir / "checkpoints", "size=8m"):
+        pytest.skip("needs root and mount to make a read-only directory (root ignores permission bits)")
+    try:
+        shutil.copytree(trained / "checkpoints", workdir / "checkpoints", dirs_exist_ok=True)
+        _remount(workdir / "checkpoints", "ro")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXLLM_DATA_CACHE": "off"}
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", PROBE_MISSED, "train", str(RECIPE), "--workdir",
+                                 str(workdir), *FAST, "train.steps=9"], capture_output=True, text=True, timeout=150,
+                                env=env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "the file system is read-only" in result.stderr and "step 3) is intact" in result.stderr, \
+            result.stderr[-2000:]
+        print(f"failed save: exit 1 after {time.monotonic() - began:.1f}s")
+    finally:
+        subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
 
 
 # ----------------------------------------------------------------------------------------------
