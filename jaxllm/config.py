@@ -486,6 +486,7 @@ RESUME_FREE_KEYS = {
     "train.best_metric", "train.best_mode", "train.async_checkpointing", "train.tensorboard", "train.progress",
     "train.grad_accum_steps", "train.max_bad_steps_in_a_row", "train.rollback_on_halt",
 }
+RESUME_FREE_SECTIONS = ("mesh",)  # checkpoints restore onto any mesh
 # The learning-rate schedule is a function of (these settings, step): a change bends it at the resume step.
 SCHEDULE_KEYS = {"train.steps", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.schedule",
                  "optimizer.min_lr_ratio"}
@@ -510,7 +511,7 @@ def compare_for_resume(saved: dict[str, Any], config: Config) -> ConfigChanges:
         if not isinstance(saved_section, dict) or name not in saved_section:
             continue
         old = saved_section[name]
-        if old == value or key in RESUME_FREE_KEYS:
+        if old == value or key in RESUME_FREE_KEYS or section in RESUME_FREE_SECTIONS:
             continue
         if section in RESUME_INCOMPATIBLE_SECTIONS or key in RESUME_INCOMPATIBLE_KEYS:
             changes.incompatible.append((key, old, value))

@@ -270,3 +270,17 @@ def test_resuming_on_changed_data_exits_2_unless_allowed(tmp_path, capsys, monke
     assert re.search(r"the data .* changed since .*checkpoints/2 was saved .* data.allow_change=true", error), error
     assert main([*command, "train.steps=3", "data.allow_change=true"]) == 0
     assert "warning: the data changed since" in capsys.readouterr().out
+
+
+def test_resume_comparison_classifies_every_kind_of_change():
+    from jaxllm.config import compare_for_resume, to_dict
+
+    saved = to_dict(load_config(None, ["model.preset=micro"]))
+    changed = load_config(None, ["model.preset=micro", "model.num_layers=3", "data.source=default:sft",
+                                 "train.steps=7", "optimizer.beta1=0.8", "mesh.data=1", "train.log_every=3"])
+    changes = compare_for_resume(saved, changed)
+    assert [key for key, _, _ in changes.incompatible] == ["model.num_layers", "data.source"]
+    assert changes.schedule == [("train.steps", 100, 7)]
+    assert changes.other == [("optimizer.beta1", 0.9, 0.8)]  # mesh.* and logging settings: silent
+    assert compare_for_resume(saved, load_config(None, ["model.preset=micro"])) == \
+        type(changes)([], [], [])
