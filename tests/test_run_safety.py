@@ -16,7 +16,6 @@ import textwrap
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from helpers import SyntheticIterator, tiny_config
