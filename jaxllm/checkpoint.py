@@ -247,18 +247,54 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
         ))
     except CheckpointError:
         raise
-    except (ValueError, OSError, KeyError) as error:
-        if _write_errno(error) is not None:
+    except Exception as error:  # noqa: BLE001 - Orbax wraps TensorStore's read errors in a bare Exception
+        damaged = _read_failure(error, f"{directory}/{step}", "Move it out of {directory} to resume from the one before"
+                                .format(directory=directory))
+        if damaged is None:
             raise
-        # The failed read leaves asyncio tasks whose exceptions nobody retrieves; asyncio would log each with
-        # a traceback (at garbage collection, after this clean error). The process is failing: quiet them.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: "
-                              f"{str(error)[:300]}); it is damaged. Move it out of {directory} to resume from the "
-                              "one before") from error
+        raise damaged from error
     meta = restored["meta"] or {}
     check_digests(meta.get("array_digests"), restored["state"], f"{directory}/{step}", directory)
     return restored["state"], restored["data"] or {}, meta
+
+
+def _read_failure(error: BaseException, where: str, what_to_do: str) -> CheckpointError | None:
+    """A CheckpointError for a failed read of a damaged checkpoint (a ValueError, OSError or KeyError anywhere
+    in the exception chain, e.g. TensorStore's OUT_OF_RANGE wrapped by Orbax in a bare Exception); None for
+    other failures (a failed write, a bug), which propagate unchanged."""
+    if _write_errno(error) is not None:
+        return None
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, (ValueError, OSError, KeyError)):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or id(cause) in seen:
+        return None
+    _quiet_abandoned_reads()
+    return CheckpointError(f"checkpoint {where} cannot be read ({type(cause).__name__}: {str(cause)[:300]}); it is "
+                           f"damaged. {what_to_do}")
+
+
+def _quiet_abandoned_reads() -> None:
+    """A failed read leaves Orbax's other array reads (asyncio tasks and coroutines) with exceptions nobody
+    retrieves; asyncio and Python's unraisable hook would print each with a full traceback when they are
+    garbage-collected, after the one clean error. Silence exactly those: asyncio's log, and unraisable
+    exceptions raised by Orbax's array reads."""
+    import sys
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxllm_quiet_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        if "Encountered error while reading array" in str(unraisable.exc_value) or \
+                "_read_array" in getattr(getattr(unraisable.object, "__qualname__", None), "__str__", str)():
+            return
+        previous(unraisable)
+
+    hook._jaxllm_quiet_reads = True
+    sys.unraisablehook = hook
 
 
 def latest_step(path: str | Path) -> int | None:
@@ -320,10 +356,17 @@ def load_params(path: str | Path, abstract_params: Any, step: int | None = None)
     check_shapes(directory, step, abstract_params, prefix="params/")
     target = {"params": abstract_params}
     checkpointer = ocp.PyTreeCheckpointer()
-    with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
-        restored = checkpointer.restore(
-            directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    try:
+        with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
+            restored = checkpointer.restore(
+                directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    except Exception as error:  # noqa: BLE001 - see restore
+        damaged = _read_failure(error, f"{directory}/{step}", "Train that stage again or point init_from at another "
+                                "checkpoint")
+        if damaged is None:
+            raise
+        raise damaged from error
     check_digests(read_meta(directory, step).get("array_digests"), {"params": restored["params"]},
                   f"{directory}/{step}", directory)
     return restored["params"]

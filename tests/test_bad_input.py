@@ -187,6 +187,20 @@ def test_flipped_bytes_in_a_checkpoint_array_exit_2_naming_the_checkpoint(existi
     assert _snapshot(workdir) == before
 
 
+def test_truncated_array_file_exits_2_with_one_line_and_no_tracebacks(existing):
+    """TensorStore's read error arrives wrapped in a bare Exception, and the abandoned parallel reads used to
+    print their tracebacks at garbage collection: in a real process, only the one clear line is printed."""
+    workdir, _ = existing
+    largest = max((p for p in (workdir / "checkpoints" / "3" / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    with largest.open("r+b") as handle:
+        handle.truncate(100)
+    result = _cli(workdir, "train.steps=6")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stderr.count("jaxllm:") == 1, result.stderr[-3000:]
+    assert f"checkpoint {workdir}/checkpoints/3 cannot be read" in result.stderr
+
+
 def test_damaged_data_position_exits_2_naming_the_checkpoint(existing, capsys):
     workdir, _ = existing
     (workdir / "checkpoints" / "3" / "data" / "metadata").write_text('{"step": "three", "seed": 0}')
