@@ -88,11 +88,15 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
-def check_init_from(config: Config, tokenizer) -> None:
+def check_init_from(config: Config, tokenizer, workdir: Path) -> None:
     """`train.init_from` must be an existing directory holding a finished checkpoint made with this run's
-    tokenizer; checked before the workdir is touched."""
+    tokenizer; checked before the workdir is touched. A resumed run reads it only for a frozen reference or
+    LoRA base (its params come from its own checkpoint), so only then must it still exist."""
     init_from = config.train.init_from
     if not init_from:
+        return
+    resuming = ckpt.latest_step(workdir) is not None
+    if resuming and not (config.model.lora_rank or steps_lib.needs_reference(config.train.stage)):
         return
     if not Path(init_from).exists():
         raise ckpt.CheckpointError(f"train.init_from={init_from}: no such directory ({Path(init_from).absolute()} "
@@ -159,7 +163,7 @@ def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = 
     mesh = mesh or sharding_lib.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
-    check_init_from(config, tokenizer)
+    check_init_from(config, tokenizer, workdir)
     ckpt.check_writable(workdir)
     lock = lock_workdir(workdir)
     manager = None

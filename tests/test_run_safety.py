@@ -283,3 +283,12 @@ def test_resume_comparison_classifies_every_kind_of_change():
     assert changes.other == [("optimizer.beta1", 0.9, 0.8)]  # mesh.* and logging settings: silent
     assert compare_for_resume(saved, load_config(None, ["model.preset=micro"])) == \
         type(changes)([], [], [])
+
+
+def test_a_resumed_run_does_not_need_its_init_from_any_more_unless_it_keeps_a_reference(tmp_path):
+    import shutil
+
+    _train(_base("train.steps=1"), tmp_path / "pt")
+    _train(_base("train.steps=1", f"init_from={tmp_path / 'pt'}"), tmp_path / "continued")
+    shutil.rmtree(tmp_path / "pt")
+    assert _train(_base("train.steps=2", f"init_from={tmp_path / 'pt'}"), tmp_path / "continued").final_step == 2
