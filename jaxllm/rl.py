@@ -403,6 +403,11 @@ class RolloutPrompts:
         self.step += 1
         return batch
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The prompt data's fingerprint (compared with the checkpoint's on resume)."""
+        return getattr(self.prompts, "fingerprint", None)
+
     def get_state(self) -> dict:
         return {**self.prompts.get_state(), "step": self.step // self.updates_per_batch, "update": self.step}
 
@@ -588,7 +593,7 @@ def train_rl(config: Config, workdir, mesh=None, tokenizer=None, log: Callable[[
                                               jax.process_count())
     iterator = RolloutPrompts(prompt_iterator, config.rl.updates_per_batch)
     if context.data_state is not None:
-        iterator.set_state(context.data_state)
+        train_lib.restore_data_position(context, iterator, log)
     if eval_prompts is None:
         eval_prompts = _default_eval_prompts(config, context.tokenizer)
     rewards = Rewards(config, context.graphdef, context.tokenizer, context.mesh)
