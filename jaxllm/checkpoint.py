@@ -15,6 +15,7 @@ import logging
 import errno
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,35 @@ _WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota
                  errno.EROFS: "the file system is read-only"}
 
 
+# What a run writes in its workdir: these directories (when they exist) get a probe file, these files (when
+# they exist) are opened for appending, before step 1.
+RUN_DIRECTORIES = (CHECKPOINT_DIR, "best", "tensorboard")
+RUN_FILES = ("metrics.jsonl", "skipped_batches.jsonl", "config.yaml", "summary.json")
+
+
 def check_writable(workdir: Path) -> None:
-    """Creates the workdir and writes a few bytes there, so an unwritable or full disk is one clear error
-    before any work (WorkdirError: read-only/permissions; CheckpointWriteError: full)."""
-    probe = workdir / f".jaxllm-write-test-{os.getpid()}"
+    """Creates the workdir and probes every directory and file of it that the run writes, so an unwritable
+    or full disk is one clear error before any work (WorkdirError: read-only/permissions; CheckpointWriteError:
+    full). A read-only `checkpoints/` in a writable workdir is caught here, not at the first save."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(workdir, workdir, error) from None
+    for directory in [workdir] + [workdir / name for name in RUN_DIRECTORIES if (workdir / name).is_dir()]:
+        _probe_directory(directory, workdir)
+    for name in RUN_FILES:
+        path = workdir / name
+        if path.is_file():
+            try:
+                with path.open("ab"):
+                    pass
+            except OSError as error:
+                raise _unwritable(path, workdir, error) from None
+
+
+def _probe_directory(directory: Path, workdir: Path) -> None:
+    probe = directory / f".jaxllm-write-test-{os.getpid()}"
+    try:
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as error:
@@ -45,11 +69,16 @@ def check_writable(workdir: Path) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointWriteError(f"cannot write to the workdir {workdir}: {_WRITE_ERRNOS[error.errno]} "
-                                       f"({error.strerror}); free some space or choose another --workdir") from None
-        raise WorkdirError(f"cannot write to the workdir {workdir}: {error.strerror or error}; choose a writable "
-                           "--workdir (or fix its permissions)") from None
+        raise _unwritable(directory, workdir, error) from None
+
+
+def _unwritable(path: Path, workdir: Path, error: OSError) -> Exception:
+    what = "the workdir" if path == workdir else f"{path.name} in the workdir"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"cannot write to {what} {path}: {_WRITE_ERRNOS[error.errno]} "
+                                    f"({error.strerror}); free some space or choose another --workdir")
+    return WorkdirError(f"cannot write to {what} {path}: {error.strerror or error}; choose a writable --workdir "
+                        "(or fix its permissions or mount)")
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how TensorStore (Orbax's array writer) reports errno
@@ -115,9 +144,71 @@ def make_manager(workdir: str | Path, keep: int = 2, async_save: bool = True,
                                  item_names=("state", "data", "meta"))
 
 
+def array_digests(tree: Any) -> dict[str, str]:
+    """{"path/of/leaf": "crc32:<hex>"} of the bytes of every array leaf, or {} when some leaf is not fully
+    addressable by this process (several hosts: each sees only its shards; no digests are written then)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for _, leaf in leaves):
+        return {}
+    digests = {}
+    for path, leaf in leaves:
+        host = np.ascontiguousarray(jax.device_get(leaf)).reshape(-1)
+        digests[_path_key(path)] = f"crc32:{zlib.crc32(host.view(np.uint8)):08x}"
+    return digests
+
+
+def check_digests(saved: dict[str, str] | None, tree: Any, where: str, directory: Path, prefix: str = "") -> None:
+    """Raises CheckpointError naming the checkpoint and the arrays whose bytes differ from the digests
+    written with it (the checkpoint's files were damaged after the save). Nothing to check without digests."""
+    if not saved:
+        return
+    actual = array_digests(tree)
+    damaged = [key for key, digest in actual.items() if prefix + key in saved and saved[prefix + key] != digest]
+    if damaged:
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+        older = [s for s in steps if s < int(Path(where).name)] if Path(where).name.isdigit() else []
+        instead = f"to resume from step {older[-1]}" if older else "to start again from step 0"
+        raise CheckpointError(f"checkpoint {where} is damaged: {len(damaged)} array(s) differ from the digests written "
+                              f"with it ({', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}). Move it out "
+                              f"of {directory} {instead}")
+
+
+def _path_key(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def shut_down(manager: ocp.CheckpointManager | None) -> None:
+    """Closes the manager after a failure and cancels Orbax's background save threads that still wait for a
+    signal which will never come (e.g. 'the directory was created' after its creation failed): they are
+    non-daemon threads waiting up to 300 s, which would keep a failing process alive at interpreter exit."""
+    import threading
+
+    try:
+        if manager is not None:
+            manager.close()
+    except Exception:  # noqa: BLE001 - a failed save re-raises on close; the caller is already failing
+        pass
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+    except ImportError:  # another Orbax layout: nothing known to cancel
+        return
+    thread_class = getattr(orbax_future, "_SignalingThread", None)
+    if thread_class is None:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_class) and thread.is_alive():
+            thread.cancel()
+            try:  # wake it: it checks the cancel flag once its awaited signals are set
+                orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
          meta: dict[str, Any], force: bool = False) -> bool:
-    """Starts an (async) save of everything needed to resume at `step`."""
+    """Starts an (async) save of everything needed to resume at `step`. The meta item gets a crc32 digest of
+    every array (`array_digests`), checked on every restore."""
+    meta = {**meta, "array_digests": array_digests(state)}
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(data_state),
@@ -146,13 +237,54 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
         ))
     except CheckpointError:
         raise
-    except (ValueError, OSError, KeyError) as error:
-        if _write_errno(error) is not None:
+    except Exception as error:  # noqa: BLE001 - Orbax wraps TensorStore's read errors in a bare Exception
+        damaged = _read_failure(error, f"{directory}/{step}", "Move it out of {directory} to resume from the one before"
+                                .format(directory=directory))
+        if damaged is None:
             raise
-        raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: "
-                              f"{str(error)[:300]}); it is damaged. Move it out of {directory} to resume from the "
-                              "one before") from error
-    return restored["state"], restored["data"] or {}, restored["meta"] or {}
+        raise damaged from error
+    meta = restored["meta"] or {}
+    check_digests(meta.get("array_digests"), restored["state"], f"{directory}/{step}", directory)
+    return restored["state"], restored["data"] or {}, meta
+
+
+def _read_failure(error: BaseException, where: str, what_to_do: str) -> CheckpointError | None:
+    """A CheckpointError for a failed read of a damaged checkpoint (a ValueError, OSError or KeyError anywhere
+    in the exception chain, e.g. TensorStore's OUT_OF_RANGE wrapped by Orbax in a bare Exception); None for
+    other failures (a failed write, a bug), which propagate unchanged."""
+    if _write_errno(error) is not None:
+        return None
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, (ValueError, OSError, KeyError)):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or id(cause) in seen:
+        return None
+    _quiet_abandoned_reads()
+    return CheckpointError(f"checkpoint {where} cannot be read ({type(cause).__name__}: {str(cause)[:300]}); it is "
+                           f"damaged. {what_to_do}")
+
+
+def _quiet_abandoned_reads() -> None:
+    """A failed read leaves Orbax's other array reads (asyncio tasks and coroutines) with exceptions nobody
+    retrieves; asyncio and Python's unraisable hook would print each with a full traceback when they are
+    garbage-collected, after the one clean error. Silence exactly those: asyncio's log, and unraisable
+    exceptions raised by Orbax's array reads."""
+    import sys
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxllm_quiet_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        if "Encountered error while reading array" in str(unraisable.exc_value) or \
+                "_read_array" in getattr(getattr(unraisable.object, "__qualname__", None), "__str__", str)():
+            return
+        previous(unraisable)
+
+    hook._jaxllm_quiet_reads = True
+    sys.unraisablehook = hook
 
 
 def latest_step(path: str | Path) -> int | None:
@@ -174,7 +306,7 @@ def _metadata_tree(directory: Path, step: int) -> Any:
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+        key = _path_key(path)
         shape = getattr(leaf, "shape", None)
         if shape is not None:
             flat[key] = tuple(shape)
@@ -225,10 +357,19 @@ def load_params(path: str | Path, abstract_params: Any, step: int | None = None)
     check_shapes(directory, step, abstract_params, prefix="params/")
     target = {"params": abstract_params}
     checkpointer = ocp.PyTreeCheckpointer()
-    with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
-        restored = checkpointer.restore(
-            directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    try:
+        with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
+            restored = checkpointer.restore(
+                directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True))
+    except Exception as error:  # noqa: BLE001 - see restore
+        damaged = _read_failure(error, f"{directory}/{step}", "Train that stage again or point init_from at another "
+                                "checkpoint")
+        if damaged is None:
+            raise
+        raise damaged from error
+    check_digests(read_meta(directory, step).get("array_digests"), {"params": restored["params"]},
+                  f"{directory}/{step}", directory)
     return restored["params"]
 
 

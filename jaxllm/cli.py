@@ -223,8 +223,37 @@ def data_stats_main(argv: list[str]) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """Until `train` installs its own handler (a clean save and stop), SIGTERM ends the process at once as
+    the default action would, but with one line and exit code 130 instead of death by signal (-15). Raising
+    KeyboardInterrupt instead is not safe: it can land in a garbage-collection callback and be ignored."""
+    import signal
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        try:
+            sys.stderr.write("jaxllm: interrupted (SIGTERM)\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not in the main thread: leave signals alone
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
+    if from_command_line:
+        _interrupt_on_sigterm()
+    try:
+        return _main(argv, from_command_line)
+    except KeyboardInterrupt:
+        print("jaxllm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None, from_command_line: bool) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if from_command_line:  # the persistent compilation cache (jaxllm.compile_cache), before JAX starts
         from jaxllm.compile_cache import enable_compile_cache

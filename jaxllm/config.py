@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +123,7 @@ class DataConfig:
     truncation: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["fail", "skip"] = "fail"
     shuffle: bool = True
+    allow_change: bool = False  # resume even though the data's content changed since the checkpoint
 
 
 @dataclasses.dataclass
@@ -361,7 +363,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that a dataclass type cannot express."""
+    """Every setting's range (first: the cross-field checks divide by some), then cross-field checks that a
+    dataclass type cannot express."""
+    check_ranges(config)
     m = config.model
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
@@ -392,9 +396,128 @@ def validate(config: Config) -> None:
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
                           f"train.grad_accum_steps={config.train.grad_accum_steps}")
-    for name in ("steps", "batch_size", "grad_accum_steps"):
-        if getattr(config.train, name) < 1:
-            raise ConfigError(f"train.{name} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges: every int has a minimum (0 unless listed), every float must be finite and within its range.
+
+INT_MINIMUMS: dict[str, int] = {
+    "model.vocab_size": 1, "model.d_model": 1, "model.num_layers": 1, "model.num_heads": 1, "model.num_kv_heads": 1,
+    "model.max_seq_len": 1, "model.attention_block_size": 1, "data.seq_len": 1,
+    "train.steps": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_every": 1,
+    "train.checkpoint_every": 1, "train.keep_checkpoints": 1,  # keep >= 1: the newest checkpoint is never deleted
+    "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1,  # mesh.data=-1: every remaining device
+    "rl.group_size": 1, "rl.prompts_per_step": 1, "rl.max_new_tokens": 1, "rl.updates_per_batch": 1,
+}
+
+# (low, high, low inclusive, high inclusive); None = unbounded. Unlisted floats only need to be finite.
+FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "optimizer.learning_rate": (0.0, None, True, False), "optimizer.min_lr_ratio": (0.0, 1.0, True, True),
+    "optimizer.weight_decay": (0.0, None, True, False), "optimizer.beta1": (0.0, 1.0, True, False),
+    "optimizer.beta2": (0.0, 1.0, True, False), "optimizer.eps": (0.0, None, True, False),
+    "optimizer.grad_clip_norm": (0.0, None, True, False),
+    "model.rope_theta": (0.0, None, False, False), "model.rms_norm_eps": (0.0, None, True, False),
+    "model.init_std": (0.0, None, True, False), "model.attention_scale": (0.0, None, True, False),
+    "model.final_logit_softcap": (0.0, None, True, False), "model.rope_scaling_factor": (0.0, None, False, False),
+    "train.z_loss": (0.0, None, True, False), "train.spike_factor": (0.0, None, True, False),
+    "feedback.beta": (0.0, None, False, False), "feedback.label_smoothing": (0.0, 0.5, True, True),
+    "feedback.desirable_weight": (0.0, None, True, False), "feedback.undesirable_weight": (0.0, None, True, False),
+    "rl.temperature": (0.0, None, True, False), "rl.top_p": (0.0, 1.0, False, True),
+    "rl.clip_epsilon": (0.0, None, True, False), "rl.kl_coef": (0.0, None, True, False),
+    "rl.gae_lambda": (0.0, 1.0, True, True), "rl.gamma": (0.0, 1.0, True, True), "rl.value_coef": (0.0, None, True, False),
+}
+
+
+def _describe_range(low, high, low_inclusive, high_inclusive) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_inclusive else '>'} {low:g}")
+    if high is not None:
+        parts.append(f"{'<=' if high_inclusive else '<'} {high:g}")
+    return " and ".join(parts) if parts else "finite"
+
+
+def _in_range(value: float, low, high, low_inclusive, high_inclusive) -> bool:
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        return False
+    return high is None or value < high or (value == high and high_inclusive)
+
+
+def iter_settings(config: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, annotation) of every leaf setting, sections in declaration order."""
+    out = []
+    for section in dataclasses.fields(config):
+        sub = getattr(config, section.name)
+        for field in dataclasses.fields(sub):
+            out.append((f"{section.name}.{field.name}", getattr(sub, field.name), field.type))
+    return out
+
+
+def check_ranges(config: Config) -> None:
+    """Every int >= its minimum (INT_MINIMUMS, else 0); every float finite and in FLOAT_RANGES. The error
+    names the key, the value and the allowed range."""
+    for key, value, annotation in iter_settings(config):
+        if annotation in ("int", int):
+            minimum = INT_MINIMUMS.get(key, 0)
+            if value < minimum:
+                raise ConfigError(f"{key}={value} is out of range: it must be an integer >= {minimum}")
+        elif annotation in ("float", float):
+            low, high, low_inclusive, high_inclusive = FLOAT_RANGES.get(key, (None, None, True, True))
+            allowed = _describe_range(low, high, low_inclusive, high_inclusive)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value} is not a finite number; it must be {allowed}")
+            if not _in_range(value, low, high, low_inclusive, high_inclusive):
+                raise ConfigError(f"{key}={value:g} is out of range: it must be {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming with another config: what may change.
+
+# A change here makes the checkpoint another run: the params' shapes or meaning, the tokens, the data
+# order or the stage's objective would differ. Resuming is refused.
+RESUME_INCOMPATIBLE_SECTIONS = ("model", "data")
+RESUME_INCOMPATIBLE_KEYS = {"train.stage", "train.seed", "train.batch_size", "train.init_from"}
+# A change here only changes how the same computation is run or recorded: silent.
+RESUME_FREE_KEYS = {
+    "data.allow_change", "model.attention", "model.attention_block_size", "model.loss_chunk_size", "model.remat",
+    "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.best_metric", "train.best_mode", "train.async_checkpointing", "train.tensorboard", "train.progress",
+    "train.grad_accum_steps", "train.max_bad_steps_in_a_row", "train.rollback_on_halt",
+}
+RESUME_FREE_SECTIONS = ("mesh",)  # checkpoints restore onto any mesh
+# The learning-rate schedule is a function of (these settings, step): a change bends it at the resume step.
+SCHEDULE_KEYS = {"train.steps", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.schedule",
+                 "optimizer.min_lr_ratio"}
+
+
+@dataclasses.dataclass
+class ConfigChanges:
+    """Differences between a checkpoint's saved config and this run's: (key, saved value, new value)."""
+
+    incompatible: list[tuple[str, Any, Any]]
+    schedule: list[tuple[str, Any, Any]]
+    other: list[tuple[str, Any, Any]]
+
+
+def compare_for_resume(saved: dict[str, Any], config: Config) -> ConfigChanges:
+    """Classifies every setting that differs from the saved config (a `to_dict` of the checkpoint's run).
+    Keys the saved config lacks (written before the key existed) are not compared."""
+    changes = ConfigChanges([], [], [])
+    for key, value, _ in iter_settings(config):
+        section, name = key.split(".", 1)
+        saved_section = saved.get(section) if isinstance(saved, dict) else None
+        if not isinstance(saved_section, dict) or name not in saved_section:
+            continue
+        old = saved_section[name]
+        if old == value or key in RESUME_FREE_KEYS or section in RESUME_FREE_SECTIONS:
+            continue
+        if section in RESUME_INCOMPATIBLE_SECTIONS or key in RESUME_INCOMPATIBLE_KEYS:
+            changes.incompatible.append((key, old, value))
+        elif key in SCHEDULE_KEYS:
+            changes.schedule.append((key, old, value))
+        else:
+            changes.other.append((key, old, value))
+    return changes
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -409,7 +532,9 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    from jaxllm.files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def config_json(config: Config) -> str:
@@ -420,4 +545,5 @@ __all__ = [
     "Config", "ModelConfig", "OptimizerConfig", "DataConfig", "FeedbackConfig", "RLConfig", "TrainConfig",
     "MeshConfig", "ConfigError", "MODEL_PRESETS", "load_config", "from_dict", "to_dict", "save_config",
     "parse_override", "validate", "resolve_recipe", "builtin_recipes", "recipe_summary", "vocab_size_for",
+    "check_ranges", "compare_for_resume", "ConfigChanges",
 ]

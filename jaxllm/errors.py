@@ -41,10 +41,14 @@ class DataError(ValueError):
         self.reason = reason
 
 
+class WorkdirBusy(ValueError):
+    """Another process holds the workdir's lock (the message names it): a usage error, exit code 2."""
+
+
 class TrainingHalted(RuntimeError):
     """Too many updates in a row were skipped (non-finite or spiking loss)."""
 
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ConfigError, MeshError, CheckpointError, UsageError, DataError,
-                                                 FileNotFoundError)
+                                                 WorkdirBusy, FileNotFoundError)
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, OSError)

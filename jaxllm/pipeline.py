@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +32,7 @@ from jaxllm import checkpoint as ckpt
 from jaxllm import settings
 from jaxllm import stages as stages_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
+from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 
 DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -116,14 +119,20 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
     if not spec.train:
         return "default"
     directory = workdir / "tokenizer"
-    if (directory / "tokenizer.model").exists():
-        log(f"[tokenizer] reusing {directory}")
-        return str(directory)
-    from jaxllm.data.sources import iter_records
+    from jaxllm.data.sources import iter_records, source_fingerprint
     from jaxllm.data.tokenizer import train_tokenizer
 
+    wanted = {**dataclasses.asdict(spec), "input_fingerprint": source_fingerprint(spec.input)}
+    recorded = _read_record(directory / TOKENIZER_RECORD, log)
+    if (directory / "tokenizer.model").exists():
+        if recorded == wanted:
+            log(f"[tokenizer] reusing {directory}")
+            return str(directory)
+        log(f"[tokenizer] its settings or input changed since it was trained (or it was never finished): "
+            "training it again; every stage reruns")
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / TOKENIZER_RECORD).unlink(missing_ok=True)
     corpus = directory / "corpus.txt"
     with corpus.open("w") as handle:
         for record in iter_records(spec.input):
@@ -132,6 +141,7 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
                 handle.write(text.replace("\n", " ") + "\n")
     train_tokenizer([str(corpus)], spec.vocab_size, str(directory), model_type=spec.model_type)
     corpus.unlink()
+    write_json_atomic(directory / TOKENIZER_RECORD, wanted)  # last: its presence says the tokenizer is complete
     log(f"[tokenizer] trained a {spec.model_type} tokenizer of {spec.vocab_size} pieces on {spec.input} "
         f"in {time.perf_counter() - started:.1f}s -> {directory}")
     return str(directory)
@@ -150,8 +160,85 @@ def stage_configs(recipe: PipelineRecipe, workdir: Path, tokenizer: str) -> list
     return out
 
 
-def stage_finished(config, stage_dir: Path) -> bool:
-    return ckpt.latest_step(stage_dir) == config.train.steps and (stage_dir / "summary.json").exists()
+TOKENIZER_RECORD = "pipeline_tokenizer.json"  # the settings and input fingerprint the tokenizer was trained with
+STAGE_RECORD = "pipeline_stage.json"  # {"fingerprint": ..., "finished": bool} of the stage's results
+IGNORED_FOR_FINGERPRINT = {("train", "progress"), ("train", "tensorboard")}  # do not change any result
+
+
+def _read_record(path: Path, log: Callable[[str], None]) -> Any:
+    """A small JSON record, or None when it is missing or damaged (then said: its results are recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        log(f"warning: {path} is damaged; recomputing what it records")
+        return None
+
+
+def stage_fingerprint(config, workdir: Path, upstream: str) -> str:
+    """A hash of everything a stage's results depend on: its resolved config (paths inside the pipeline's
+    workdir made relative, so a moved workdir keeps its results), the tokenizer's content, the data's
+    content, and the previous stage's fingerprint (so a change reruns every later stage too)."""
+    from jaxllm.config import to_dict
+    from jaxllm.data.sources import source_fingerprint
+    from jaxllm.data.tokenizer import Tokenizer
+
+    resolved = to_dict(config)
+    for section, key in IGNORED_FOR_FINGERPRINT:
+        resolved[section].pop(key, None)
+    prefix = str(workdir) + "/"
+    text = json.dumps(resolved, sort_keys=True, default=str).replace(prefix, "WORKDIR/")
+    data = {name: source_fingerprint(getattr(config.data, name)) for name in ("source", "eval_source")
+            if getattr(config.data, name)}
+    parts = {"config": text, "tokenizer": Tokenizer.load(config.data.tokenizer).fingerprint, "data": data,
+             "upstream": upstream}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def stage_finished(config, stage_dir: Path, fingerprint: str | None = None,
+                   log: Callable[[str], None] = print) -> bool:
+    """The stage's results are complete and (with `fingerprint`) were made from these exact inputs."""
+    if ckpt.latest_step(stage_dir) != config.train.steps:
+        return False
+    if fingerprint is not None:
+        record = _read_record(stage_dir / STAGE_RECORD, log)
+        if not (isinstance(record, dict) and record.get("fingerprint") == fingerprint and record.get("finished")):
+            return False
+    return isinstance(_read_record(stage_dir / "summary.json", log), dict)
+
+
+def set_aside_stale_stage(stage_dir: Path, fingerprint: str, log: Callable[[str], None], header: str) -> None:
+    """A stage directory whose results were made from other inputs (another fingerprint, or none recorded)
+    is moved to `<name>.stale` (replacing an older one) so the stage starts afresh."""
+    if not stage_dir.exists():
+        return
+    record = _read_record(stage_dir / STAGE_RECORD, log)
+    if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
+        return
+    stale = stage_dir.with_name(stage_dir.name + ".stale")
+    if stale.exists():
+        shutil.rmtree(stale)
+    stage_dir.rename(stale)
+    log(f"{header} its settings, tokenizer, data or an earlier stage changed since it ran: running it again "
+        f"(the old results are in {stale})")
+
+
+def cached_evaluation(stage_dir: Path, spec: EvaluationSpec, fingerprint: str,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """`evaluate_stage`, reused only when eval.json was computed for this stage fingerprint and evaluation
+    spec (recorded in eval.key) and is readable; otherwise recomputed."""
+    key = hashlib.sha256(json.dumps([fingerprint, dataclasses.asdict(spec)], sort_keys=True).encode()).hexdigest()
+    key_path, cached = stage_dir / "eval.key", stage_dir / "eval.json"
+    if key_path.exists() and key_path.read_text().strip() == key:
+        result = _read_record(cached, log)
+        if isinstance(result, dict):
+            return result
+    cached.unlink(missing_ok=True)
+    key_path.unlink(missing_ok=True)
+    result = evaluate_stage(stage_dir, spec)
+    write_atomic(key_path, key)
+    return result
 
 
 def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
@@ -178,7 +265,7 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
         answers = evaluate.answer_questions(*model, spec.prompts, spec.max_new_tokens)
         result["prompts"] = [{"prompt": p, **a} for p, a in zip(spec.prompts, answers)]
     result["seconds"] = time.perf_counter() - started
-    cached.write_text(json.dumps(result, indent=2))
+    write_json_atomic(cached, result)
     return result
 
 
@@ -196,22 +283,38 @@ def _qa_record(record: dict) -> dict | None:
 
 def run_pipeline(recipe_path: str | Path, workdir: str | Path, log: Callable[[str], None] = print,
                  progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) every stage, evaluates each, writes report.md / report.json; returns the report."""
+    """Runs (or resumes) every stage, evaluates each, writes report.md / report.json; returns the report.
+
+    The pipeline's workdir is locked for the whole run (a second pipeline on it exits 2). A stage is reused
+    only when its recorded fingerprint (`stage_fingerprint`) matches; otherwise it and every later stage
+    run again."""
+    recipe = load_recipe(recipe_path)
+    workdir = Path(workdir).absolute()
+    ckpt.check_writable(workdir)
+    with WorkdirLock(workdir, "jaxllm pipeline"):
+        return _run_pipeline(recipe, recipe_path, workdir, log, progress)
+
+
+def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Callable[[str], None],
+                  progress: bool) -> dict[str, Any]:
     from jaxllm.report import write_report
     from jaxllm.train import train
 
-    recipe = load_recipe(recipe_path)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer = prepare_tokenizer(recipe, workdir, log)
     stages = stage_configs(recipe, workdir, tokenizer)
     results = []
+    upstream = ""
     for index, (stage, config, stage_dir) in enumerate(stages, 1):
         header = f"[{index}/{len(stages)} {stage.name}]"
-        if stage_finished(config, stage_dir):
+        fingerprint = stage_fingerprint(config, workdir, upstream)
+        upstream = fingerprint
+        set_aside_stale_stage(stage_dir, fingerprint, log, header)
+        if stage_finished(config, stage_dir, fingerprint, log):
             log(f"{header} already finished ({config.train.steps} steps) — skipped")
         else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stage_dir / STAGE_RECORD, {"fingerprint": fingerprint, "finished": False})
             resumed = ckpt.latest_step(stage_dir)
             log(f"{header} {config.train.stage}: {config.train.steps} steps on {config.data.source}"
                 + (f", resuming at step {resumed}" if resumed else "")
@@ -223,9 +326,10 @@ def run_pipeline(recipe_path: str | Path, workdir: str | Path, log: Callable[[st
             if result.stopped_early:
                 log(f"{header} stopped at step {result.final_step}; run the same command again to resume")
                 return {"stopped": stage.name}
+            write_json_atomic(stage_dir / STAGE_RECORD, {"fingerprint": fingerprint, "finished": True})
             log(f"{header} done in {time.perf_counter() - stage_started:.0f}s "
                 f"(final loss {result.last_metrics.get('loss', float('nan')):.3f})")
-        evaluation = evaluate_stage(stage_dir, recipe.evaluation)
+        evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log)
         qa = evaluation["qa_heldout"]
         log(f"{header} eval: held-out QA {qa['exact_match']:.1%}, EOS rate {qa['eos_rate']:.1%}, "
             f"text perplexity {evaluation['text']['perplexity']:.2f}")

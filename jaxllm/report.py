@@ -155,7 +155,9 @@ def write_report(report: dict[str, Any], workdir: str | Path) -> Path:
         plots["losses"] = _plot_losses(stages, workdir / "losses.png")
         plots["eval"] = _plot_eval(stages, workdir / "eval.png")
         plots["rewards"] = _plot_rewards(stages, workdir / "rewards.png")
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    from jaxllm.files import write_atomic
+
+    write_atomic(workdir / "report.json", json.dumps(report, indent=2, default=str))
     path = workdir / "report.md"
-    path.write_text(_markdown(report, plots))
+    write_atomic(path, _markdown(report, plots))
     return path

@@ -401,6 +401,11 @@ class RolloutPrompts:
         self.step += 1
         return batch
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The prompt data's fingerprint (compared with the checkpoint's on resume)."""
+        return getattr(self.prompts, "fingerprint", None)
+
     def get_state(self) -> dict:
         return {**self.prompts.get_state(), "step": self.step // self.updates_per_batch, "update": self.step}
 
@@ -724,5 +729,5 @@ __all__ = [
     "Sample", "REWARD_FUNCTIONS", "register_reward", "normalize_answer", "parse_reward_spec", "parse_grade",
     "Rewards", "FunctionReward", "RewardModelReward", "SelfJudgeReward", "DEFAULT_JUDGE_TEMPLATE", "build_rows",
     "rollout_scores", "rl_loss", "rl_loss_fn", "ppo_advantages", "RolloutPrompts", "RLStage", "check_rl_config",
-    "train_rl", "score_rows", "score_main",
+    "rollout_hooks", "update_batch_spec", "eval_prompt_batches", "score_rows", "score_main",
 ]

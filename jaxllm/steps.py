@@ -164,11 +164,16 @@ def train_step(state: TrainState, batch: Batch, reference_params=None, loss_limi
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+    # The updated params must be finite too: a non-finite learning rate or optimizer setting turns a finite
+    # gradient into a non-finite update, which must be skipped (and blamed on the update, not the data).
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+          & params_finite)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                               opt_state=keep(new_opt_state, state.opt_state))
-    metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32))
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32),
+                   nonfinite_update=1.0 - params_finite.astype(jnp.float32))
     return new_state, metrics
 
 

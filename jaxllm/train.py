@@ -31,8 +31,9 @@ from jaxllm import state as state_lib
 from jaxllm import step_builder
 from jaxllm import steps as steps_lib
 from jaxllm.report import read_metrics  # noqa: F401  (re-exported: jaxllm.train.read_metrics)
-from jaxllm.config import Config, ConfigError, config_json, save_config, to_dict
-from jaxllm.errors import TrainingHalted
+from jaxllm.config import Config, ConfigError, compare_for_resume, config_json, save_config, to_dict
+from jaxllm.errors import DataError, TrainingHalted
+from jaxllm.files import WorkdirLock, write_json_atomic
 
 
 @dataclasses.dataclass
@@ -53,6 +54,7 @@ class RunContext:
     resumed_from: int | None
     guard_state: dict = dataclasses.field(default_factory=dict)  # SpikeGuard memory, saved in each checkpoint
     built: step_builder.StepBuild | None = None  # the stage's step plan (layouts, shardings, the step itself)
+    lock: WorkdirLock | None = None  # the workdir's exclusive lock (process 0), released when the loop ends
 
     @property
     def is_main_process(self) -> bool:
@@ -73,7 +75,6 @@ def check_batch_fits_mesh(config: Config, mesh: jax.sharding.Mesh) -> None:
 
 
 def load_tokenizer(config: Config):
-    from jaxllm.data import DataError
     from jaxllm.data.tokenizer import Tokenizer, check_vocab
 
     try:
@@ -86,48 +87,130 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
+def check_init_from(config: Config, tokenizer, workdir: Path) -> None:
+    """`train.init_from` must be an existing directory holding a finished checkpoint made with this run's
+    tokenizer; checked before the workdir is touched. A resumed run reads it only for a frozen reference or
+    LoRA base (its params come from its own checkpoint), so only then must it still exist."""
+    init_from = config.train.init_from
+    if not init_from:
+        return
+    resuming = ckpt.latest_step(workdir) is not None
+    if resuming and not (config.model.lora_rank or stages_lib.get(config.train.stage).needs_reference):
+        return
+    if not Path(init_from).exists():
+        raise ckpt.CheckpointError(f"train.init_from={init_from}: no such directory ({Path(init_from).absolute()} "
+                                   "does not exist); check the path (it names the workdir of an earlier stage)")
+    if not config.model.lora_rank:
+        ckpt.check_tokenizer(ckpt.read_meta(init_from), tokenizer, init_from)
+
+
+def lock_workdir(workdir: Path, what: str = "jaxllm train") -> WorkdirLock | None:
+    """The workdir's exclusive lock, taken by process 0 only (one lock per run; see the README on shared
+    multi-host workdirs). None on the other processes."""
+    if jax.process_index() != 0:
+        return None
+    return WorkdirLock(workdir, what).acquire()
+
+
+def check_resume_config(saved: dict | None, config: Config, step: int, where: str,
+                        log: Callable[[str], None]) -> None:
+    """Compares the checkpoint's saved config with this run's: a change of the model, tokenizer, data, stage,
+    seed or batch size is a ConfigError listing every changed key; a schedule change warns once per key
+    with the old and new value and the learning rate at the next step under both; other changes that
+    alter training warn once per key; changes that only affect logging, checkpointing or the kernels used
+    are silent."""
+    if not isinstance(saved, dict):
+        return
+    changes = compare_for_resume(saved, config)
+    if changes.incompatible:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes.incompatible)
+        raise ConfigError(f"{where} was trained with another model, tokenizer, data, stage, seed or batch size "
+                          f"({len(changes.incompatible)} changed: {listed}); resuming would continue a different run. "
+                          "Use the checkpoint's settings (see the workdir's config.yaml) or choose a new --workdir")
+    if changes.schedule:
+        old_lr, new_lr = _learning_rates_at(saved, config, step)
+        for key, old, new in changes.schedule:
+            effect = (f"the run now ends at step {new} instead of {old}, so the decay after the resume point is "
+                      f"{'compressed' if new < old else 'stretched'}" if key == "train.steps"
+                      else "the schedule from the resume point on uses the new value")
+            log(f"warning: {key} changed since checkpoint {step}: {old!r} -> {new!r}; steps 1-{step} followed the old "
+                f"learning-rate schedule and {effect} (learning rate at step {step + 1}: {old_lr:.4g} on the old "
+                f"schedule, {new_lr:.4g} on the new)")
+    for key, old, new in changes.other:
+        log(f"warning: {key} changed since checkpoint {step}: {old!r} -> {new!r}; steps 1-{step} were trained with "
+            f"the old value, the steps from {step + 1} on use the new one")
+
+
+def _learning_rates_at(saved: dict, config: Config, step: int) -> tuple[float, float]:
+    """The learning rate of update `step + 1` under the saved settings and under this run's."""
+    names = {f.name for f in dataclasses.fields(config.optimizer)}
+    saved_optimizer = dataclasses.replace(config.optimizer, **{k: v for k, v in (saved.get("optimizer") or {}).items()
+                                                               if k in names})
+    saved_steps = int((saved.get("train") or {}).get("steps", config.train.steps))
+    old = state_lib.learning_rate_schedule(saved_optimizer, saved_steps)(step)
+    new = state_lib.learning_rate_schedule(config.optimizer, config.train.steps)(step)
+    return float(old), float(new)
+
+
 def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = None, tokenizer=None,
           log: Callable[[str], None] = print) -> RunContext:
+    """Checks everything, then locks the workdir and builds or restores the state. Nothing in the workdir
+    is written here except its lock file (config.yaml is written by `run_loop`, once every check passed).
+    On failure the lock is released and the checkpoint manager shut down."""
     sharding_lib.maybe_initialize_distributed(config.mesh)
     workdir = Path(workdir).absolute()
     mesh = mesh or sharding_lib.make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+    check_init_from(config, tokenizer, workdir)
     ckpt.check_writable(workdir)
+    lock = lock_workdir(workdir)
+    manager = None
+    try:
+        built = step_builder.build(config, mesh)
+        graphdef, abstract_params, optimizer = built.graphdef, built.abstract_params, built.optimizer
+        abstract_state, shardings = built.abstract_state, built.state_shardings
 
-    built = step_builder.build(config, mesh)
-    graphdef, abstract_params, optimizer = built.graphdef, built.abstract_params, built.optimizer
-    abstract_state, shardings = built.abstract_state, built.state_shardings
-
-    manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
-                                async_save=config.train.async_checkpointing)
-    resume_step = manager.latest_step()
-    data_state = None
-    reference_params = None
-    guard_state: dict = {}
-    with jax.set_mesh(mesh):
-        if resume_step is not None:  # the tokenizer first: another one also changes the derived vocab_size
-            ckpt.check_tokenizer(ckpt.read_meta(workdir, resume_step), tokenizer,
-                                 f"{workdir}/checkpoints/{resume_step}")
-            state, data_state, meta = ckpt.restore(manager, resume_step,
-                                                   _abstract_with_shardings(abstract_state, shardings))
-            ckpt.check_tokenizer(meta, tokenizer, f"{workdir}/checkpoints/{resume_step}")
-            guard_state = meta.get("guard") or {}
-            log(f"resumed {workdir} at step {resume_step}")
-        else:
-            if config.train.init_from:
-                ckpt.check_tokenizer(ckpt.read_meta(config.train.init_from), tokenizer, config.train.init_from)
-            params = _initial_params(config, graphdef, abstract_params, shardings.params, built.heads, log)
-            state = jax.jit(lambda p: state_lib.create_state(p, optimizer, config.train.seed),
-                            out_shardings=shardings)(params)
-        if config.model.lora_rank:
-            reference_params = lora_lib.load_base(config, built.base_abstract, mesh)
-        elif built.stage.needs_reference:
-            reference_params = _reference_params(config, state, abstract_params, shardings.params, resume_step, log)
-    if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's config.yaml alone
-        save_config(config, workdir / "config.yaml")
+        manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
+                                    async_save=config.train.async_checkpointing)
+        resume_step = manager.latest_step()
+        data_state = None
+        reference_params = None
+        guard_state: dict = {}
+        with jax.set_mesh(mesh):
+            if resume_step is not None:
+                where = f"{workdir}/checkpoints/{resume_step}"
+                saved_meta = ckpt.read_meta(workdir, resume_step)
+                ckpt.check_tokenizer(saved_meta, tokenizer, where)
+                check_resume_config(saved_meta.get("config"), config, resume_step, where, log)
+                state, data_state, meta = ckpt.restore(manager, resume_step,
+                                                       _abstract_with_shardings(abstract_state, shardings))
+                guard_state = meta.get("guard") or {}
+                log(f"resumed {workdir} at step {resume_step}")
+            else:
+                params = _initial_params(config, graphdef, abstract_params, shardings.params, built.heads, log)
+                state = jax.jit(lambda p: state_lib.create_state(p, optimizer, config.train.seed),
+                                out_shardings=shardings)(params)
+            if config.model.lora_rank:
+                reference_params = lora_lib.load_base(config, built.base_abstract, mesh)
+            elif built.stage.needs_reference:
+                reference_params = _reference_params(config, state, abstract_params, shardings.params, resume_step,
+                                                     log)
+    except BaseException:
+        release(manager, lock)
+        raise
     return RunContext(config, workdir, mesh, graphdef, optimizer, state, shardings, reference_params, manager,
-                      tokenizer, data_state, resume_step, guard_state, built)
+                      tokenizer, data_state, resume_step, guard_state, built, lock)
+
+
+def release(manager, lock: WorkdirLock | None) -> None:
+    """Shuts the checkpoint manager down (its background threads would otherwise keep a failed process
+    alive for minutes) and releases the workdir lock. Safe to call twice."""
+    try:
+        ckpt.shut_down(manager)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _initial_params(config: Config, graphdef, abstract_params, param_shardings, heads: tuple[str, ...], log) -> Any:
@@ -319,6 +402,7 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
         if eval_batches is None and stage.rollouts is None:
             eval_batches = stages_lib.make_eval_batches(config, tokenizer or None, config.train.eval_batches,
                                                         jax.process_index(), jax.process_count())
+        context = None
         try:
             context = setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
             prepare_batch = evaluate_fn = None
@@ -326,15 +410,40 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
                 hooks = stage.rollouts(context, batch_iterator, log, **stage_options)
                 batch_iterator, prepare_batch, evaluate_fn = hooks.batches, hooks.prepare, hooks.evaluate
             if context.data_state is not None:
-                batch_iterator.set_state(context.data_state)
+                restore_data_position(context, batch_iterator, log)
             return run_loop(context, batch_iterator, context.built.train_step, context.built.eval_step,
                             eval_batches or [], prepare_batch=prepare_batch, evaluate_fn=evaluate_fn, log=log,
                             max_steps_this_run=max_steps_this_run)
-        except Exception as error:
-            failure = ckpt.write_failure(error, workdir)
+        except BaseException as error:
+            if context is not None:
+                release(context.manager, context.lock)
+            failure = ckpt.write_failure(error, workdir) if isinstance(error, Exception) else None
             if failure is not None:
                 raise failure from error
             raise
+
+
+def restore_data_position(context: RunContext, batch_iterator, log: Callable[[str], None] = print) -> None:
+    """Puts the iterator at the checkpoint's data position. Data whose content changed since the checkpoint
+    is an error unless `data.allow_change=true` (then a warning); a damaged saved position names the
+    checkpoint."""
+    where = f"{context.workdir}/checkpoints/{context.resumed_from}"
+    saved = context.data_state
+    saved_fingerprint = saved.get("data_fingerprint") if isinstance(saved, dict) else None
+    current = getattr(batch_iterator, "fingerprint", None)
+    if saved_fingerprint and current and saved_fingerprint != current:
+        if not context.config.data.allow_change:
+            raise DataError(f"the data (its content, tokenizer or settings) changed since {where} was saved "
+                            f"(fingerprint {saved_fingerprint} -> {current}); resuming would continue at batch "
+                            f"{saved.get('step')} of other data. Restore the data, start a new --workdir, or set "
+                            "data.allow_change=true to continue on the new data")
+        log(f"warning: the data changed since {where} was saved; continuing at batch {saved.get('step')} of the "
+            "new data (data.allow_change=true)")
+        saved = {**saved, "data_fingerprint": current}
+    try:
+        batch_iterator.set_state(saved)
+    except DataError as error:
+        raise DataError(f"{where}: its saved data position does not fit this run: {error}") from None
 
 
 def jit_step(context: RunContext, step_fn):
@@ -366,17 +475,27 @@ def save_if_best(context: RunContext, batch_iterator, step: int, eval_metrics: d
     if value is None or not math.isfinite(value):
         return False
     record_path = context.workdir / "best" / "best.json"
-    if record_path.exists():
-        best = json.loads(record_path.read_text())["value"]
+    best = _read_best_value(record_path, log=print)
+    if best is not None:
         if (value >= best) if tc.best_mode == "min" else (value <= best):
             return False
     manager = ckpt.make_manager(context.workdir / "best", keep=1, async_save=False)
     save_checkpoint(dataclasses.replace(context, manager=manager), batch_iterator, step, force=True)
     manager.wait_until_finished()
     if context.is_main_process:
-        record_path.write_text(json.dumps({"step": step, "metric": tc.best_metric, "mode": tc.best_mode,
-                                           "value": value}))
+        write_json_atomic(record_path, {"step": step, "metric": tc.best_metric, "mode": tc.best_mode, "value": value})
     return True
+
+
+def _read_best_value(record_path: Path, log: Callable[[str], None]) -> float | None:
+    """The recorded best value, or None when there is none or its record is damaged (then said)."""
+    if not record_path.exists():
+        return None
+    try:
+        return float(json.loads(record_path.read_text())["value"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        log(f"warning: {record_path} is damaged; the current checkpoint replaces the best one")
+        return None
 
 
 def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches: list, *,
@@ -386,6 +505,21 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
     """Runs `step_fn` until train.steps. `prepare_batch(context, host_batch) -> (host_batch, extra
     metrics)` lets a stage build its batch from the current params (on-policy RL); `evaluate_fn(context)`
     replaces the batch evaluation (eval_fn over eval_batches) when a stage evaluates otherwise."""
+    try:
+        result = _run_loop(context, batch_iterator, step_fn, eval_fn, eval_batches, prepare_batch=prepare_batch,
+                           evaluate_fn=evaluate_fn, log=log, max_steps_this_run=max_steps_this_run)
+    except BaseException:
+        release(context.manager, context.lock)
+        raise
+    if context.lock is not None:
+        context.lock.release()
+    return result
+
+
+def _run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches: list, *, prepare_batch,
+              evaluate_fn, log: Callable[[str], None], max_steps_this_run: int | None) -> TrainResult:
+    if context.is_main_process:  # only now, every check passed: a run that fails to start leaves it alone
+        save_config(context.config, context.workdir / "config.yaml")
     if evaluate_fn is None:
         evaluate_fn = lambda ctx: evaluate(ctx, eval_fn, eval_batches)  # noqa: E731
     config = context.config
@@ -466,12 +600,12 @@ def run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batches
         with jax.set_mesh(context.mesh):
             save_if_best(context, batch_iterator, step, eval_metrics)
         if context.is_main_process:
-            (context.workdir / "summary.json").write_text(json.dumps({
+            write_json_atomic(context.workdir / "summary.json", {
                 "stage": tc.stage, "steps": step, "train": last, "eval": eval_metrics,
                 "compile_seconds": compile_seconds,
                 "tokens_per_second": tokens_done / timed_seconds if timed_seconds else 0.0,
                 "config": json.loads(config_json(config)),
-            }, indent=2))
+            })
     metrics_log.close()
     return TrainResult(context.workdir, step, stopped_early or step < tc.steps, last, eval_metrics,
                        tokens_done / timed_seconds if timed_seconds else 0.0, compile_seconds)
@@ -557,30 +691,41 @@ def _log_skipped(context: RunContext, step: int, values: dict[str, float], host_
     record = {"step": step, "loss": values.get("loss"), "grad_norm": values.get("grad_norm"),
               "example_ids": sorted({int(i) for i in np.asarray(example_ids).ravel() if i >= 0})
               if example_ids is not None else []}
+    if values.get("nonfinite_update", 0.0) > 0 and math.isfinite(values.get("loss", math.nan)) \
+            and math.isfinite(values.get("grad_norm", math.nan)):
+        record["cause"] = "non-finite update"
+        log(f"step {step}: skipped the update: the loss and gradient were finite but the updated params were not "
+            "(an optimizer setting or the optimizer state, not the data)")
+    else:
+        log(f"step {step}: skipped the update (loss={values.get('loss')}, grad_norm={values.get('grad_norm')}); "
+            f"documents {record['example_ids'][:16]}")
     if context.is_main_process:
         with (context.workdir / "skipped_batches.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-    log(f"step {step}: skipped the update (loss={values.get('loss')}, grad_norm={values.get('grad_norm')}); "
-        f"documents {record['example_ids'][:16]}")
 
 
 class _progress_bar:
-    def __init__(self, start: int, total: int, enabled: bool, stage: str):
+    """tqdm bar of the steps; its postfix is the loss of the step just shown and the measured tokens/s
+    ('-' until a step after the compiling one has been timed, e.g. right after a resume)."""
+
+    def __init__(self, start: int, total: int, enabled: bool, stage: str, file=None, mininterval: float = 1.0):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, file=sys.stderr,
-                            mininterval=1.0)
+            self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, file=file or sys.stderr,
+                            mininterval=mininterval)
         self.position = start
 
     def update(self, step: int, values: dict[str, float]) -> None:
         if self.bar is None:
             return
+        tokens_per_second = values.get("tokens_per_second", 0.0)
+        # The postfix first: update() draws the bar, and must draw it with this step's numbers.
+        self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
+                             tok_s=f"{tokens_per_second:.0f}" if tokens_per_second > 0 else "-", refresh=False)
         self.bar.update(step - self.position)
         self.position = step
-        self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                             tok_s=f"{values.get('tokens_per_second', 0):.0f}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

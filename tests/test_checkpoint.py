@@ -89,9 +89,18 @@ def test_checkpoint_from_another_model_shape_lists_the_mismatched_parameters(tmp
 
 
 def test_missing_init_from_checkpoint_is_a_clear_error(tmp_path):
-    config = tiny_config("train.stage=sft", f"init_from={tmp_path / 'nothing'}")
+    (tmp_path / "empty").mkdir()
+    config = tiny_config("train.stage=sft", f"init_from={tmp_path / 'empty'}")
     with pytest.raises(ckpt.CheckpointError, match="no finished checkpoint"):
         train_lib.setup(config, tmp_path / "sft", tokenizer=False, mesh=one_device(), **QUIET)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_init_from_that_does_not_exist_says_so_and_leaves_the_workdir_untouched(tmp_path):
+    config = tiny_config("train.stage=sft", f"init_from={tmp_path / 'ptt'}")
+    with pytest.raises(ckpt.CheckpointError, match=r"train.init_from=.*ptt: no such directory"):
+        train_lib.setup(config, tmp_path / "sft", tokenizer=False, mesh=one_device(), **QUIET)
+    assert not (tmp_path / "sft").exists()
 
 
 def test_checkpoint_written_on_one_device_restores_on_eight_and_back(tmp_path):

@@ -54,7 +54,8 @@ def test_bad_configs_exit_2_with_a_clear_message(tmp_path, capsys, override, mes
 
 def test_init_from_a_missing_run_exits_2(tmp_path, capsys):
     assert _train("sft_tiny.yaml", tmp_path / "sft", f"init_from={tmp_path / 'missing'}") == 2
-    assert "no finished checkpoint" in capsys.readouterr().err
+    assert "missing: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "sft").exists()  # the workdir is left untouched (not even created)
 
 
 def test_console_script_runs_as_a_subprocess():

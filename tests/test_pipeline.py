@@ -100,3 +100,70 @@ def test_shipped_pipeline_recipes_load_and_chain_their_stages(recipe, tmp_path):
     configs = stage_configs(loaded, tmp_path, "default")
     assert configs[2][1].train.init_from == str(tmp_path / "sft")
     assert configs[2][1].train.stage in ("dpo", "kto", "rl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints, damaged state files and the lock (#20.3, #20.5, #20.6)
+
+FINGERPRINT_TEMPLATE = """
+tokenizer: {train: false}
+common: [model.preset=micro, mesh.num_devices=1, train.batch_size=4, train.eval_batches=1, train.progress=false,
+         train.tensorboard=false, data.seq_len=96, optimizer.warmup_steps=0]
+stages:
+  - {name: pretrain, recipe: configs/pretrain_tiny.yaml, overrides: [train.steps=PRETRAIN_STEPS]}
+  - {name: sft, recipe: configs/sft_tiny.yaml, overrides: [train.steps=2]}
+evaluation: {qa_examples: 2, trained_qa_examples: 0, text_batches: 1, preference_source: "", max_new_tokens: 2}
+"""
+
+
+def _micro_pipeline(tmp_path, pretrain_steps: int) -> Path:
+    recipe = tmp_path / f"fingerprint{pretrain_steps}.yaml"
+    recipe.write_text(FINGERPRINT_TEMPLATE.replace("PRETRAIN_STEPS", str(pretrain_steps)))
+    return recipe
+
+
+def test_a_changed_stage_reruns_with_every_later_stage_and_damaged_state_files_are_recomputed(tmp_path):
+    workdir = tmp_path / "run"
+    first = run_pipeline(_micro_pipeline(tmp_path, 2), workdir, log=lambda *_: None, progress=False)
+    assert [s["steps"] for s in first["stages"]] == [2, 2]
+
+    # A kill during a write used to leave empty files: they are recomputed, the finished sft is reused.
+    (workdir / "pretrain" / "eval.json").write_text("")
+    (workdir / "pretrain" / "summary.json").write_text('{"stage": "pre')
+    logs: list[str] = []
+    again = run_pipeline(_micro_pipeline(tmp_path, 2), workdir, log=logs.append, progress=False)
+    assert any("[2/2 sft] already finished" in line for line in logs), logs
+    assert json.loads((workdir / "pretrain" / "summary.json").read_text())["steps"] == 2
+    assert again["stages"][0]["evaluation"]["text"] == first["stages"][0]["evaluation"]["text"]
+
+    # More pretraining steps: pretraining and the SFT started from it run again, and say so.
+    logs = []
+    changed = run_pipeline(_micro_pipeline(tmp_path, 3), workdir, log=logs.append, progress=False)
+    reran = [line for line in logs if "changed since it ran: running it again" in line]
+    assert [line.split("]")[0] for line in reran] == ["[1/2 pretrain", "[2/2 sft"], logs
+    assert not any("already finished" in line for line in logs), logs
+    assert ckpt.latest_step(workdir / "pretrain") == 3 and changed["stages"][0]["summary"]["steps"] == 3
+    assert ckpt.latest_step(workdir / "pretrain.stale") == 2
+    assert changed["stages"][1]["evaluation"] != first["stages"][1]["evaluation"]
+
+
+def test_a_second_pipeline_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from jaxllm.files import WorkdirBusy
+
+    root = Path(__file__).resolve().parent.parent
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jaxllm.files import WorkdirLock; "
+         "lock = WorkdirLock(sys.argv[1], 'jaxllm pipeline').acquire(); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirBusy, match=rf"in use by another jaxllm pipeline \(pid {holder.pid} on host"):
+            run_pipeline(_micro_pipeline(tmp_path, 2), tmp_path / "run", log=lambda *_: None, progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".jaxllm.lock"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

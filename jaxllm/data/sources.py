@@ -338,8 +338,18 @@ def read_texts(spec: str, text_field: str = "text") -> Iterator[str]:
             yield from (text for text in _strings(record.data) if text.strip())
 
 
+def file_content_digest(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """blake2b-128 of a file's bytes, read in 4 MiB chunks (~1 GB/s on one core)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def source_fingerprint(spec: str) -> str:
-    """Changes when the source's content may have changed (file sizes and times, TFDS split size)."""
+    """Changes when the source's content changed: a hash of every byte of local files (a rewrite that keeps
+    size and modification time is seen too), the TFDS split's size otherwise."""
     kind, rest = parse_source(spec)
     parts: list[str] = [spec]
     if kind == "default":
@@ -348,8 +358,7 @@ def source_fingerprint(spec: str) -> str:
         path = Path(rest)
         files = _text_files(path) if kind == "text" else _data_files(path, kind)
         for file in files:
-            stat = file.stat()
-            parts.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+            parts.append(f"{file.resolve()}:{file_content_digest(file)}")
     else:
         source, label = _tfds_source(rest)
         parts.append(f"{label}:{len(source)}:{os.environ.get('TFDS_DATA_DIR', '')}")
