@@ -355,8 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 explicit_model.update(k for k in value if k != "preset")
             settings.update(config, {key: value}, source)
     _apply_model_preset(config, explicit_model)
-    if config.model.vocab_size < 0:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} must be >= 0 (0 = from the tokenizer)")
+    check_ranges(config)  # before the tokenizer is read for a vocab_size of 0 (a negative one is an error)
     _resolve_vocab_size(config, log)
     validate(config)
     return config
@@ -402,7 +401,8 @@ def validate(config: Config) -> None:
 # Ranges: every int has a minimum (0 unless listed), every float must be finite and within its range.
 
 INT_MINIMUMS: dict[str, int] = {
-    "model.vocab_size": 1, "model.d_model": 1, "model.num_layers": 1, "model.num_heads": 1, "model.num_kv_heads": 1,
+    "model.vocab_size": 0, "model.d_model": 1,  # vocab_size 0: from the tokenizer (load_config)
+    "model.num_layers": 1, "model.num_heads": 1, "model.num_kv_heads": 1,
     "model.max_seq_len": 1, "model.attention_block_size": 1, "data.seq_len": 1,
     "train.steps": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_every": 1,
     "train.checkpoint_every": 1, "train.keep_checkpoints": 1,  # keep >= 1: the newest checkpoint is never deleted
