@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import hardware
 from jaxllm import lora as lora_lib
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
@@ -531,6 +532,10 @@ def _run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batche
     guard = SpikeGuard.from_dict(context.guard_state)
     last: dict[str, float] = {}
     tokens_done, timed_seconds, compile_seconds = 0, 0.0, 0.0
+    flops_per_token = model_lib.flops_per_token(config.model, config.data.seq_len)  # training: 3x the forward
+    if context.reference_params is not None:  # a frozen reference's forward pass: + a third
+        flops_per_token *= 4 / 3
+    device = jax.devices()[0]
     progress = _progress_bar(start, tc.steps, tc.progress and context.is_main_process, tc.stage)
     stopped_early = False
     with _stop_signals() as stop, jax.set_mesh(context.mesh):
@@ -559,6 +564,10 @@ def _run_loop(context: RunContext, batch_iterator, step_fn, eval_fn, eval_batche
                 timed_seconds += elapsed
             values.update(extra)
             values["tokens_per_second"] = tokens_done / timed_seconds if timed_seconds else 0.0
+            utilisation = hardware.mfu(values["tokens_per_second"], flops_per_token, device.device_kind,
+                                       config.model.dtype, jax.device_count())
+            if utilisation is not None:  # datasheet peak known (GPU/TPU); CPUs: `jaxllm bench` has a ceiling
+                values["mfu"] = utilisation
             values["step_seconds"] = elapsed
             skipped = values.get("skipped", 0.0) > 0
             guard.record(step, skipped, values.get("loss", math.nan))

@@ -105,3 +105,12 @@ def test_profile_summary_splits_device_time_by_kernel_class(tmp_path):
     assert summary["device_events_only"]
     assert summary["share_by_class"] == {"matmul": 0.6, "attention": 0.2, "fusion/elementwise": 0.2}
     assert "matmul" in bench.format_profile(summary)
+
+
+def test_mfu_is_achieved_flops_over_the_datasheet_peak_and_unknown_on_cpu():
+    from jaxllm import hardware
+
+    # 1000 tokens/s x 1e9 FLOPs/token on two H100 SXM (989 TFLOP/s bf16 each).
+    assert hardware.mfu(1000.0, 1e9, "NVIDIA H100 80GB HBM3", "bfloat16", 2) == pytest.approx(1e12 / (2 * 989e12))
+    assert hardware.mfu(1000.0, 1e9, "cpu", "float32", 1) is None
+    assert hardware.mfu(0.0, 1e9, "NVIDIA H100 80GB HBM3", "bfloat16", 1) is None
