@@ -36,7 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import model as model_lib
+from jaxllm.data import DataError
+from jaxllm.data.biographies import exact_match
+from jaxllm.data.chat import prompt_ids, render_text
+from jaxllm.data.sources import read_records
 from jaxllm.errors import UsageError
+from jaxllm.generate import SamplingSettings, host_rows, load_model_for_inference, mesh_of, place_rows
+from jaxllm.selection import padded_batches, source_spec
+from jaxllm.teacher import batched_generate, read_inputs, request_messages
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 SHIFT_CATEGORIES = ("unshifted", "marginal", "shifted")
@@ -78,10 +85,6 @@ class QA:
 
 def load_qa(path_or_source: str, limit: int | None = None) -> list[QA]:
     """QA records {"prompt"|"question", "reference"|"answer"} (a string or a list of accepted strings)."""
-    from jaxllm.data import DataError
-    from jaxllm.data.sources import read_records
-    from jaxllm.selection import source_spec
-
     items = []
     for record in read_records(source_spec(path_or_source, jsonl_only=True)):
         data, where = record.data, record.where
@@ -120,8 +123,6 @@ def few_shot_messages(question: str, exemplars: Sequence[QA]) -> list[dict]:
 
 def _fitting_prompt(question: str, exemplars: list[QA], tokenizer, room: int) -> tuple[list[int], int] | None:
     """The chat prompt ids with as many exemplars as fit in `room` tokens (dropping from the front)."""
-    from jaxllm.data.chat import prompt_ids
-
     for start in range(len(exemplars) + 1):
         ids = prompt_ids(few_shot_messages(question, exemplars[start:]), tokenizer)
         if len(ids) <= room:
@@ -135,10 +136,6 @@ def knowledge_categories(model, qa: Sequence[QA], settings: KnowledgeSettings,
     "greedy_answers", "sampled_answers", "shots"}; "category" is None (with "error") when even the bare
     question does not fit in model.max_seq_len - max_new_tokens. `model` = (config, graphdef, params, tokenizer).
     Exemplars default to the other questions of `qa` (never the question itself)."""
-    from jaxllm.data.biographies import exact_match
-    from jaxllm.generate import SamplingSettings
-    from jaxllm.teacher import batched_generate
-
     settings.validate()
     config, _, _, tokenizer = model
     pool = list(exemplars) if exemplars is not None else list(qa)
@@ -220,8 +217,6 @@ def write_knowledge(rows: Sequence[dict], summary: dict, out_dir: str | Path) ->
 
 def knowledge_main(argv: Sequence[str] | None = None) -> int:
     """`jaxllm analyze knowledge --checkpoint WORKDIR --qa FILE --out DIR`."""
-    from jaxllm.generate import load_model_for_inference
-
     defaults = KnowledgeSettings()
     parser = argparse.ArgumentParser(
         prog="jaxllm analyze knowledge",
@@ -279,9 +274,6 @@ def _token_ranks(graphdef, params, tokens, positions, segment_ids, tie_tolerance
 def token_ranks(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
                 tie_tolerance: float = 1e-4) -> list[dict[str, np.ndarray]]:
     """Per sequence {"rank", "top", "logprob"} [len]: each token's rank under `model` given its prefix."""
-    from jaxllm.generate import host_rows, mesh_of, place_rows
-    from jaxllm.selection import padded_batches
-
     config, graphdef, params, _ = model
     too_long = [i for i, s in enumerate(sequences) if len(s) > config.model.max_seq_len]
     if too_long:
@@ -336,9 +328,6 @@ def token_shift(base, aligned, prompts: Sequence[Sequence[int]], *, max_new_toke
     Returns {"summary": {"positions", "unshifted", "marginal", "shifted" (fractions), "counts",
     "top_shifted_tokens": [...]}, "answers": [{"prompt_ids", "tokens": [{"id", "text", "base_rank",
     "base_top", "base_logprob", "category"}], "finished"}]}. The stop token (EOS) is analysed too."""
-    from jaxllm.generate import SamplingSettings
-    from jaxllm.teacher import batched_generate
-
     _check_compatible(base, aligned)
     tokenizer = aligned[3]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tokenizer.eos_id,))
@@ -414,9 +403,6 @@ def shift_html(result: dict[str, Any], title: str = "Token shift") -> str:
 def read_prompts(path_or_source: str, tokenizer, limit: int | None = None) -> tuple[list[str], list[list[int]]]:
     """Prompts -> (display texts, chat-template ids). JSONL records {"prompt"|"question"|"messages"|"text"};
     a plain text file holds one prompt per line."""
-    from jaxllm.data.chat import prompt_ids, render_text
-    from jaxllm.teacher import read_inputs, request_messages
-
     texts, ids = [], []
     for record in read_inputs(path_or_source, "distill"):
         messages = request_messages(record.data, record.where)
@@ -431,8 +417,6 @@ def read_prompts(path_or_source: str, tokenizer, limit: int | None = None) -> tu
 
 def shift_main(argv: Sequence[str] | None = None) -> int:
     """`jaxllm analyze shift --base WORKDIR --aligned WORKDIR --prompts FILE --out DIR`."""
-    from jaxllm.generate import load_model_for_inference
-
     parser = argparse.ArgumentParser(
         prog="jaxllm analyze shift",
         description="Which answer tokens did alignment change? The aligned model answers greedily; each token is "

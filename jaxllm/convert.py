@@ -42,8 +42,15 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxllm.config import Config, ConfigError, ModelConfig, save_config, to_dict
+from jaxllm import checkpoint as ckpt
+from jaxllm import lora
+from jaxllm import model as model_lib
+from jaxllm import sharding as sharding_lib
+from jaxllm.config import Config, ConfigError, MeshConfig, ModelConfig, load_config, save_config, to_dict, validate
 from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
+from jaxllm.data.tokenizer import check_vocab
+from jaxllm.lora import _resolve
+from jaxllm.model import rope_frequencies
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -316,7 +323,6 @@ def model_config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> HFConv
         notes.append(f"config.json fields not used by the conversion: {', '.join(unknown)}")
     special = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model = ModelConfig(**fields)
-    from jaxllm.config import validate
 
     validate(Config(model=model, data=dataclasses.replace(Config().data, seq_len=min(128, max_len))))
     return HFConversion(family, model, notes, special)
@@ -399,8 +405,6 @@ def hf_config_from_model(model: ModelConfig, family: str, special_ids: dict[str,
             scaling.update(low_freq_factor=model.rope_low_freq_factor, high_freq_factor=model.rope_high_freq_factor,
                            original_max_position_embeddings=model.rope_original_max_len)
         elif model.rope_scaling == "yarn":
-            from jaxllm.model import rope_frequencies
-
             scaling.update(original_max_position_embeddings=model.rope_original_max_len,
                            beta_fast=model.rope_beta_fast, beta_slow=model.rope_beta_slow,
                            attention_factor=rope_frequencies(model)[1])
@@ -502,9 +506,6 @@ def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 
 
 def _conversion_mesh(fsdp: int) -> jax.sharding.Mesh:
-    from jaxllm import sharding as sharding_lib
-    from jaxllm.config import MeshConfig
-
     return sharding_lib.make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=1, num_devices=fsdp))
 
 
@@ -512,9 +513,6 @@ def load_hf_params(hf_dir: str | Path, model: ModelConfig, family: str, mesh: ja
                    log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """The jaxllm params of a Hugging Face folder, leaf by leaf (each assembled on the host, placed on the
     mesh sharded by its logical axes, then freed). Raises ConfigError on missing or unexpected tensors."""
-    from jaxllm import model as model_lib
-    from jaxllm import sharding as sharding_lib
-
     weights = HFWeights(Path(hf_dir))
     _, abstract = model_lib.abstract_model(model)
     mesh = mesh or _conversion_mesh(1)
@@ -565,8 +563,6 @@ def _copy_tokenizer(hf_dir: Path, out: Path) -> list[str]:
 
 def write_workdir(out: str | Path, config: Config, params: dict[str, Any], meta: dict[str, Any]) -> Path:
     """A workdir holding `params` as step 0 (Orbax; params only) and `config.yaml`."""
-    from jaxllm import checkpoint as ckpt
-
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if ckpt.latest_step(out) is not None:
@@ -592,7 +588,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None, fs
     conversion = model_config_from_hf(hf, dtype)
     for note in conversion.notes:
         log(f"note: {note}")
-    from jaxllm.data.tokenizer import check_vocab
 
     tokenizer = HFTokenizer.load(hf_dir) if is_hf_tokenizer_dir(hf_dir) else None
     if tokenizer is not None:  # before any work: ids past the embedding table would be silently wrong
@@ -626,10 +621,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None, fs
 def load_workdir_params(workdir: str | Path) -> tuple[Config, dict[str, Any]]:
     """(config, params) of a workdir on one device; LoRA adapters are merged into their base (the
     returned config then has lora_rank=0). Reward/value heads are dropped."""
-    from jaxllm import lora
-    from jaxllm import model as model_lib
-    from jaxllm.config import load_config
-
     workdir = Path(workdir)
     if not (workdir / "config.yaml").is_file():
         raise ConfigError(f"{workdir} is not a jaxllm workdir (no config.yaml)")
@@ -721,8 +712,6 @@ def to_hf(workdir: str | Path, out: str | Path, *, family: str | None = None, dt
 def merge_lora(workdir: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """A LoRA workdir -> a plain workdir with the adapters merged into the base weights (and the tokenizer
     files of the nearest run in its init_from chain that has them)."""
-    from jaxllm import checkpoint as ckpt
-
     config, params = load_workdir_params(workdir)
     config.train.init_from = ""
     out = Path(out).absolute()
@@ -745,14 +734,11 @@ def merge_lora(workdir: str | Path, out: str | Path, log: Callable[[str], None] 
 
 
 def _init_chain(workdir: Path) -> list[Path]:
-    from jaxllm.config import load_config
-
     chain, current = [], workdir
     while (current / "config.yaml").is_file():
         parent = load_config(current / "config.yaml").train.init_from
         if not parent:
             break
-        from jaxllm.lora import _resolve
 
         current = _resolve(current.absolute(), parent)
         chain.append(current)

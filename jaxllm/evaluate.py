@@ -46,12 +46,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import checkpoint as ckpt
 from jaxllm import losses
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config, ModelConfig
+from jaxllm.data.chat import answer_ids, prompt_ids as chat_prompt_ids
+from jaxllm.data.pipeline import build_rows
+from jaxllm.data.sources import read_records as read_source_records
 from jaxllm.errors import UsageError
+from jaxllm.generate import (SamplingSettings, bucket, generate, host_rows, load_model_for_inference, mesh_of,
+                             settings_from_args)
+from jaxllm.tasks import CANONICAL_FIELDS, Task, get_task, is_registered, list_tasks, with_overrides
+from jaxllm.tasks.metrics import cut_at_stop, exact_match, mean_and_stderr, pairwise_outcome, score_generation, win_rate
 
 LOGITS_BLOCK_BYTES = 256 << 20  # float32 logits per scoring block, at most
 
@@ -73,14 +81,10 @@ class EvalModel:
 
     def __post_init__(self):
         if self.mesh is None:
-            from jaxllm.generate import mesh_of
-
             self.mesh = mesh_of(self.params)
 
     @classmethod
     def load(cls, workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> "EvalModel":
-        from jaxllm.generate import load_model_for_inference
-
         config, graphdef, params, tokenizer = load_model_for_inference(workdir, mesh)
         return cls(config, graphdef, params, tokenizer, str(workdir))
 
@@ -181,8 +185,6 @@ def score_continuations(model_config: ModelConfig, graphdef, params,
     Rows are sorted by length so a batch pads little, widths are bucketed (a few compilations serve
     any request set), and the results come back in request order. `mesh`: default the params' mesh;
     the batch (rounded up to a multiple of the data-parallel size) is split over (data, fsdp)."""
-    from jaxllm.generate import bucket, host_rows, mesh_of
-
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1")
     rows = [_fit_request(n, context, continuation, model_config.max_seq_len)
@@ -257,8 +259,6 @@ def generate_completions(model: EvalModel, prompts: Sequence[Sequence[int]], set
                          seed: int = 0, progress: bool = False, desc: str = "generating") -> list[dict[str, Any]]:
     """Answers to token-id prompts in batches: [{"ids", "text", "finished", "tokens"}] in prompt order.
     A prompt longer than max_seq_len - max_new_tokens keeps its end."""
-    from jaxllm.generate import generate
-
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1")
     room = model.max_len - settings.max_new_tokens
@@ -287,8 +287,6 @@ def generate_completions(model: EvalModel, prompts: Sequence[Sequence[int]], set
 
 def greedy_settings(tokenizer, max_new_tokens: int, chat: bool):
     """Greedy decoding that stops at EOS (and, in chat, where the model would open the next user turn)."""
-    from jaxllm.generate import SamplingSettings
-
     stops = (tokenizer.eos_id, tokenizer.user_id) if chat else (tokenizer.eos_id,)
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stops)
 
@@ -313,8 +311,6 @@ def _reference(task, example) -> str:
 def prompt_ids(task, example, shots: Sequence, tokenizer) -> list[int]:
     """Token ids of the prompt: the few-shot examples, then the example's prompt (chat: as turns, ending
     with the assistant marker; plain: BOS + text)."""
-    from jaxllm.data.chat import prompt_ids as chat_prompt_ids
-
     if task.chat:
         messages: list[dict[str, str]] = []
         for shot in shots:
@@ -332,8 +328,6 @@ def prompt_ids(task, example, shots: Sequence, tokenizer) -> list[int]:
 
 def _answer_ids(task, text: str, tokenizer) -> list[int]:
     """A choice as the continuation of the prompt (chat: the answer then EOS)."""
-    from jaxllm.data.chat import answer_ids
-
     return answer_ids(text, tokenizer) if task.chat else tokenizer.encode(task.choice_prefix + text)
 
 
@@ -406,8 +400,6 @@ def run_perplexity(model: EvalModel, task, examples, settings: RunSettings) -> t
 
 
 def run_multiple_choice(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
-    from jaxllm.tasks.metrics import mean_and_stderr
-
     tokenizer = model.tokenizer
     requests, spans = [], []
     for example, shots in zip(examples, _shots(task, examples)):
@@ -437,8 +429,6 @@ def run_multiple_choice(model: EvalModel, task, examples, settings: RunSettings)
 
 
 def run_generate(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
-    from jaxllm.tasks.metrics import cut_at_stop, mean_and_stderr, score_generation
-
     tokenizer = model.tokenizer
     prompts = [prompt_ids(task, example, shots, tokenizer) for example, shots in zip(examples, _shots(task, examples))]
     outputs = generate_completions(model, prompts, _sampling(task, tokenizer, settings), batch_size=settings.batch_size,
@@ -459,8 +449,6 @@ def run_generate(model: EvalModel, task, examples, settings: RunSettings) -> tup
 
 def _judge_prompt(task, judge: EvalModel, question: str, answer_a: str, answer_b: str) -> list[int]:
     """The judge's chat prompt; over-long answers are judged on their beginnings."""
-    from jaxllm.data.chat import answer_ids, prompt_ids as chat_prompt_ids
-
     room = judge.max_len - max(len(answer_ids(letter, judge.tokenizer)) for letter in "AB")
     while True:
         text = task.judge_template.format(question=question, answer_a=answer_a, answer_b=answer_b)
@@ -471,9 +459,6 @@ def _judge_prompt(task, judge: EvalModel, question: str, answer_a: str, answer_b
 
 
 def run_pairwise(model: EvalModel, task, examples, settings: RunSettings) -> tuple[dict, list[dict]]:
-    from jaxllm.data.chat import answer_ids
-    from jaxllm.tasks.metrics import pairwise_outcome, win_rate
-
     try:
         task.judge_template.format(question="", answer_a="", answer_b="")
     except (KeyError, IndexError, ValueError) as error:
@@ -550,8 +535,6 @@ def perplexity(config: Config, graphdef, params, tokenizer, source: str, num_bat
                batch_size: int = 16) -> dict[str, float]:
     """Next-token loss, perplexity and bits per byte of the first num_batches * batch_size documents of
     held-out text `source` (each BOS + text + EOS; every token counted)."""
-    from jaxllm.tasks import Task
-
     task = Task(name="text", kind="perplexity", source=source)
     result = run_task(EvalModel(config, graphdef, params, tokenizer), task, RunSettings(batch_size=batch_size),
                       limit=num_batches * batch_size)
@@ -563,9 +546,6 @@ def perplexity(config: Config, graphdef, params, tokenizer, source: str, num_bat
 def answer_questions(config: Config, graphdef, params, tokenizer, questions: Sequence[str],
                      max_new_tokens: int = 32, batch_size: int = 64, **sampling: Any) -> list[dict[str, Any]]:
     """Greedy answers to single-turn questions with the chat template: [{"answer", "ended_with_eos", "tokens"}]."""
-    from jaxllm.data.chat import prompt_ids as chat_prompt_ids
-    from jaxllm.generate import SamplingSettings
-
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=sampling.pop("temperature", 0.0),
                                 stop_ids=(tokenizer.eos_id,), **sampling)
     prompts = [chat_prompt_ids([{"role": "user", "content": q}], tokenizer) for q in questions]
@@ -577,8 +557,6 @@ def answer_questions(config: Config, graphdef, params, tokenizer, questions: Seq
 def qa_accuracy(config: Config, graphdef, params, tokenizer, records: Sequence[dict], max_new_tokens: int = 32
                 ) -> dict[str, Any]:
     """Exact match of greedy answers against `reference`, the fraction ending with EOS, mean length."""
-    from jaxllm.tasks.metrics import exact_match
-
     answers = answer_questions(config, graphdef, params, tokenizer, [r["prompt"] for r in records], max_new_tokens)
     correct = [exact_match(a["answer"], [r["reference"]]) for a, r in zip(answers, records)]
     return {
@@ -594,8 +572,6 @@ def qa_accuracy(config: Config, graphdef, params, tokenizer, records: Sequence[d
 def preference_accuracy(config: Config, graphdef, params, tokenizer, source: str, max_pairs: int = 128,
                         batch_size: int = 32) -> dict[str, float]:
     """How often the model gives the chosen answer a higher log-probability than the rejected one."""
-    from jaxllm.data.pipeline import build_rows
-
     eval_config = _with(config, train={"stage": "dpo", "batch_size": batch_size},
                         data={"source": source, "eval_source": source})
     rows = build_rows(eval_config, tokenizer, "eval", data_format="pairs", stage="dpo", source=source)
@@ -615,10 +591,8 @@ def preference_accuracy(config: Config, graphdef, params, tokenizer, source: str
 
 def read_records(source: str, limit: int | None = None) -> list[dict]:
     """Raw records of a data source (e.g. `default:qa_eval`) as dicts."""
-    from jaxllm.data.sources import read_records as read
-
     records = []
-    for record in read(source):
+    for record in read_source_records(source):
         records.append(dict(getattr(record, "data", record)))
         if limit is not None and len(records) >= limit:
             break
@@ -730,8 +704,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_tasks(args: argparse.Namespace) -> list:
-    from jaxllm.tasks import CANONICAL_FIELDS, get_task, is_registered, with_overrides
-
     fields = _parse_fields(args.field)
     known = {name for names in CANONICAL_FIELDS.values() for name in names}
     unknown = sorted(set(fields) - known)
@@ -772,8 +744,6 @@ def eval_main(argv: list[str]) -> int:
     """`jaxllm eval --checkpoint DIR --task TASK [--task ...] [--out results.json]`."""
     args = build_parser().parse_args(argv)
     if args.list_tasks:
-        from jaxllm.tasks import list_tasks
-
         for name, description in list_tasks().items():
             print(f"{name:<16} {description}")
         return 0
@@ -788,8 +758,6 @@ def eval_main(argv: list[str]) -> int:
     sampling = None
     if args.temperature or args.top_k or args.top_p != 1.0 or args.min_p or args.repetition_penalty != 1.0 \
             or args.eos_bias or args.bias:
-        from jaxllm.generate import settings_from_args
-
         decoding = argparse.Namespace(**{**vars(args), "greedy": False, "max_new_tokens": 1})  # tasks set the length
         sampling = settings_from_args(decoding, model.tokenizer)
     settings = RunSettings(batch_size=args.batch_size, progress=not args.no_progress, sampling=sampling,
@@ -808,8 +776,6 @@ def eval_main(argv: list[str]) -> int:
                     handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
     print(format_table(results))
     if out is not None:
-        from jaxllm import checkpoint as ckpt
-
         summary = {"checkpoint": str(args.checkpoint), "step": ckpt.latest_step(args.checkpoint),
                    "tasks": {result.name: {**result.summary(),
                                            "samples": str(_sample_path(out, args.samples_dir, result.name))}

@@ -36,10 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import checkpoint as ckpt
+from jaxllm import lora
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
-from jaxllm.config import Config, ModelConfig
+from jaxllm import state as state_lib
+from jaxllm.config import Config, MeshConfig, ModelConfig, load_config
+from jaxllm.data.chat import prompt_ids, render_text, validate_messages
 from jaxllm.data.sources import iter_records
+from jaxllm.data.tokenizer import Tokenizer, check_vocab
 from jaxllm.errors import UsageError
 
 Params = dict[str, Any]
@@ -447,8 +452,6 @@ def _inference_mesh(config: Config) -> jax.sharding.Mesh:
     try:
         return sharding_lib.make_mesh(config.mesh)
     except sharding_lib.MeshError:
-        from jaxllm.config import MeshConfig
-
         return sharding_lib.make_mesh(MeshConfig())
 
 
@@ -459,17 +462,12 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
     Params (including any reward/value heads the run trained) are restored onto `mesh` (default: the
     run's mesh if it fits here, else all devices data-parallel). The tokenizer is the workdir's own
     tokenizer.model if present, else `data.tokenizer` of the run; None when load_tokenizer is False."""
-    from jaxllm import checkpoint as ckpt
-    from jaxllm import state as state_lib
-    from jaxllm.config import load_config
-
     workdir = Path(workdir)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise UsageError(f"{workdir} is not a training workdir: it has no config.yaml (pass the --workdir of a "
                          "`jaxllm train` run)")
     config = load_config(config_path)
-    from jaxllm import lora
 
     config.model = lora.base_config(config.model)  # a LoRA run loads as its base with the adapters merged in
     mesh = mesh or _inference_mesh(config)
@@ -483,8 +481,6 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
     params = lora.load_params(workdir, target)
     tokenizer = None
     if load_tokenizer:
-        from jaxllm.data.tokenizer import Tokenizer, check_vocab
-
         own = workdir / "tokenizer.model"
         tokenizer = Tokenizer.load(workdir if own.is_file() else config.data.tokenizer)
         check_vocab(tokenizer, config.model.vocab_size)
@@ -559,8 +555,6 @@ def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:
     """(display text, token ids): chat records through the chat template, plain text after the
     tokenizer's own prefix (`prefix_ids`: BOS for jaxllm's and Llama's tokenizers, nothing for Qwen's,
     as `transformers` encodes it; never the EOS that stands in for a missing BOS)."""
-    from jaxllm.data.chat import prompt_ids, render_text, validate_messages
-
     if "messages" in record or isinstance(record.get("prompt"), list):
         messages = validate_messages(record.get("messages", record.get("prompt")), "prompt record")
         return render_text(messages), prompt_ids(messages, tokenizer)
@@ -646,7 +640,6 @@ def chat_main(argv: list[str]) -> int:
     _add_sampling_arguments(parser, 128)
     args = parser.parse_args(argv)
     config, graphdef, params, tokenizer = load_model_for_inference(args.checkpoint)
-    from jaxllm.data.chat import prompt_ids
 
     # The model may open the next user turn instead of ending with EOS: stop there too.
     settings = settings_from_args(args, tokenizer, extra_stop_ids=(tokenizer.user_id,))

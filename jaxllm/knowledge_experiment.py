@@ -21,8 +21,15 @@ from typing import Any, Callable
 
 import yaml
 
+from jaxllm import checkpoint as ckpt
+from jaxllm import evaluate
 from jaxllm import settings as settings_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
+from jaxllm.data import biographies as bio
+from jaxllm.data.biographies import experiment_sets, make_people
+from jaxllm.data.tokenizer import train_tokenizer
+from jaxllm.generate import load_model_for_inference
+from jaxllm.train import read_metrics, train
 
 VARIANTS = {"single": (1, False), "multi+permute": (None, True)}
 
@@ -78,8 +85,6 @@ def prepare_tokenizer(settings: ExperimentSettings, workdir: Path) -> str:
     multi+permute biographies of everyone and the fine-tuning questions) under workdir/tokenizer."""
     if not settings.tokenizer_vocab:
         return "default"
-    from jaxllm.data.biographies import experiment_sets
-    from jaxllm.data.tokenizer import train_tokenizer
 
     directory = workdir / "tokenizer"
     if not (directory / "tokenizer.model").exists():
@@ -123,9 +128,6 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
     returns the mean accuracy over birth city, university, major and employer (chance 2.5-5%)."""
     import numpy as np
 
-    from jaxllm.data import biographies as bio
-    from jaxllm.evaluate import score_continuations
-
     accuracies = []
     for attribute, template in PROBE_PREFIXES.items():
         pool = bio.VALUE_POOLS[attribute]
@@ -136,7 +138,7 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
             for value in pool:
                 full = [tokenizer.bos_id, *tokenizer.encode(f"{prefix} {value}.")]
                 requests.append((context, full[len(context):]))
-        scores = score_continuations(config.model, graphdef, params, requests, batch_size=64).logprob
+        scores = evaluate.score_continuations(config.model, graphdef, params, requests, batch_size=64).logprob
         chosen = np.asarray(scores).reshape(len(people), len(pool)).argmax(axis=1)
         accuracies.append(np.mean([pool[c] == p.attribute(attribute) for c, p in zip(chosen, people)]))
     return float(np.mean(accuracies))
@@ -144,12 +146,6 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
 
 def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: Callable[[str], None],
                 progress: bool, tokenizer: str = "default") -> dict[str, Any]:
-    from jaxllm import evaluate
-    from jaxllm import checkpoint as ckpt
-    from jaxllm.data.biographies import experiment_sets
-    from jaxllm.generate import load_model_for_inference
-    from jaxllm.train import train
-
     rephrasings, permute = VARIANTS[variant]
     sets = experiment_sets(settings.people, rephrasings or settings.versions, seed=settings.seed, permute=permute,
                            name_once=settings.name_once)
@@ -170,7 +166,6 @@ def run_variant(settings: ExperimentSettings, variant: str, workdir: Path, log: 
         log(f"[{variant}] {name}: {steps} steps on {len(sets[name])} records")
         train(config, stage_dir, log=log)
         timings[name] = time.perf_counter() - started
-    from jaxllm.data.biographies import make_people
 
     held_out_people = make_people(settings.people, settings.seed)[settings.people // 2:][:settings.eval_people]
     probe = completion_probe(*load_model_for_inference(workdir / "pretrain"), held_out_people)
@@ -195,8 +190,6 @@ def _plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jaxllm.train import read_metrics
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for result in results:

@@ -26,7 +26,11 @@ import logging
 import sys
 from typing import Any
 
+from jaxllm.data.chat import render_text, validate_messages
 from jaxllm.errors import UsageError
+from jaxllm.evaluate import EvalModel, generate_completions, score_continuations, score_documents
+from jaxllm.generate import SamplingSettings
+from jaxllm.tasks.metrics import cut_at_stop
 
 try:
     from lm_eval.api.model import LM
@@ -62,7 +66,6 @@ class JaxLLM(LM):
         if unused:
             logger.warning("jaxllm ignores these model_args: %s", ", ".join(sorted(unused)))
         del max_batch_size, device  # jaxllm places batches on its own mesh
-        from jaxllm.evaluate import EvalModel
 
         self.model = EvalModel.load(checkpoint)
         self.tokenizer = self.model.tokenizer
@@ -82,8 +85,6 @@ class JaxLLM(LM):
         return "jaxllm" if chat_template else ""
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from jaxllm.data.chat import render_text, validate_messages
-
         messages = validate_messages(list(chat_history), "lm-eval chat history")
         return render_text(messages, add_generation_prompt=add_generation_prompt)
 
@@ -102,8 +103,6 @@ class JaxLLM(LM):
                 "progress": not disable_tqdm, "desc": desc}
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        from jaxllm.evaluate import score_continuations
-
         if not requests:
             return []
         pairs = [self._pair(*request.args) for request in requests]
@@ -118,8 +117,6 @@ class JaxLLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from jaxllm.evaluate import score_documents
-
         if not requests:
             return []
         documents = [self._context_ids(request.args[0]) for request in requests]
@@ -136,8 +133,6 @@ class JaxLLM(LM):
         return logprobs
 
     def _sampling(self, gen_kwargs: dict[str, Any]):
-        from jaxllm.generate import SamplingSettings
-
         sample = bool(gen_kwargs.get("do_sample", False)) and float(gen_kwargs.get("temperature", 1.0) or 0) > 0
         return SamplingSettings(
             max_new_tokens=int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
@@ -147,9 +142,6 @@ class JaxLLM(LM):
             stop_ids=(self.tokenizer.eos_id,))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from jaxllm.evaluate import generate_completions
-        from jaxllm.tasks.metrics import cut_at_stop
-
         groups: dict[tuple, list[int]] = {}
         settings_of, stops_of, ignored = {}, {}, set()
         for number, request in enumerate(requests):

@@ -25,8 +25,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxllm import checkpoint as ckpt
 from jaxllm import model as model_lib
-from jaxllm.config import ModelConfig
+from jaxllm import sharding as sharding_lib
+from jaxllm.config import ModelConfig, load_config
 
 Params = dict[str, Any]
 _SUFFIXES = ("_lora_a", "_lora_b")
@@ -161,7 +163,6 @@ def _lora_run_config(path: str | Path):
     workdir = _workdir_of(path)
     if not (workdir / "config.yaml").is_file():
         return None
-    from jaxllm.config import load_config
 
     config = load_config(workdir / "config.yaml")
     return config if config.model.lora_rank else None
@@ -178,8 +179,6 @@ def _resolve(workdir: Path, init_from: str) -> Path:
 
 def _target_shardings(target: Params, abstract: Params, axes: Params) -> Params:
     """Shardings for `abstract` on the mesh (or single device) that `target`'s leaves use."""
-    from jaxllm import sharding as sharding_lib
-
     leaf = jax.tree.leaves(target)[0]
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
@@ -192,8 +191,6 @@ def load_params(path: str | Path, target: Params, step: int | None = None) -> Pa
     """`checkpoint.load_params` for any workdir: a LoRA run's model is its base (loaded the same way,
     from its train.init_from) with its adapters merged in. `target`: ShapeDtypeStructs with shardings
     of the plain (adapter-free) model, plus 'heads' when wanted."""
-    from jaxllm import checkpoint as ckpt
-
     run = _lora_run_config(path)
     if run is None:
         return ckpt.load_params(path, target, step)
@@ -216,8 +213,6 @@ def load_params(path: str | Path, target: Params, step: int | None = None) -> Pa
 def load_base(config, base_abstract: Params, mesh: jax.sharding.Mesh) -> Params:
     """The frozen base of a LoRA run (`config.train.init_from`, itself possibly a LoRA run), sharded by
     its logical axes on `mesh`."""
-    from jaxllm import sharding as sharding_lib
-
     axes = split(model_lib.logical_axes(config.model))[0]
     shardings = sharding_lib.tree_shardings(base_abstract, axes, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), base_abstract, shardings)

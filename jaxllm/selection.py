@@ -38,7 +38,11 @@ import numpy as np
 
 from jaxllm import losses, steps
 from jaxllm import model as model_lib
+from jaxllm.data.chat import record_to_messages, render_chats
+from jaxllm.data.sources import SOURCE_KINDS, read_records
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import UsageError
+from jaxllm.generate import host_rows, load_model_for_inference, mesh_of, place_rows
 
 SCORES = ("length", "loss", "perplexity", "ifd")
 MODEL_SCORES = ("loss", "perplexity", "ifd")
@@ -52,8 +56,6 @@ LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 def source_spec(path_or_source: str, jsonl_only: bool = False) -> str:
     """A file or directory -> a jaxllm data source: `.jsonl` -> jsonl:PATH, otherwise text:PATH
     (blank-line separated documents). A source spec (default:NAME, jsonl:..., text:..., tfds:...) is kept."""
-    from jaxllm.data.sources import SOURCE_KINDS
-
     kind, sep, _ = path_or_source.partition(":")
     if sep and kind in SOURCE_KINDS and not Path(path_or_source).exists():
         return path_or_source
@@ -79,9 +81,6 @@ class Example:
 
 def load_examples(path_or_source: str, limit: int | None = None) -> list[Example]:
     """SFT records -> Examples; a bad record raises DataError naming its file and line."""
-    from jaxllm.data.chat import record_to_messages
-    from jaxllm.data.sources import read_records
-
     examples = []
     for record in read_records(source_spec(path_or_source, jsonl_only=True)):
         messages = record_to_messages(record.data, record.where)
@@ -154,8 +153,6 @@ class ModelScorer:
         [(indices, outputs cut to the real rows)]."""
         import contextlib
 
-        from jaxllm.generate import host_rows, mesh_of, place_rows
-
         max_len = self.config.model.max_seq_len
         self.truncated = sum(len(s) > max_len for s in sequences)
         mesh = mesh_of(self.params)
@@ -172,8 +169,6 @@ class ModelScorer:
         """([N] mean negative log-likelihood per answer token, [N] answer tokens counted) in chat `mode`:
         "normal" (answers given their prompts) or "response_only" (answers alone). NaN where no answer
         token is left after cutting to max_seq_len."""
-        from jaxllm.data.chat import render_chats
-
         rendered = render_chats([e.messages for e in examples], self.tokenizer, mode)
         loss = np.full(len(examples), np.nan)
         counts = np.zeros(len(examples), np.int64)
@@ -186,8 +181,6 @@ class ModelScorer:
 
     def mean_hidden(self, examples: Sequence[Example]) -> np.ndarray:
         """[N, D] mean final hidden state of each whole conversation."""
-        from jaxllm.data.chat import render_chats
-
         rendered = render_chats([e.messages for e in examples], self.tokenizer)
         out = np.zeros((len(examples), self.config.model.d_model), np.float32)
         for indices, (hidden,) in self._run(_mean_hidden, [ids for ids, _ in rendered]):
@@ -372,13 +365,9 @@ def select_main(argv: Sequence[str] | None = None) -> int:
     examples = load_examples(args.input, args.limit)
     scorer, tokenizer = None, None
     if args.checkpoint:
-        from jaxllm.generate import load_model_for_inference
-
         scorer = ModelScorer(load_model_for_inference(args.checkpoint), args.batch_size)
         tokenizer = scorer.tokenizer
     else:
-        from jaxllm.data.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(args.tokenizer)
     result = select_examples(examples, options, tokenizer=tokenizer, scorer=scorer)
     out = write_selection(examples, result, args.out, args.scores)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import lora
 from jaxllm import losses
 from jaxllm import model as model_lib
 from jaxllm.config import Config
@@ -226,6 +227,5 @@ def build_eval_step(config: Config, graphdef, loss_fn: LossFn | None = None):
 def _maybe_lora(config: Config, loss_fn: LossFn) -> LossFn:
     if not config.model.lora_rank:
         return loss_fn
-    from jaxllm import lora
 
     return lora.adapter_loss(loss_fn)

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxllm import planning
+from jaxllm.config import ConfigError, load_config
 from jaxllm.errors import UsageError
+from jaxllm.train import train
 
 # Model fields that define a size in the grid (the rest come from the recipe and the overrides).
 SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
@@ -97,8 +99,6 @@ def _base_overrides(settings: SweepSettings) -> list[str]:
 
 def plan_runs(settings: SweepSettings) -> list[tuple[planning.SweepRun, Any]]:
     """(run, its Config) for every (budget, size) of the grid, in budget then size order."""
-    from jaxllm.config import load_config
-
     settings.validate()
     base = load_config(settings.recipe, _base_overrides(settings))
     base_model = {k: v for k, v in dataclasses.asdict(base.model).items() if k != "preset" and k not in SIZE_FIELDS}
@@ -143,8 +143,6 @@ def _finished_loss(run_dir: Path, steps: int) -> float | None:
 
 def _check_same_run(run_dir: Path, config) -> None:
     """A run directory left by a different sweep (other steps, size or data) must not be resumed silently."""
-    from jaxllm.config import ConfigError, load_config
-
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
@@ -165,8 +163,6 @@ def _check_same_run(run_dir: Path, config) -> None:
 
 def train_run(config, run_dir: Path, log: Callable[[str], None]) -> float:
     """Trains one run to the end (resuming if it was interrupted) and returns its final eval loss."""
-    from jaxllm.train import train
-
     result = train(config, run_dir, log=log)
     loss = result.eval_metrics.get("loss")
     if result.stopped_early or loss is None:

@@ -32,7 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from jaxllm.data import DataError
+from jaxllm.data.chat import prompt_ids, prompt_messages
+from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
+from jaxllm.generate import _add_sampling_arguments, generate, load_model_for_inference, settings_from_args
+from jaxllm.selection import source_spec
 
 MODES = ("distill", "continue", "rephrase")
 
@@ -66,8 +71,6 @@ def batched_generate(model, prompts: Sequence[Sequence[int]], settings, *, batch
     Prompts are sorted by length and generated `batch_size` at a time; batch b samples with
     fold_in(key(seed), b), so the same call gives the same answers."""
     import jax
-
-    from jaxllm.generate import generate
 
     config, graphdef, params, tokenizer = model
     if batch_size < 1:
@@ -109,9 +112,6 @@ def split_in_half(text: str) -> tuple[str, str] | None:
 
 def request_messages(data: dict, where: str) -> list[dict]:
     """Distillation prompt: the conversation up to (not including) a trailing assistant answer."""
-    from jaxllm.data import DataError
-    from jaxllm.data.chat import prompt_messages
-
     if "messages" not in data and "prompt" not in data:
         for field in ("question", "instruction", "text"):
             if isinstance(data.get(field), str):
@@ -128,8 +128,6 @@ def request_messages(data: dict, where: str) -> list[dict]:
 
 
 def _document(data: dict, where: str, text_field: str) -> str:
-    from jaxllm.data import DataError
-
     value = data.get(text_field)
     if not isinstance(value, str):
         raise DataError(f"{where}: needs a string field '{text_field}' holding the document "
@@ -141,8 +139,6 @@ def build_request(record, mode: str, tokenizer, room: int, *, instruction: str =
                   text_field: str = "text") -> tuple[Request | None, str]:
     """(the request, "") or (None, why it was skipped). `room`: the most prompt tokens that still leave
     room for max_new_tokens within model.max_seq_len."""
-    from jaxllm.data.chat import prompt_ids
-
     data, where = record.data, record.where
     if mode == "distill":
         messages = request_messages(data, where)
@@ -174,9 +170,6 @@ def build_request(record, mode: str, tokenizer, room: int, *, instruction: str =
 def read_inputs(path_or_source: str, mode: str, text_field: str = "text") -> Iterator:
     """Input records as a stream (jaxllm.data.sources.Record). A plain text file holds one prompt per line
     in distill mode and blank-line separated documents otherwise. A missing input fails here, at once."""
-    from jaxllm.data.sources import iter_records
-    from jaxllm.selection import source_spec
-
     spec = source_spec(path_or_source)
     if mode == "distill" and spec.startswith("text:") and Path(spec[5:]).is_file():
         return iter_records(f"lines:{spec[5:]}", "prompt")
@@ -282,8 +275,6 @@ def generate_data(model, records: Iterable, sampling, settings: TeacherSettings,
 
 def generate_data_main(argv: Sequence[str] | None = None) -> int:
     """`jaxllm data generate --teacher WORKDIR --prompts FILE --out OUT.jsonl --mode distill|continue|rephrase`."""
-    from jaxllm.generate import _add_sampling_arguments, load_model_for_inference, settings_from_args
-
     parser = argparse.ArgumentParser(
         prog="jaxllm data generate",
         description="Make training data with a teacher checkpoint: distill (answer prompts), continue (cut "

@@ -35,6 +35,7 @@ from jaxllm.report import read_metrics  # noqa: F401  (re-exported: jaxllm.train
 from jaxllm.config import Config, ConfigError, compare_for_resume, config_json, save_config, to_dict
 from jaxllm.errors import DataError, TrainingHalted
 from jaxllm.files import WorkdirLock, write_json_atomic
+from jaxllm.data.tokenizer import Tokenizer, check_vocab
 
 
 @dataclasses.dataclass
@@ -76,8 +77,6 @@ def check_batch_fits_mesh(config: Config, mesh: jax.sharding.Mesh) -> None:
 
 
 def load_tokenizer(config: Config):
-    from jaxllm.data.tokenizer import Tokenizer, check_vocab
-
     try:
         tokenizer = Tokenizer.load(config.data.tokenizer)
     except RuntimeError as error:  # sentencepiece's parse failure of a damaged or foreign file

@@ -37,8 +37,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from jaxllm.data.report import DataError
 from jaxllm import settings
+from jaxllm.data.chat import validate_messages
+from jaxllm.data.report import DataError
+from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
 
 KINDS = ("perplexity", "multiple_choice", "generate", "pairwise")
@@ -120,7 +122,6 @@ class Task:
         if self.loader is not None:
             rows = self.loader()
             return [(f"{self.name} example {i}", dict(r)) for i, r in enumerate(rows[:limit])]
-        from jaxllm.data.sources import iter_records
 
         out = []
         for record in iter_records(self.source, self.fields.get("text", "text")):
@@ -252,8 +253,6 @@ def parse_example(task: Task, where: str, record: dict) -> Example:
         return Example(where, values)
     question = _field(task, record, "question", where)
     if isinstance(question, list) and task.kind != "multiple_choice":
-        from jaxllm.data.chat import validate_messages
-
         messages = validate_messages(question, where, task.fields.get("question", "question"))
         while messages and messages[-1]["role"] == "assistant":  # the prompt is the conversation before the answer
             messages.pop()

@@ -19,6 +19,7 @@ import functools
 import random
 
 from jaxllm.data import biographies as bio
+from jaxllm.data.sources import read_records
 from jaxllm.tasks import Task, register_task
 
 CHOICES = 4
@@ -26,8 +27,6 @@ CHOICES = 4
 
 @functools.lru_cache(maxsize=1)
 def _held_out_people() -> tuple[bio.Person, ...]:
-    from jaxllm.data.sources import read_records
-
     names = [field.name for field in bio.dataclasses.fields(bio.Person)]
     people = [bio.Person(**{name: record.data[name] for name in names})
               for record in read_records("default:people") if record.data.get("split") == "held_out"]
