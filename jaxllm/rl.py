@@ -412,6 +412,39 @@ class RolloutPrompts:
         self.step = int(state.get("update", int(state["step"]) * self.updates_per_batch))
 
 
+@dataclasses.dataclass
+class RolloutTimeSplit:
+    """Where an on-policy run's wall time goes, in seconds: sampling rollouts (generation), rewards,
+    scoring the rollouts (policy/reference log-probs), and the update (the train step, with its
+    logging and checkpoint hand-off: the time between one rollout batch and the next, evaluation
+    excluded). The first step is left out: its rollout and update include the compiles."""
+    rollout: float = 0.0
+    reward: float = 0.0
+    score: float = 0.0
+    update: float = 0.0
+    steps: int = 0
+
+    def fractions(self) -> dict[str, float]:
+        total = self.rollout + self.reward + self.score + self.update
+        parts = {"rollout": self.rollout, "reward": self.reward, "score": self.score, "update": self.update}
+        return {name: (value / total if total else 0.0) for name, value in parts.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative seconds and fractions, as train-log fields."""
+        values = {f"time_{name}_seconds_total": value for name, value in dataclasses.asdict(self).items()
+                  if name != "steps"}
+        values.update({f"time_{name}_fraction": value for name, value in self.fractions().items()})
+        return values
+
+    def describe(self) -> str:
+        if not self.steps:
+            return "rl time split: fewer than two steps, nothing measured past the compiles"
+        shares = self.fractions()
+        parts = ", ".join(f"{name} {getattr(self, name):.1f}s ({100 * shares[name]:.0f}%)"
+                          for name in ("rollout", "reward", "score", "update"))
+        return f"rl time split over {self.steps} steps after the first: {parts}"
+
+
 class RLStage:
     """Holds what the rl stage needs between steps; `prepare_batch` and `evaluate` plug into run_loop."""
 
@@ -429,6 +462,9 @@ class RLStage:
         self.greedy = dataclasses.replace(self.settings, temperature=0.0, top_k=0, top_p=1.0)
         self.ppo = rl.algorithm == "ppo"
         self.cached: tuple[int, dict, dict] | None = None
+        self.time_split = RolloutTimeSplit()
+        self._rollout_ended: float | None = None  # when the last prepare_batch returned
+        self._eval_seconds = 0.0  # evaluation time since then (not part of the update)
 
     # -- rollouts ----------------------------------------------------------------------------------
     def sample(self, params, prompt_batch: dict, settings, group_size: int, rng) -> tuple[list[Sample], dict, dict]:
@@ -456,6 +492,21 @@ class RLStage:
         return samples, rows, {"generate_seconds": seconds}
 
     def prepare_batch(self, context: train_lib.RunContext, prompt_batch: dict) -> tuple[dict, dict]:
+        began = time.perf_counter()
+        first = self._rollout_ended is None
+        if not first:
+            self.time_split.update += began - self._rollout_ended - self._eval_seconds
+            self.time_split.steps += 1
+        self._eval_seconds = 0.0
+        batch, metrics = self._prepare_batch(context, prompt_batch)
+        if not first:
+            self.time_split.rollout += metrics.get("generate_seconds", 0.0)
+            self.time_split.reward += metrics.get("reward_seconds", 0.0)
+            self.time_split.score += metrics.get("score_seconds", 0.0) if metrics.get("generate_seconds") else 0.0
+        self._rollout_ended = time.perf_counter()
+        return batch, {**metrics, **self.time_split.metrics()}
+
+    def _prepare_batch(self, context: train_lib.RunContext, prompt_batch: dict) -> tuple[dict, dict]:
         index = int(prompt_batch["rollout_index"])
         if self.cached is not None and self.cached[0] == index:  # rl.updates_per_batch > 1: same rollout
             return self.cached[1], {**self.cached[2], "generate_seconds": 0.0, "reward_seconds": 0.0}
@@ -516,6 +567,13 @@ class RLStage:
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, context: train_lib.RunContext) -> dict[str, float]:
         """Greedy answers to the eval prompts: mean reward, answer length, finished fraction."""
+        began = time.perf_counter()
+        try:
+            return self._evaluate(context)
+        finally:
+            self._eval_seconds += time.perf_counter() - began
+
+    def _evaluate(self, context: train_lib.RunContext) -> dict[str, float]:
         if not self.eval_prompts:
             return {}
         rewards, lengths, done = [], [], []
@@ -595,8 +653,11 @@ def train_rl(config: Config, workdir, mesh=None, tokenizer=None, log: Callable[[
     stage = RLStage(context, rewards, eval_prompts, log)
     step_fn = steps_lib.build_train_step(config, context.graphdef, context.optimizer,
                                          loss_fn=rl_loss_fn(config, context.graphdef))
-    return train_lib.run_loop(context, iterator, step_fn, None, [], prepare_batch=stage.prepare_batch,
-                              evaluate_fn=stage.evaluate, log=log, max_steps_this_run=max_steps_this_run)
+    result = train_lib.run_loop(context, iterator, step_fn, None, [], prepare_batch=stage.prepare_batch,
+                                evaluate_fn=stage.evaluate, log=log, max_steps_this_run=max_steps_this_run)
+    if context.is_main_process:
+        log(stage.time_split.describe())
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
