@@ -8,9 +8,9 @@ settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt
   process each. Every process compiles once and then waits; the parent runs them in rounds (one step
   of each variant per process per round, bracketed by a float32 matmul ceiling measured in the same
   process), so load changes hit every lever alike.
-A lever's gain is the median over rounds of (fraction of the ceiling with the lever) / (without) - 1,
-with both fractions measured in the same round. The result names the CPU's ISA (hardware, and the one
-XLA is capped at by `--xla_cpu_max_isa` when it emulates a smaller CPU) and prints the entry for
+A lever's gain is the median over rounds of (step time without the lever) / (with it) - 1, both
+times from the same round; fractions of each process's own matmul ceiling are reported beside it.
+The result names the CPU's ISA (hardware, and the one XLA is capped at by `--xla_cpu_max_isa` when it emulates a smaller CPU) and prints the entry for
 `jaxllm.cpu_levers.LEVER_GAINS` that the measurements support.
 """
 
@@ -91,9 +91,11 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def lever_gain(with_fractions: list[float], without_fractions: list[float]) -> float:
-    """Median over rounds of with/without - 1 (fractions of the same round's matmul ceiling)."""
-    return statistics.median(w / o for w, o in zip(with_fractions, without_fractions)) - 1.0
+def lever_gain(seconds_with: list[float], seconds_without: list[float]) -> float:
+    """Median over rounds of (step time without the lever) / (with it) - 1, the two times from the same
+    round. Step times, not fractions of the ceiling: an XLA flag lever changes the matmul the ceiling is
+    measured with (YNNPACK or not), so each process's ceiling is a different yardstick."""
+    return statistics.median(o / w for w, o in zip(seconds_with, seconds_without)) - 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,17 +232,17 @@ def run_study(args, log=print) -> dict:
                 "cpu_share": statistics.median(c / t for c, t in zip(column(process, "cpu_times", variant), times)),
                 "compile_seconds": process.ready["compile_seconds"][variant]}
 
-    reference_fractions = column(reference_process, "fractions", 0)
+    reference_times = column(reference_process, "times", 0)
     rows = []
     for index, lever in enumerate(CONFIG_LEVERS, start=1):
-        variant = column(reference_process, "fractions", index)
-        with_, without = (reference_fractions, variant) if lever.on_in_reference else (variant, reference_fractions)
+        variant = column(reference_process, "times", index)
+        with_, without = (reference_times, variant) if lever.on_in_reference else (variant, reference_times)
         rows.append({"lever": lever.name, "description": lever.description, "kind": lever.kind,
                      "in_reference": lever.on_in_reference, "gain": lever_gain(with_, without),
                      "variant": summary(reference_process, index)})
     for lever, process in zip(others, lever_processes):
-        variant = column(process, "fractions", 0)
-        with_, without = (reference_fractions, variant) if lever.on_in_reference else (variant, reference_fractions)
+        variant = column(process, "times", 0)
+        with_, without = (reference_times, variant) if lever.on_in_reference else (variant, reference_times)
         rows.append({"lever": lever.name, "description": lever.description, "kind": lever.kind,
                      "in_reference": lever.on_in_reference, "gain": lever_gain(with_, without),
                      "variant": summary(process, 0)})

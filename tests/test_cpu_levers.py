@@ -69,8 +69,8 @@ def test_cli_takes_its_process_levers_from_the_table_for_this_cpu(monkeypatch):
     assert len(execs) == 1 and execs[0][2]["MALLOC_ARENA_MAX"] == "1"
 
 
-def test_lever_gain_is_the_median_same_round_ratio():
-    assert bench_levers.lever_gain([0.6, 0.5, 0.9], [0.5, 0.5, 0.6]) == pytest.approx(0.2)
+def test_lever_gain_is_the_median_same_round_speedup():
+    assert bench_levers.lever_gain([1.0, 2.0, 1.0], [1.2, 2.0, 1.5]) == pytest.approx(0.2)  # seconds with, without
 
 
 def test_each_process_lever_switches_only_its_own_settings():
