@@ -10,8 +10,9 @@ settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt
   process), so load changes hit every lever alike.
 A lever's gain is the median over rounds of (step time without the lever) / (with it) - 1, both
 times from the same round; fractions of each process's own matmul ceiling are reported beside it.
-The result names the CPU's ISA (hardware, and the one XLA is capped at by `--xla_cpu_max_isa` when it emulates a smaller CPU) and prints the entry for
-`jaxllm.cpu_levers.LEVER_GAINS` that the measurements support.
+The result names the CPU's ISA (hardware, and the one XLA is capped at by `--xla_cpu_max_isa` when
+it emulates a smaller CPU) and prints the entry for `jaxllm.cpu_levers.LEVER_GAINS` that the
+measurements support.
 """
 
 from __future__ import annotations
