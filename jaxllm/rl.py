@@ -442,7 +442,7 @@ class RolloutTimeSplit:
         shares = self.fractions()
         parts = ", ".join(f"{name} {getattr(self, name):.1f}s ({100 * shares[name]:.0f}%)"
                           for name in ("rollout", "reward", "score", "update"))
-        return f"rl time split over {self.steps} steps after the first: {parts}"
+        return f"rl time split over {self.steps} updates and their rollouts after the first: {parts}"
 
 
 class RLStage:
@@ -465,6 +465,7 @@ class RLStage:
         self.time_split = RolloutTimeSplit()
         self._rollout_ended: float | None = None  # when the last prepare_batch returned
         self._eval_seconds = 0.0  # evaluation time since then (not part of the update)
+        self._batches_prepared = 0
 
     # -- rollouts ----------------------------------------------------------------------------------
     def sample(self, params, prompt_batch: dict, settings, group_size: int, rng) -> tuple[list[Sample], dict, dict]:
@@ -494,9 +495,10 @@ class RLStage:
     def prepare_batch(self, context: train_lib.RunContext, prompt_batch: dict) -> tuple[dict, dict]:
         began = time.perf_counter()
         first = self._rollout_ended is None
-        if not first:
+        if self._batches_prepared >= 2:  # the time since the last batch: update k-1 (update 1 compiles)
             self.time_split.update += began - self._rollout_ended - self._eval_seconds
             self.time_split.steps += 1
+        self._batches_prepared += 1
         self._eval_seconds = 0.0
         batch, metrics = self._prepare_batch(context, prompt_batch)
         if not first:
