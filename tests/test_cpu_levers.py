@@ -77,7 +77,8 @@ def test_each_process_lever_switches_only_its_own_settings():
     reference = bench_levers.reference_env({"XLA_FLAGS": "--a"}, "0.10.1")
     assert reference["XLA_FLAGS"] == "--a " + cpu_levers.YNN_DOT_FLAG and reference["MALLOC_ARENA_MAX"] == "1"
     levers = {lever.name: lever for lever in bench_levers.process_levers(reference, "/lib/libtcmalloc.so")}
-    assert levers["malloc"].env["MALLOC_ARENA_MAX"] is None and levers["malloc"].env["XLA_FLAGS"] == reference["XLA_FLAGS"]
+    assert levers["malloc"].env["MALLOC_ARENA_MAX"] is None
+    assert levers["malloc"].env["XLA_FLAGS"] == reference["XLA_FLAGS"]
     assert levers["ynn_dot"].env["XLA_FLAGS"] == "--a" and levers["ynn_dot"].env["MALLOC_ARENA_MAX"] == "1"
     assert levers["tcmalloc"].env["LD_PRELOAD"] == "/lib/libtcmalloc.so" and not levers["tcmalloc"].on_in_reference
     # A jaxlib without the YNN flag: the flag is neither set nor measured.
