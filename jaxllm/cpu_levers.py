@@ -26,16 +26,19 @@ MALLOC_ENV = {
 YNN_DOT_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 YNN_DOT_FLAG_JAXLIB = ("0.10.",)
 
-# Measured gain of the default train step (tokens/s with the lever / without it, minus 1) from
-# `jaxllm bench --levers` (each lever off in its own process, interleaved round by round with the CLI
-# default), median over rounds. A lever is applied where the gain is above MIN_GAIN.
-#   "AVX-512": AMD EPYC (Zen 4), 2 cores, jaxlib 0.10, 25m preset (d512 L8 seq512 b8).
-#   "AVX2": an AVX2-only AMD EPYC (issue 21, 25m-size step, CLI env vs none: +24% S, +21% M together)
-#           and the same Zen 4 machine with XLA told `--xla_cpu_max_isa=AVX2` (emulation: XLA's own
-#           code generation only; the matmul libraries still dispatch on the real CPU).
+# Measured gain of the train step with each lever (tokens/s with it / without it - 1), per ISA, and
+# where it comes from. `jaxllm bench --levers` prints the entry its run supports; replace an entry
+# only with a run on an idle machine (on a loaded one the process levers' ratios are noise, though
+# the page faults are not: without the malloc settings the S-size step took 74k minor faults per step,
+# with them 0, on every run).
+#   AVX-512: the project's 2-core tuning machines (AVX-512, issue 21), d512 L8 seq512 b8 (25m), same-run
+#     A/B (the environment notes): no-mmap malloc +33-37%; YNN for dots only +10% alone.
+#   AVX2, an AVX2-only AMD EPYC, 2 cores, idle (issue 21): the CLI's two process levers together
+#     +29% at S (3,044 -> 3,931 tokens/s) and +21% at M (449 -> 545); not split per lever, so both
+#     carry the combined figure of the larger model until `--levers` runs on such a machine.
 LEVER_GAINS: dict[str, dict[str, float]] = {
-    "AVX-512": {"malloc": 0.15, "ynn_dot": 0.05},
-    "AVX2": {"malloc": 0.15, "ynn_dot": 0.05},
+    "AVX-512": {"malloc": 0.33, "ynn_dot": 0.10},
+    "AVX2": {"malloc": 0.21, "ynn_dot": 0.21},
 }
 MIN_GAIN = 0.02  # below this a lever's effect is within the run-to-run noise of these measurements
 
