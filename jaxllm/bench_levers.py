@@ -7,7 +7,8 @@ settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt
 - process levers (environment variables read at process start: malloc, XLA flags, tcmalloc) need a
   process each. Every process compiles once and then waits; the parent runs them in rounds (one step
   of each variant per process per round, bracketed by a float32 matmul ceiling measured in the same
-  process), so load changes hit every lever alike.
+  process), so load changes hit every lever alike; the order of processes and of variants rotates
+  from round to round (the first step of a round ran systematically slower on a loaded machine).
 A lever's gain is the median over rounds of (step time without the lever) / (with it) - 1, both
 times from the same round; fractions of each process's own matmul ceiling are reported beside it.
 The result names the CPU's ISA (hardware, and the one XLA is capped at by `--xla_cpu_max_isa` when
@@ -92,6 +93,14 @@ def find_tcmalloc() -> str | None:
     return None
 
 
+def rotated(items, shift: int) -> list:
+    """items started at position shift % len: round r runs variants (and processes) in the order
+    r, r+1, ..., so the one that comes first (after the matmul probe or a wake-up) changes every round."""
+    items = list(items)
+    shift = shift % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
 def lever_gain(seconds_with: list[float], seconds_without: list[float]) -> float:
     """Median over rounds of (step time without the lever) / (with it) - 1, the two times from the same
     round. Step times, not fractions of the ceiling: an XLA flag lever changes the matmul the ceiling is
@@ -120,16 +129,16 @@ def _worker(spec: dict) -> int:
             warm = case.run_once()
     probe.calibrate(warm * len(cases))
     _reply({"ready": True, "compile_seconds": [c.compile_seconds for c in cases]})
-    for line in sys.stdin:
+    for round_index, line in enumerate(sys.stdin):
         if line.strip() != "round":
             break
         probe.measure()
-        times, cpu_times, faults = [], [], []
-        for case in cases:
+        times, cpu_times, faults = [0.0] * len(cases), [0.0] * len(cases), [0] * len(cases)
+        for index in rotated(range(len(cases)), round_index):  # no variant always runs first
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            times.append(case.run_once())
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-            cpu_times.append(case.last_cpu_seconds)
+            times[index] = cases[index].run_once()
+            faults[index] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            cpu_times[index] = cases[index].last_cpu_seconds
         probe.measure()
         ceiling = probe.close_round()
         _reply({"times": times, "cpu_times": cpu_times, "minor_faults": faults, "ceiling_tflops": ceiling,
@@ -213,7 +222,7 @@ def run_study(args, log=print) -> dict:
             processes.append(_Process(lever.name, lever.env, bench_args, [("reference", [], True)]))
         for index in range(args.steps):
             began = time.perf_counter()
-            for process in processes:
+            for process in rotated(processes, index):
                 process.round()
             log(f"  round {index + 1}/{args.steps} in {time.perf_counter() - began:.1f}s")
     finally:

@@ -73,6 +73,11 @@ def test_lever_gain_is_the_median_same_round_speedup():
     assert bench_levers.lever_gain([1.0, 2.0, 1.0], [1.2, 2.0, 1.5]) == pytest.approx(0.2)  # seconds with, without
 
 
+def test_rounds_rotate_which_variant_runs_first():
+    assert [bench_levers.rotated("abc", r)[0] for r in range(4)] == ["a", "b", "c", "a"]
+    assert sorted(bench_levers.rotated("abc", 5)) == ["a", "b", "c"] and bench_levers.rotated([], 3) == []
+
+
 def test_each_process_lever_switches_only_its_own_settings():
     reference = bench_levers.reference_env({"XLA_FLAGS": "--a"}, "0.10.1")
     assert reference["XLA_FLAGS"] == "--a " + cpu_levers.YNN_DOT_FLAG and reference["MALLOC_ARENA_MAX"] == "1"
