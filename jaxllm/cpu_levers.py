@@ -26,19 +26,18 @@ MALLOC_ENV = {
 YNN_DOT_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 YNN_DOT_FLAG_JAXLIB = ("0.10.",)
 
-# Measured gain of the train step with each lever (tokens/s with it / without it - 1), per ISA, and
-# where it comes from. `jaxllm bench --levers` prints the entry its run supports; replace an entry
-# only with a run on an idle machine (on a loaded one the process levers' ratios are noise, though
-# the page faults are not: without the malloc settings the S-size step took 74k minor faults per step,
-# with them 0, on every run).
-#   AVX-512: the project's 2-core tuning machines (AVX-512, issue 21), d512 L8 seq512 b8 (25m), same-run
-#     A/B (the environment notes): no-mmap malloc +33-37%; YNN for dots only +10% alone.
-#   AVX2, an AVX2-only AMD EPYC, 2 cores, idle (issue 21): the CLI's two process levers together
-#     +29% at S (3,044 -> 3,931 tokens/s) and +21% at M (449 -> 545); not split per lever, so both
-#     carry the combined figure of the larger model until `--levers` runs on such a machine.
+# Measured gain of the train step with each lever (step time without it / with it - 1), per ISA, and
+# where it comes from. `jaxllm bench --levers` prints the entry its run supports.
+#   AVX-512 (AMD EPYC Zen 4, 2 cores, jaxlib 0.10.2), size S (d256 L4 seq256 b8 V4096), `--levers`,
+#     4 rotated rounds on a loaded machine (load 11-13, each process ~30% of the cores): malloc +18.1%
+#     (without it 73.7k minor page faults per step, with it 0), YNN dots +11.6%, both +25.4%.
+#     Earlier idle same-run A/B at d512 L8 (the environment notes): malloc +33-37%, YNN dots +10%.
+#   AVX2: the same machine and run with XLA capped by --xla_cpu_max_isa=AVX2 (emulation: XLA's own
+#     code only; the matmul libraries still dispatch on AVX-512): malloc +12.2%, YNN dots +23.5%, both
+#     +16.0%. On a real AVX2-only EPYC (issue 21, idle) the two together: +29% at S, +21% at d512 L8.
 LEVER_GAINS: dict[str, dict[str, float]] = {
-    "AVX-512": {"malloc": 0.33, "ynn_dot": 0.10},
-    "AVX2": {"malloc": 0.21, "ynn_dot": 0.21},
+    "AVX-512": {"malloc": 0.181, "ynn_dot": 0.116},
+    "AVX2": {"malloc": 0.122, "ynn_dot": 0.235},
 }
 MIN_GAIN = 0.02  # below this a lever's effect is within the run-to-run noise of these measurements
 
