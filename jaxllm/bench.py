@@ -424,8 +424,19 @@ def _environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "cpu_count": os.cpu_count(),
+        **_cpu_isa(),
         "env": {k: os.environ[k] for k in env_keys if k in os.environ},
     }
+
+
+def _cpu_isa() -> dict[str, Any]:
+    """The host CPU's model and vector ISA (AVX2 / AVX-512 / AMX); `isa` is the one XLA generates code
+    for (lowered by `--xla_cpu_max_isa` when it emulates a smaller CPU: `isa_emulated`)."""
+    from jaxllm import cpu_levers
+
+    cpu = cpu_levers.cpu_info()
+    isa = cpu_levers.effective_isa(cpu["isa"], os.environ.get("XLA_FLAGS", ""))
+    return {"cpu_model": cpu["model"], "hardware_isa": cpu["isa"], "isa": isa, "isa_emulated": isa != cpu["isa"]}
 
 
 def _peak_device_memory(mesh) -> int | None:
@@ -580,8 +591,13 @@ def describe(records: list[dict]) -> str:
             f"layers, vocab {m['vocab_size']}), stage {r['stage']}, batch {r['batch_size']} x seq {r['seq_len']}, "
             f"{m['dtype']} on {r['num_devices']} x {r['device_kind']} ({r['platform']}), mesh {r['mesh']}\n"
             f"model FLOPs/token {r['flops_per_token'] / 1e6:.1f}M = {FLOPS_FORMULA}")
+    if r["platform"] == "cpu":
+        text += (f"\nCPU: {r['cpu_model'] or 'unknown model'}, {r['cpu_count']} cores, ISA {r['isa']}"
+                 + (f" (emulated by --xla_cpu_max_isa; hardware {r['hardware_isa']})" if r["isa_emulated"] else ""))
     if r["matmul_ceiling_tflops"]:
         text += f"\nmeasured matmul ceiling (median over rounds): {r['matmul_ceiling_tflops']:.3f} TFLOP/s per device"
+        if r["fraction_of_matmul_ceiling"]:
+            text += f"; the step reaches {100 * r['fraction_of_matmul_ceiling']:.1f}% of it"
     if r["peak_source"] != "float32 matmul ceiling measured in this run" and r["peak_tflops_per_device"]:
         text += f"; MFU peak {r['peak_tflops_per_device']} TFLOP/s per device ({r['peak_source']})"
     if r["stage"] == "generate":

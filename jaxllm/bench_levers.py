@@ -1,10 +1,19 @@
-"""`jaxllm bench --levers`: the CPU speed levers, measured A/B, as one table.
+"""`jaxllm bench --levers`: every CPU speed lever measured on *this* CPU, interleaved in one run.
 
-Config levers (attention implementation, fused loss, donation, scanned layers) run as variants of
-one process, interleaved step by step, so machine noise hits them alike. Process levers (the glibc
-malloc settings, tcmalloc, XLA flags) need a fresh process each: those run the baseline and the
-best config in their own process, and every number is also given as a fraction of the float32
-matmul ceiling measured in the same process, which cancels most of the load difference between runs.
+The reference is the jaxllm default step in a process with every process lever on (the no-mmap malloc
+settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt-in ones, on) alone:
+- config levers (attention kind, fused loss, unrolled layers, donation) are variants of the reference
+  process, interleaved step by step with the reference;
+- process levers (environment variables read at process start: malloc, XLA flags, tcmalloc) need a
+  process each. Every process compiles once and then waits; the parent runs them in rounds (one step
+  of each variant per process per round, bracketed by a float32 matmul ceiling measured in the same
+  process), so load changes hit every lever alike; the order of processes and of variants rotates
+  from round to round (the first step of a round ran systematically slower on a loaded machine).
+A lever's gain is the median over rounds of (step time without the lever) / (with it) - 1, both
+times from the same round; fractions of each process's own matmul ceiling are reported beside it.
+The result names the CPU's ISA (hardware, and the one XLA is capped at by `--xla_cpu_max_isa` when
+it emulates a smaller CPU) and prints the entry for `jaxllm.cpu_levers.LEVER_GAINS` that the
+measurements support.
 """
 
 from __future__ import annotations
@@ -12,25 +21,67 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+import time
+from dataclasses import dataclass, field
 
-BASELINE = "model.attention=xla model.loss_chunk_size=0 donate=false"
-BEST = "model.attention=blockwise model.loss_chunk_size=128 model.scan_layers=false"
+from jaxllm import cpu_levers
 
-CONFIG_LEVERS = [
-    ("baseline: XLA attention, unfused loss, scanned layers, no donation", BASELINE),
-    ("+ donation of the train state", "model.attention=xla model.loss_chunk_size=0"),
-    ("+ block-causal attention", "model.attention=blockwise model.loss_chunk_size=0"),
-    ("+ fused chunked lm head + loss", "model.attention=blockwise model.loss_chunk_size=128"),
-    ("+ unrolled layers (scan_layers=false): best", BEST),
-]
-# Also measurable with --variant, left out to keep the study short: model.remat=full (a memory lever,
-# about -13% speed), model.attention_block_size and model.loss_chunk_size (no measurable effect at 25m).
 
-MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+@dataclass(frozen=True)
+class Lever:
+    """One lever: `name` (a LEVER_GAINS key for process levers), what it is, and how to switch it.
+    `on_in_reference` says whether the reference has it (then the variant turns it off)."""
+    name: str
+    description: str
+    kind: str  # "config" (a variant of the reference process) or "process" (its own process)
+    overrides: tuple[str, ...] = ()
+    donate: bool = True
+    env: dict[str, str | None] = field(default_factory=dict)
+    on_in_reference: bool = True
+
+
+CONFIG_LEVERS = (
+    Lever("attention", "block-causal attention (model.attention=blockwise, what 'auto' picks on CPU) vs XLA's",
+          "config", ("model.attention=xla",)),
+    Lever("fused_loss", "fused chunked lm head + loss (model.loss_chunk_size=128)", "config",
+          ("model.loss_chunk_size=128",), on_in_reference=False),
+    Lever("unrolled", "unrolled layers (model.scan_layers=false)", "config", ("model.scan_layers=false",),
+          on_in_reference=False),
+    Lever("donation", "donating the train state to the step", "config", (), donate=False),
+)
+
+
+def _flags_without_ynn(flags: str) -> str:
+    return " ".join(f for f in flags.split() if "ynn_fusion_type" not in f)
+
+
+def reference_env(environ: dict[str, str], jaxlib_version: str) -> dict[str, str | None]:
+    """Every process lever on: no-mmap malloc, YNN for dots only (where this jaxlib knows the flag)."""
+    flags = _flags_without_ynn(environ.get("XLA_FLAGS", ""))
+    if jaxlib_version.startswith(cpu_levers.YNN_DOT_FLAG_JAXLIB):
+        flags = (flags + " " + cpu_levers.YNN_DOT_FLAG).strip()
+    return {**cpu_levers.MALLOC_ENV, "XLA_FLAGS": flags or None, "LD_PRELOAD": None}
+
+
+def process_levers(reference: dict[str, str | None], tcmalloc: str | None) -> list[Lever]:
+    """Each process lever as the reference's environment with that lever switched."""
+    no_malloc = {key: None for key in cpu_levers.MALLOC_ENV}
+    flags = reference.get("XLA_FLAGS") or ""
+    levers = [Lever("malloc", "glibc malloc without mmap churn (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 ...)",
+                    "process", env={**reference, **no_malloc})]
+    if cpu_levers.YNN_DOT_FLAG in flags:
+        levers.append(Lever("ynn_dot", f"XLA flag {cpu_levers.YNN_DOT_FLAG}", "process",
+                            env={**reference, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
+    levers.append(Lever("none", "all process levers (a plain Python process)", "process",
+                        env={**reference, **no_malloc, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
+    if tcmalloc:
+        levers.append(Lever("tcmalloc", "tcmalloc (LD_PRELOAD) instead of the no-mmap glibc malloc", "process",
+                            env={**reference, **no_malloc, "LD_PRELOAD": tcmalloc}, on_in_reference=False))
+    return levers
 
 
 def find_tcmalloc() -> str | None:
@@ -42,99 +93,222 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def _process_levers() -> list[tuple[str, dict[str, str | None]]]:
-    """(name, environment changes; None removes the variable). The first is the jaxllm CLI default,
-    the process the config levers run in."""
-    from jaxllm.cli import _CPU_MALLOC_ENV, _CPU_XLA_FLAG
-
-    other_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                           if "ynn_fusion_type" not in f)
-    with_flag = (other_flags + " " + _CPU_XLA_FLAG).strip()
-    plain_malloc = {key: None for key in MALLOC_ENV}
-    levers: list[tuple[str, dict[str, str | None]]] = [
-        ("jaxllm CLI default: no-mmap malloc + YNN for dots only",
-         {**_CPU_MALLOC_ENV, "XLA_FLAGS": with_flag, "LD_PRELOAD": None}),
-        ("plain process: glibc malloc defaults, default XLA flags",
-         {**plain_malloc, "XLA_FLAGS": other_flags or None, "LD_PRELOAD": None}),
-        ("no-mmap malloc only", {**_CPU_MALLOC_ENV, "XLA_FLAGS": other_flags or None, "LD_PRELOAD": None}),
-        ("YNN for dots only (XLA flag) only", {**plain_malloc, "XLA_FLAGS": with_flag, "LD_PRELOAD": None}),
-    ]
-    tcmalloc = find_tcmalloc()
-    if tcmalloc:
-        levers.append(("tcmalloc (LD_PRELOAD) + YNN for dots only",
-                       {**plain_malloc, "XLA_FLAGS": with_flag, "LD_PRELOAD": tcmalloc}))
-    return levers
+def rotated(items, shift: int) -> list:
+    """items started at position shift % len: round r runs variants (and processes) in the order
+    r, r+1, ..., so the one that comes first (after the matmul probe or a wake-up) changes every round."""
+    items = list(items)
+    shift = shift % len(items) if items else 0
+    return items[shift:] + items[:shift]
 
 
-def _bench_args(args, variants: list[tuple[str, str]], out: Path) -> list[str]:
-    command = [sys.executable, "-m", "jaxllm.bench", "--preset", args.preset, "--stage", "pretrain",
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--json", str(out), "--no-history", "--quiet"]
+def lever_gain(seconds_with: list[float], seconds_without: list[float]) -> float:
+    """Median over rounds of (step time without the lever) / (with it) - 1, the two times from the same
+    round. Step times, not fractions of the ceiling: an XLA flag lever changes the matmul the ceiling is
+    measured with (YNNPACK or not), so each process's ceiling is a different yardstick."""
+    return statistics.median(o / w for w, o in zip(seconds_with, seconds_without)) - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker: one process, its variants compiled once, one interleaved round per request on stdin.
+
+
+def _worker(spec: dict) -> int:
+    from jaxllm.bench import MatmulProbe, TrainCase, _load, build_parser
+
+    from jaxllm import sharding as sharding_lib
+
+    args = build_parser().parse_args(spec["bench_args"])
+    configs = [(name, _load(args, list(args.overrides) + overrides), donate)
+               for name, overrides, donate in spec["variants"]]
+    mesh = sharding_lib.make_mesh(configs[0][1].mesh)
+    cases = [TrainCase(name, config, mesh, donate=donate) for name, config, donate in configs]
+    probe = MatmulProbe("cpu")
+    warm = 0.0
+    for case in cases:
+        for _ in range(max(1, args.warmup)):
+            warm = case.run_once()
+    probe.calibrate(warm * len(cases))
+    _reply({"ready": True, "compile_seconds": [c.compile_seconds for c in cases]})
+    for round_index, line in enumerate(sys.stdin):
+        if line.strip() != "round":
+            break
+        probe.measure()
+        times, cpu_times, faults = [0.0] * len(cases), [0.0] * len(cases), [0] * len(cases)
+        for index in rotated(range(len(cases)), round_index):  # no variant always runs first
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times[index] = cases[index].run_once()
+            faults[index] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            cpu_times[index] = cases[index].last_cpu_seconds
+        probe.measure()
+        ceiling = probe.close_round()
+        _reply({"times": times, "cpu_times": cpu_times, "minor_faults": faults, "ceiling_tflops": ceiling,
+                "fractions": [c.flops_per_step / t / 1e12 / ceiling for c, t in zip(cases, times)],
+                "tokens_per_step": [c.tokens_per_step for c in cases]})
+    return 0
+
+
+def _reply(message: dict) -> None:
+    print("LEVERS " + json.dumps(message), flush=True)
+
+
+class _Process:
+    """A worker process of the study: started with its environment, asked for one round at a time."""
+
+    def __init__(self, tag: str, env_changes: dict[str, str | None], bench_args: list[str],
+                 variants: list[tuple[str, list[str], bool]]):
+        env = dict(os.environ)
+        env["JAXLLM_NO_REEXEC"] = "1"
+        for key, value in env_changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        self.tag = tag
+        spec = json.dumps({"bench_args": bench_args, "variants": variants})
+        self.process = subprocess.Popen([sys.executable, "-m", "jaxllm.bench_levers", "--worker", spec], env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+        self.rounds: list[dict] = []
+
+    def _read(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("LEVERS "):
+                return json.loads(line[len("LEVERS "):])
+        code = self.process.wait()
+        raise RuntimeError(f"the lever process '{self.tag}' exited (code {code}) before answering; "
+                           "its error is printed above")
+
+    def round(self) -> dict:
+        self.process.stdin.write("round\n")
+        self.process.stdin.flush()
+        result = self._read()
+        self.rounds.append(result)
+        return result
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+def _bench_args(args) -> list[str]:
+    command = ["--preset", args.preset, "--stage", "pretrain", "--batch-size", str(args.batch_size),
+               "--warmup", str(args.warmup)]
     if args.seq_len:
         command += ["--seq-len", str(args.seq_len)]
     if args.mesh:
         command += ["--mesh", args.mesh]
-    for index, (_, overrides) in enumerate(variants):  # long lever names stay here; variants get short ones
-        command += ["--variant", f"lever{index}:{overrides}"]
     return command + list(args.overrides)
 
 
-def _run(args, variants, env_changes: dict[str, str | None], workdir: Path, tag: str) -> list[dict]:
-    env = dict(os.environ)
-    env["JAXLLM_NO_REEXEC"] = "1"
-    for key, value in env_changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    out = workdir / f"{tag}.json"
-    print(f"running {tag} ({len(variants)} variants) ...", file=sys.stderr, flush=True)
-    completed = subprocess.run(_bench_args(args, variants, out), env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        print(completed.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError(f"the lever run '{tag}' failed (exit {completed.returncode})")
-    return json.loads(out.read_text())["results"]
+def run_study(args, log=print) -> dict:
+    """Starts the processes, runs `args.steps` rounds, and returns every measurement (JSON-ready)."""
+    import importlib.metadata
+
+    jaxlib_version = importlib.metadata.version("jaxlib")
+    reference = reference_env(dict(os.environ), jaxlib_version)
+    cpu = cpu_levers.cpu_info()
+    isa = cpu_levers.effective_isa(cpu["isa"], reference.get("XLA_FLAGS") or "")
+    bench_args = _bench_args(args)
+    reference_variants = [("reference", [], True)] + [
+        (lever.name, list(lever.overrides), lever.donate) for lever in CONFIG_LEVERS]
+    others = process_levers(reference, find_tcmalloc())
+    processes: list[_Process] = []
+    try:
+        log(f"compiling the reference process ({len(reference_variants)} variants) ...")
+        processes.append(_Process("reference", reference, bench_args, reference_variants))
+        for lever in others:
+            log(f"compiling the process for lever '{lever.name}' ...")
+            processes.append(_Process(lever.name, lever.env, bench_args, [("reference", [], True)]))
+        for index in range(args.steps):
+            began = time.perf_counter()
+            for process in rotated(processes, index):
+                process.round()
+            log(f"  round {index + 1}/{args.steps} in {time.perf_counter() - began:.1f}s")
+    finally:
+        for process in processes:
+            process.close()
+    reference_process, *lever_processes = processes
+
+    def column(process: _Process, key: str, variant: int) -> list[float]:
+        return [r[key][variant] for r in process.rounds]
+
+    def summary(process: _Process, variant: int) -> dict:
+        times = column(process, "times", variant)
+        tokens = process.rounds[0]["tokens_per_step"][variant]
+        return {"tokens_per_second": tokens / statistics.median(times),
+                "fraction_of_matmul_ceiling": statistics.median(column(process, "fractions", variant)),
+                "minor_faults_per_step": statistics.median(column(process, "minor_faults", variant)),
+                "cpu_share": statistics.median(c / t for c, t in zip(column(process, "cpu_times", variant), times)),
+                "compile_seconds": process.ready["compile_seconds"][variant]}
+
+    reference_times = column(reference_process, "times", 0)
+    rows = []
+    for index, lever in enumerate(CONFIG_LEVERS, start=1):
+        variant = column(reference_process, "times", index)
+        with_, without = (reference_times, variant) if lever.on_in_reference else (variant, reference_times)
+        rows.append({"lever": lever.name, "description": lever.description, "kind": lever.kind,
+                     "in_reference": lever.on_in_reference, "gain": lever_gain(with_, without),
+                     "variant": summary(reference_process, index)})
+    for lever, process in zip(others, lever_processes):
+        variant = column(process, "times", 0)
+        with_, without = (reference_times, variant) if lever.on_in_reference else (variant, reference_times)
+        rows.append({"lever": lever.name, "description": lever.description, "kind": lever.kind,
+                     "in_reference": lever.on_in_reference, "gain": lever_gain(with_, without),
+                     "variant": summary(process, 0)})
+    ceilings = [r["ceiling_tflops"] for r in reference_process.rounds]
+    measured = {row["lever"]: round(row["gain"], 3) for row in rows
+                if row["lever"] in ("malloc", "ynn_dot")}
+    return {
+        "cpu_model": cpu["model"], "hardware_isa": cpu["isa"], "isa": isa, "isa_emulated": isa != cpu["isa"],
+        "xla_flags": reference.get("XLA_FLAGS"), "jaxlib": jaxlib_version,
+        "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len or None,
+        "rounds": args.steps, "load_average": list(os.getloadavg()),
+        "matmul_ceiling_tflops": statistics.median(ceilings),
+        "reference": summary(reference_process, 0),
+        "levers": rows,
+        "lever_gains_entry": {isa: measured},
+        "cli_applies": cpu_levers.levers_for(isa),
+    }
 
 
-def format_lever_table(rows: list[tuple[str, str, dict]], baseline_fraction: float | None) -> str:
-    header = ["lever", "process", "tokens/s", "% of f32 matmul ceiling", "% (CPU time)", "vs baseline"]
-    lines = []
-    for lever, process, record in rows:
-        fraction = record["fraction_of_matmul_ceiling"]
-        cpu_fraction = record.get("fraction_of_matmul_ceiling_cpu_time")
-        relative = f"{fraction / baseline_fraction:.2f}x" if fraction and baseline_fraction else "-"
-        lines.append([lever, process, f"{record['tokens_per_second']:,.0f}",
-                      f"{100 * fraction:.1f}%" if fraction else "-",
-                      f"{100 * cpu_fraction:.1f}%" if cpu_fraction else "-", relative])
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+def format_study(study: dict) -> str:
+    lines = [f"CPU: {study['cpu_model']} - ISA {study['isa']}"
+             + (f" (emulated: XLA capped by --xla_cpu_max_isa; hardware {study['hardware_isa']})"
+                if study["isa_emulated"] else ""),
+             f"{study['preset']}, batch {study['batch_size']}, {study['rounds']} interleaved rounds; in-run f32 matmul "
+             f"ceiling {study['matmul_ceiling_tflops'] * 1e3:.0f} GFLOP/s; load average "
+             f"{', '.join(f'{x:.1f}' for x in study['load_average'])}",
+             f"reference (every process lever on, default config): {study['reference']['tokens_per_second']:,.0f} "
+             f"tokens/s, {100 * study['reference']['fraction_of_matmul_ceiling']:.1f}% of the ceiling", ""]
+    header = ["lever", "kind", "variant", "tokens/s", "% ceiling", "faults/step", "gain of the lever"]
+    body = []
+    for row in study["levers"]:
+        v = row["variant"]
+        body.append([row["lever"], row["kind"], "lever off" if row["in_reference"] else "lever on",
+                     f"{v['tokens_per_second']:,.0f}", f"{100 * v['fraction_of_matmul_ceiling']:.1f}%",
+                     f"{v['minor_faults_per_step']:,.0f}", f"{100 * row['gain']:+.1f}%"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+    lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    lines += ["", f"jaxllm.cpu_levers.LEVER_GAINS entry these measurements support: {study['lever_gains_entry']}",
+              f"the CLI applies on {study['isa']} today: {study['cli_applies'] or 'no process lever'}"]
+    return "\n".join(lines)
 
 
 def lever_study(args) -> int:
-    """Runs every lever; prints a markdown table and writes all records to --json (if given)."""
-    workdir = Path(tempfile.mkdtemp(prefix="jaxllm_levers_"))
-    rows: list[tuple[str, str, dict]] = []
-    (default_name, default_env), *others = _process_levers()
-    config_records = _run(args, CONFIG_LEVERS, default_env, workdir, "config_levers")
-    for (lever, _), record in zip(CONFIG_LEVERS, config_records):
-        rows.append((lever, "CLI default", record))
-    for index, (name, env_changes) in enumerate(others):
-        records = _run(args, [("baseline", BASELINE), ("best", BEST)], env_changes, workdir, f"process_{index}")
-        rows += [("baseline config", name, records[0]), ("best config", name, records[1])]
-    baseline_fraction = config_records[0]["fraction_of_matmul_ceiling"]
-    table = format_lever_table(rows, baseline_fraction)
-    best = config_records[-1]
-    summary = (f"{best['preset']}: batch {best['batch_size']} x seq {best['seq_len']}, {best['parameters'] / 1e6:.1f}M "
-               f"params, {best['flops_per_token'] / 1e6:.0f}M model FLOPs/token; medians of {best['timed_steps']} "
-               f"interleaved steps; each process measures its own float32 matmul ceiling "
-               f"(this process: {best['matmul_ceiling_tflops'] * 1e3:.0f} GFLOP/s)")
-    print(summary)
-    print(table)
-    if not find_tcmalloc():
-        print("tcmalloc not found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) - not measured")
+    """Runs the study, prints the table and writes the JSON to --json (if given)."""
+    if args.steps < 1:
+        print("jaxllm bench: error: --steps must be at least 1 (rounds of the lever study)", file=sys.stderr)
+        return 2
+    log = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    study = run_study(args, log=log)
+    print(format_study(study))
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "table": table,
-                                               "rows": [{"lever": l, "process": p, **r} for l, p, r in rows]},
-                                              indent=2))
+        with open(args.json, "w") as handle:
+            json.dump(study, handle, indent=2)
     return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    sys.exit(_worker(json.loads(sys.argv[2])))

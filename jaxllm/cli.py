@@ -36,25 +36,28 @@ DELEGATED = {
     "convert merge-lora": "jaxllm.convert:merge_lora_main",
 }
 
-# Allocator settings measured +33% on the CPU train step (no mmap churn, one arena).
-_CPU_MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-    "MALLOC_TOP_PAD_": "268435456",
-}
+from jaxllm.cpu_levers import MALLOC_ENV as _CPU_MALLOC_ENV  # noqa: E402 - JAX-free, read before JAX starts
+from jaxllm.cpu_levers import YNN_DOT_FLAG as _CPU_XLA_FLAG  # noqa: E402
+from jaxllm.cpu_levers import YNN_DOT_FLAG_JAXLIB as _CPU_XLA_FLAG_JAXLIB  # noqa: E402
 
 
-# XLA CPU: YNNPACK for matmuls only. Its reductions (the gradient norm's sums of squares, norm-scale
-# gradients) measured ~10% of the 25m train step; dots-only gave +5-8 points of the matmul ceiling.
-# Unknown XLA flags abort the process, so the flag is added only for jaxlib versions known to have it.
-_CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
-_CPU_XLA_FLAG_JAXLIB = ("0.10.",)
+def _cpu_levers(env) -> list[str]:
+    """The process levers measured as a gain on this CPU's ISA (`jaxllm.cpu_levers.LEVER_GAINS`);
+    JAXLLM_CPU_LEVERS=malloc,ynn_dot (or 'none') overrides the table."""
+    from jaxllm import cpu_levers
+
+    chosen = env.get("JAXLLM_CPU_LEVERS")
+    if chosen is not None:
+        return [name for name in chosen.replace(" ", "").split(",") if name and name != "none"]
+    isa = cpu_levers.effective_isa(cpu_levers.cpu_info()["isa"], env.get("XLA_FLAGS", ""))
+    return cpu_levers.levers_for(isa)
 
 
 def _add_cpu_xla_flag(env) -> None:
     flags = env.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags or env.get("JAXLLM_NO_XLA_FLAGS"):
+        return
+    if "ynn_dot" not in _cpu_levers(env):
         return
     try:
         from importlib.metadata import version
@@ -70,7 +73,7 @@ def _maybe_reexec_with_fast_malloc(argv: list[str]) -> None:
     """glibc reads its malloc settings at process start, so set them and re-exec once."""
     if os.environ.get("JAXLLM_NO_REEXEC") or not sys.platform.startswith("linux"):
         return
-    if all(os.environ.get(k) for k in _CPU_MALLOC_ENV):
+    if all(os.environ.get(k) for k in _CPU_MALLOC_ENV) or "malloc" not in _cpu_levers(os.environ):
         return
     env = dict(os.environ)
     for key, value in _CPU_MALLOC_ENV.items():

@@ -495,6 +495,18 @@ _REMAT_POLICIES = {
 }
 
 
+def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of the token-embedding table: table [V, D], tokens [B, T] int -> [B, T, D].
+
+    On a mesh the table is gathered over the axes that split D (FSDP's usual per-step weight gather)
+    but stays split over the vocabulary: each device looks up the rows of its vocabulary shard (zeros
+    elsewhere) and a sum over the vocabulary shards completes the lookup. Without the constraint XLA's
+    partitioner replicates the table, then re-partitions it (two "involuntary full rematerializations":
+    an all-gather of the whole table every step). Exact: each output is one row plus zeros."""
+    table = constrain(table, ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0), ("batch", "seq", "embed"))
+
+
 class Transformer(nnx.Module):
     """Token embedding -> L blocks (stacked on a leading 'layers' axis) -> RMSNorm -> logits."""
 
@@ -518,7 +530,7 @@ class Transformer(nnx.Module):
         """tokens/positions/segment_ids [B,T] int -> (final normed hidden [B,T,D], updated cache or None)."""
         c = self.config
         dtype = _dtype(c.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = embedding_lookup(self.embed[...], tokens).astype(dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.d_model**0.5, dtype)
         x = constrain(x, ("batch", "seq", "embed"))

@@ -415,6 +415,39 @@ class RolloutPrompts:
         self.step = int(state.get("update", int(state["step"]) * self.updates_per_batch))
 
 
+@dataclasses.dataclass
+class RolloutTimeSplit:
+    """Where an on-policy run's wall time goes, in seconds: sampling rollouts (generation), rewards,
+    scoring the rollouts (policy/reference log-probs), and the update (the train step, with its
+    logging and checkpoint hand-off: the time between one rollout batch and the next, evaluation
+    excluded). The first step is left out: its rollout and update include the compiles."""
+    rollout: float = 0.0
+    reward: float = 0.0
+    score: float = 0.0
+    update: float = 0.0
+    steps: int = 0
+
+    def fractions(self) -> dict[str, float]:
+        total = self.rollout + self.reward + self.score + self.update
+        parts = {"rollout": self.rollout, "reward": self.reward, "score": self.score, "update": self.update}
+        return {name: (value / total if total else 0.0) for name, value in parts.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative seconds and fractions, as train-log fields."""
+        values = {f"time_{name}_seconds_total": value for name, value in dataclasses.asdict(self).items()
+                  if name != "steps"}
+        values.update({f"time_{name}_fraction": value for name, value in self.fractions().items()})
+        return values
+
+    def describe(self) -> str:
+        if not self.steps:
+            return "rl time split: fewer than two steps, nothing measured past the compiles"
+        shares = self.fractions()
+        parts = ", ".join(f"{name} {getattr(self, name):.1f}s ({100 * shares[name]:.0f}%)"
+                          for name in ("rollout", "reward", "score", "update"))
+        return f"rl time split over {self.steps} updates and their rollouts after the first: {parts}"
+
+
 class RLStage:
     """Holds what the rl stage needs between steps; `prepare_batch` and `evaluate` plug into run_loop."""
 
@@ -432,6 +465,10 @@ class RLStage:
         self.greedy = dataclasses.replace(self.settings, temperature=0.0, top_k=0, top_p=1.0)
         self.ppo = rl.algorithm == "ppo"
         self.cached: tuple[int, dict, dict] | None = None
+        self.time_split = RolloutTimeSplit()
+        self._rollout_ended: float | None = None  # when the last prepare_batch returned
+        self._eval_seconds = 0.0  # evaluation time since then (not part of the update)
+        self._batches_prepared = 0
 
     # -- rollouts ----------------------------------------------------------------------------------
     def sample(self, params, prompt_batch: dict, settings, group_size: int, rng) -> tuple[list[Sample], dict, dict]:
@@ -459,6 +496,22 @@ class RLStage:
         return samples, rows, {"generate_seconds": seconds}
 
     def prepare_batch(self, context: Any, prompt_batch: dict) -> tuple[dict, dict]:
+        began = time.perf_counter()
+        first = self._rollout_ended is None
+        if self._batches_prepared >= 2:  # the time since the last batch: update k-1 (update 1 compiles)
+            self.time_split.update += began - self._rollout_ended - self._eval_seconds
+            self.time_split.steps += 1
+        self._batches_prepared += 1
+        self._eval_seconds = 0.0
+        batch, metrics = self._prepare_batch(context, prompt_batch)
+        if not first:
+            self.time_split.rollout += metrics.get("generate_seconds", 0.0)
+            self.time_split.reward += metrics.get("reward_seconds", 0.0)
+            self.time_split.score += metrics.get("score_seconds", 0.0) if metrics.get("generate_seconds") else 0.0
+        self._rollout_ended = time.perf_counter()
+        return batch, {**metrics, **self.time_split.metrics()}
+
+    def _prepare_batch(self, context: Any, prompt_batch: dict) -> tuple[dict, dict]:
         index = int(prompt_batch["rollout_index"])
         if self.cached is not None and self.cached[0] == index:  # rl.updates_per_batch > 1: same rollout
             return self.cached[1], {**self.cached[2], "generate_seconds": 0.0, "reward_seconds": 0.0}
@@ -519,6 +572,13 @@ class RLStage:
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, context: Any) -> dict[str, float]:
         """Greedy answers to the eval prompts: mean reward, answer length, finished fraction."""
+        began = time.perf_counter()
+        try:
+            return self._evaluate(context)
+        finally:
+            self._eval_seconds += time.perf_counter() - began
+
+    def _evaluate(self, context: Any) -> dict[str, float]:
         if not self.eval_prompts:
             return {}
         rewards, lengths, done = [], [], []
@@ -600,10 +660,11 @@ def update_batch_spec(config: Config, batch_size: int) -> dict[str, jax.ShapeDty
 
 def rollout_hooks(context: Any, prompt_iterator, log: Callable[[str], None] = print, *,
                   eval_prompts: list[dict] | None = None,
-                  reward_functions: dict[str, RewardFn] | None = None) -> tuple[Any, Callable, Callable]:
+                  reward_functions: dict[str, RewardFn] | None = None) -> tuple[Any, Callable, Callable, Callable]:
     """The on-policy loop's hooks for a set-up run `context`: (update-batch iterator over the prompt
     batches, prepare_batch(context, prompt_batch) that samples, rewards and scores answers with the current
-    params, evaluate(context) answering the eval prompts greedily).
+    params, evaluate(context) answering the eval prompts greedily, finish(context) logging the time split
+    between rollouts, rewards, scoring and updates).
 
     eval_prompts: prompt batches answered greedily at eval time (default: train.eval_batches batches of the
     eval split); reward_functions: extra `fn(sample) -> float` registered by name for rl.reward."""
@@ -615,7 +676,11 @@ def rollout_hooks(context: Any, prompt_iterator, log: Callable[[str], None] = pr
         eval_prompts = _default_eval_prompts(config, context.tokenizer)
     rewards = Rewards(config, context.graphdef, context.tokenizer, context.mesh)
     stage = RLStage(context, rewards, eval_prompts, log)
-    return iterator, stage.prepare_batch, stage.evaluate
+    def finish(context: Any) -> None:
+        if context.is_main_process:
+            log(stage.time_split.describe())
+
+    return iterator, stage.prepare_batch, stage.evaluate, finish
 
 
 # ----------------------------------------------------------------------------------------------

@@ -405,15 +405,18 @@ def train(config: Config, workdir: str | Path, *, mesh=None, tokenizer=None, bat
         context = None
         try:
             context = setup(config, workdir, mesh=mesh, tokenizer=tokenizer, log=log)
-            prepare_batch = evaluate_fn = None
+            prepare_batch = evaluate_fn = hooks = None
             if stage.rollouts is not None:  # on-policy: each update's batch is sampled from the current params
                 hooks = stage.rollouts(context, batch_iterator, log, **stage_options)
                 batch_iterator, prepare_batch, evaluate_fn = hooks.batches, hooks.prepare, hooks.evaluate
             if context.data_state is not None:
                 restore_data_position(context, batch_iterator, log)
-            return run_loop(context, batch_iterator, context.built.train_step, context.built.eval_step,
-                            eval_batches or [], prepare_batch=prepare_batch, evaluate_fn=evaluate_fn, log=log,
-                            max_steps_this_run=max_steps_this_run)
+            result = run_loop(context, batch_iterator, context.built.train_step, context.built.eval_step,
+                              eval_batches or [], prepare_batch=prepare_batch, evaluate_fn=evaluate_fn, log=log,
+                              max_steps_this_run=max_steps_this_run)
+            if hooks is not None and hooks.finish is not None:
+                hooks.finish(context)
+            return result
         except BaseException as error:
             if context is not None:
                 release(context.manager, context.lock)

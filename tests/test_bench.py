@@ -32,6 +32,7 @@ def test_train_bench_reports_speed_flops_mfu_memory_and_appends_history(tmp_path
     assert record["platform"] == "cpu" and record["matmul_ceiling_tflops"] > 0
     assert record["peak_source"].startswith("float32 matmul ceiling")
     assert 0 < record["mfu"] and 0 < record["fraction_of_matmul_ceiling"]
+    assert record["hardware_isa"] in ("AVX2", "AVX-512", "AMX", "SSE", "unknown") and "isa_emulated" in record
     assert record["memory"]["host_peak_rss_bytes"] > 0 and "temp_bytes" in record["memory"]["compiled"]
     assert record["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert record["loss_first"] > 0 and record["git_commit"] is not None and record["jax"]

@@ -154,6 +154,23 @@ def test_rloo_and_ppo_run_a_few_steps(tmp_path, algorithm):
     assert records[0]["reward_mean"] == records[1]["reward_mean"] and records[1]["generate_seconds"] == 0.0
     if algorithm == "ppo":
         assert all(np.isfinite(r["value_loss"]) for r in records)
+    # The time split leaves out the first rollout and update (compiles); updates 2 and 4 reuse a rollout.
+    assert records[0]["time_rollout_seconds_total"] == 0.0 == records[0]["time_update_seconds_total"]
+    assert records[1]["time_rollout_seconds_total"] == 0.0 == records[1]["time_update_seconds_total"]
+    assert records[2]["time_rollout_seconds_total"] > 0 and records[2]["time_update_seconds_total"] > 0
+    assert records[3]["time_rollout_seconds_total"] == records[2]["time_rollout_seconds_total"]  # reused rollout
+    last = records[-1]
+    assert last["time_rollout_seconds_total"] > 0 and last["time_update_seconds_total"] > 0
+    fractions = [last[f"time_{part}_fraction"] for part in ("rollout", "reward", "score", "update")]
+    assert min(fractions) >= 0 and sum(fractions) == pytest.approx(1.0)
+
+
+def test_rollout_time_split_reports_shares_of_the_measured_time():
+    split = rl.RolloutTimeSplit(rollout=3.0, reward=0.5, score=0.5, update=4.0, steps=7)
+    assert split.fractions() == {"rollout": 0.375, "reward": 0.0625, "score": 0.0625, "update": 0.5}
+    assert split.metrics()["time_rollout_seconds_total"] == 3.0
+    assert "rollout 3.0s (38%)" in split.describe() and "7 updates" in split.describe()
+    assert "nothing measured" in rl.RolloutTimeSplit().describe()
 
 
 def test_rl_resumes_to_the_same_rewards_as_a_straight_run(tmp_path):

@@ -67,11 +67,13 @@ class Stage:
 class RolloutHooks:
     """An on-policy stage's part of the loop: `batches` yields prompt batches (resumable),
     `prepare(context, prompt_batch) -> (update batch, extra metrics)` samples and scores answers with
-    the current params, `evaluate(context) -> metrics` replaces the batch evaluation."""
+    the current params, `evaluate(context) -> metrics` replaces the batch evaluation, `finish(context)` runs
+    after the loop."""
 
     batches: Any
     prepare: Callable[[Any, dict], tuple[dict, dict]]
     evaluate: Callable[[Any], dict[str, float]]
+    finish: Callable[[Any], None] | None = None  # after the loop (e.g. a summary line)
 
 
 _REGISTRY: dict[str, Stage] = {}
