@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ class FeedbackConfig:
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     beta: float = 0.1
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # DPO + rpo_alpha x NLL of the chosen answer per token (RPO; TRL, Llama 3); 0 = plain DPO
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
 
@@ -397,6 +399,10 @@ def validate(config: Config) -> None:
     for name in ("steps", "batch_size", "grad_accum_steps"):
         if getattr(config.train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
+    rpo_alpha = config.feedback.rpo_alpha
+    if not (math.isfinite(rpo_alpha) and rpo_alpha >= 0):
+        raise ConfigError(f"feedback.rpo_alpha={rpo_alpha} must be a finite number >= 0 (0 = plain DPO; TRL and "
+                          "Llama 3 use about 1)")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

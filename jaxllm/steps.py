@@ -64,16 +64,19 @@ def _pair_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array
 
 
 def dpo_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, loss_type: str,
-             label_smoothing: float):
+             label_smoothing: float, rpo_alpha: float = 0.0):
     """DPO/IPO/hinge against the frozen reference (or precomputed `reference_chosen_logps` /
-    `reference_rejected_logps` in the batch)."""
+    `reference_rejected_logps` in the batch), plus rpo_alpha x the chosen answers' per-token NLL."""
     policy_chosen, policy_rejected = _pair_logprobs(graphdef, params, batch)
     if "reference_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
         ref_chosen, ref_rejected = _pair_logprobs(graphdef, jax.lax.stop_gradient(reference_params), batch)
+    chosen_token_counts = jnp.sum(losses.target_weights(batch["chosen_loss_mask"], batch["chosen_segment_ids"]),
+                                  axis=-1)
     return losses.dpo_loss(policy_chosen, policy_rejected, jax.lax.stop_gradient(ref_chosen),
-                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing)
+                           jax.lax.stop_gradient(ref_rejected), beta, loss_type, label_smoothing, rpo_alpha,
+                           chosen_token_counts)
 
 
 def kto_loss(graphdef, params, batch: Batch, reference_params, *, beta: float, desirable_weight: float,
@@ -121,7 +124,7 @@ def stage_loss(config: Config, graphdef) -> LossFn:
                                  loss_chunk_size=config.model.loss_chunk_size)
     if stage == "dpo":
         return functools.partial(dpo_loss, graphdef, beta=fb.beta, loss_type=fb.loss,
-                                 label_smoothing=fb.label_smoothing)
+                                 label_smoothing=fb.label_smoothing, rpo_alpha=fb.rpo_alpha)
     if stage == "kto":
         return functools.partial(kto_loss, graphdef, beta=fb.beta, desirable_weight=fb.desirable_weight,
                                  undesirable_weight=fb.undesirable_weight)
@@ -236,8 +239,9 @@ sft_step = pretrain_step  # the same loss: the SFT batch's loss_mask selects the
 
 
 def dpo_step(state, batch, reference_params, *, graphdef, optimizer, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, micro_batches: int = 1):
-    loss_fn = functools.partial(dpo_loss, graphdef, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+             label_smoothing: float = 0.0, micro_batches: int = 1, rpo_alpha: float = 0.0):
+    loss_fn = functools.partial(dpo_loss, graphdef, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                rpo_alpha=rpo_alpha)
     return train_step(state, batch, reference_params, loss_fn=loss_fn, optimizer=optimizer,
                       micro_batches=micro_batches)
 
