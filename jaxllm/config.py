@@ -134,6 +134,7 @@ class FeedbackConfig:
     beta: float = 0.1  # DPO/IPO/KTO temperature; ORPO's lambda; SimPO's reward scale
     margin: float = 0.0  # SimPO's target reward margin gamma
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # DPO + rpo_alpha x NLL of the chosen answer per token (RPO; TRL, Llama 3); 0 = plain DPO
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
 
@@ -421,6 +422,7 @@ FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.final_logit_softcap": (0.0, None, True, False), "model.rope_scaling_factor": (0.0, None, False, False),
     "train.z_loss": (0.0, None, True, False), "train.spike_factor": (0.0, None, True, False),
     "feedback.beta": (0.0, None, False, False), "feedback.label_smoothing": (0.0, 0.5, True, True),
+    "feedback.rpo_alpha": (0.0, None, True, False), "feedback.margin": (0.0, None, True, False),
     "feedback.desirable_weight": (0.0, None, True, False), "feedback.undesirable_weight": (0.0, None, True, False),
     "rl.temperature": (0.0, None, True, False), "rl.top_p": (0.0, 1.0, False, True),
     "rl.clip_epsilon": (0.0, None, True, False), "rl.kl_coef": (0.0, None, True, False),

@@ -175,7 +175,8 @@ def sequence_logprobs(token_lp: jax.Array, weights: jax.Array) -> jax.Array:
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
              reference_rejected: jax.Array, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, pair_weights: jax.Array | None = None) -> LossOutput:
+             label_smoothing: float = 0.0, pair_weights: jax.Array | None = None, rpo_alpha: float = 0.0,
+             chosen_token_counts: jax.Array | None = None) -> LossOutput:
     """DPO (Rafailov et al. 2023) and variants from per-sequence log-probs [B].
 
     sigmoid: -(1-ε) log σ(β h) - ε log σ(-β h), h = (π_c - ref_c) - (π_r - ref_r)  (ε: label smoothing)
@@ -183,8 +184,11 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
     hinge:   max(0, 1 - β h)                                       (SLiC)
     The log-probs are *summed* over each answer's tokens (`sequence_logprobs`), for IPO too: h is the
     summed log-ratio, not the per-token average some IPO implementations use, so the IPO target 1/(2β)
-    applies to whole sequences. pair_weights [B]: 1 for a pair, 0 for a padding row (absent from every
-    sum and count; default all 1). Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
+    applies to whole sequences. rpo_alpha > 0 adds α · (-π_c / n_c) per pair: the negative log-likelihood of
+    the chosen answer per token (n_c = chosen_token_counts [B], its number of answer tokens), as in RPO (Pang
+    et al. 2024), TRL's `rpo_alpha` and Llama 3's DPO recipe; it keeps DPO from lowering the chosen answers'
+    likelihood. pair_weights [B]: 1 for a pair, 0 for a padding row (absent from every sum and count; default
+    all 1). Returns (sum over pairs, number of pairs, metrics as sums over pairs)."""
     present = _presence(pair_weights, policy_chosen)
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
@@ -197,6 +201,11 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
         losses = jax.nn.relu(1.0 - beta * h)
     else:
         raise ValueError(f"unknown DPO loss type '{loss_type}'; use sigmoid, ipo or hinge")
+    if chosen_token_counts is None:
+        chosen_token_counts = jnp.ones_like(policy_chosen)
+    chosen_nll = -policy_chosen / jnp.maximum(chosen_token_counts, 1.0)  # [B] nats per answer token
+    if rpo_alpha:
+        losses = losses + rpo_alpha * chosen_nll
     chosen_reward = beta * chosen_ratio
     rejected_reward = beta * rejected_ratio
     count = jnp.sum(present)
@@ -206,6 +215,7 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
         "reward_rejected_sum": jnp.sum(rejected_reward * present),
         "reward_margin_sum": jnp.sum((chosen_reward - rejected_reward) * present),
         "preference_correct_sum": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32) * present),
+        "chosen_nll_sum": jnp.sum(chosen_nll * present),
     }
     return jnp.sum(losses * present), count, metrics
 

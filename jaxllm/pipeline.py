@@ -57,6 +57,10 @@ class EvaluationSpec:
     preference_pairs: int = 96
     prompts: list[str] = dataclasses.field(default_factory=list)
     max_new_tokens: int = 24
+    # The completion probe ("<name> was born in" -> the most likely value of the attribute's pool) over the
+    # first probe_people held-out people of probe_source (records with the six attributes and "split").
+    probe_source: str = "default:people"
+    probe_people: int = 50
 
 
 @dataclasses.dataclass
@@ -64,7 +68,8 @@ class TokenizerSpec:
     train: bool = True
     vocab_size: int = 512
     model_type: str = "bpe"
-    input: str = "default:pretrain"
+    input: str | list[str] = "default:pretrain"  # one source or a list; text records and chat messages are read
+    add_dummy_prefix: bool = False  # a word opening a document gets the same tokens as inside a sentence
 
 
 @dataclasses.dataclass
@@ -122,7 +127,11 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
     from jaxllm.data.sources import iter_records, source_fingerprint
     from jaxllm.data.tokenizer import train_tokenizer
 
-    wanted = {**dataclasses.asdict(spec), "input_fingerprint": source_fingerprint(spec.input)}
+    sources = [spec.input] if isinstance(spec.input, str) else list(spec.input)
+    if not sources or not all(isinstance(source, str) for source in sources):
+        raise ConfigError(f"tokenizer.input={spec.input!r} must be a data source or a list of them, "
+                          "e.g. [default:pretrain, default:sft]")
+    wanted = {**dataclasses.asdict(spec), "input_fingerprint": [source_fingerprint(source) for source in sources]}
     recorded = _read_record(directory / TOKENIZER_RECORD, log)
     if (directory / "tokenizer.model").exists():
         if recorded == wanted:
@@ -135,16 +144,23 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
     (directory / TOKENIZER_RECORD).unlink(missing_ok=True)
     corpus = directory / "corpus.txt"
     with corpus.open("w") as handle:
-        for record in iter_records(spec.input):
-            text = record.data.get("text")
-            if isinstance(text, str) and text.strip():
-                handle.write(text.replace("\n", " ") + "\n")
-    train_tokenizer([str(corpus)], spec.vocab_size, str(directory), model_type=spec.model_type)
+        for source in sources:
+            for record in iter_records(source):
+                for text in _record_texts(record.data):
+                    handle.write(text.replace("\n", " ") + "\n")
+    train_tokenizer([str(corpus)], spec.vocab_size, str(directory), model_type=spec.model_type,
+                    add_dummy_prefix=spec.add_dummy_prefix)
     corpus.unlink()
     write_json_atomic(directory / TOKENIZER_RECORD, wanted)  # last: its presence says the tokenizer is complete
-    log(f"[tokenizer] trained a {spec.model_type} tokenizer of {spec.vocab_size} pieces on {spec.input} "
+    log(f"[tokenizer] trained a {spec.model_type} tokenizer of {spec.vocab_size} pieces on {', '.join(sources)} "
         f"in {time.perf_counter() - started:.1f}s -> {directory}")
     return str(directory)
+
+
+def _record_texts(data: dict) -> list[str]:
+    """The text of a pretraining record, or the contents of a chat record's messages (for tokenizer training)."""
+    texts = [data.get("text")] + [m.get("content") for m in data.get("messages") or [] if isinstance(m, dict)]
+    return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def stage_configs(recipe: PipelineRecipe, workdir: Path, tokenizer: str) -> list[tuple[StageSpec, Any, Path]]:
@@ -261,12 +277,30 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
         result["qa_trained"] = evaluate.qa_accuracy(*model, [r for r in trained if r], spec.max_new_tokens)
     if spec.preference_source:
         result["preferences"] = evaluate.preference_accuracy(*model, spec.preference_source, spec.preference_pairs)
+    if spec.probe_source and spec.probe_people:
+        result["completion_probe"] = completion_probe(model, spec.probe_source, spec.probe_people)
     if spec.prompts:
         answers = evaluate.answer_questions(*model, spec.prompts, spec.max_new_tokens)
         result["prompts"] = [{"prompt": p, **a} for p, a in zip(spec.prompts, answers)]
     result["seconds"] = time.perf_counter() - started
     write_json_atomic(cached, result)
     return result
+
+
+def completion_probe(model: tuple, people_source: str, count: int) -> float:
+    """Is the pretrained knowledge stored? Accuracy of picking each held-out person's attribute value from its
+    pool after "<name> was born in" (and three more attributes; chance 2.5-5%). model: (config, graphdef,
+    params, tokenizer); people_source: records with a "split" and the six attributes."""
+    from jaxllm.data import biographies as bio
+    from jaxllm.evaluate import read_records
+    from jaxllm.knowledge_experiment import completion_probe as probe
+
+    fields = [field.name for field in dataclasses.fields(bio.Person)]
+    people = [bio.Person(**{name: record[name] for name in fields})
+              for record in read_records(people_source, None) if record.get("split") == "held_out"][:count]
+    if not people:
+        raise ConfigError(f"evaluation.probe_source={people_source} has no records with split 'held_out'")
+    return probe(*model, people)
 
 
 def _qa_record(record: dict) -> dict | None:
@@ -307,6 +341,7 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
     upstream = ""
     for index, (stage, config, stage_dir) in enumerate(stages, 1):
         header = f"[{index}/{len(stages)} {stage.name}]"
+        train_seconds = None
         fingerprint = stage_fingerprint(config, workdir, upstream)
         upstream = fingerprint
         set_aside_stale_stage(stage_dir, fingerprint, log, header)
@@ -327,16 +362,19 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                 log(f"{header} stopped at step {result.final_step}; run the same command again to resume")
                 return {"stopped": stage.name}
             write_json_atomic(stage_dir / STAGE_RECORD, {"fingerprint": fingerprint, "finished": True})
-            log(f"{header} done in {time.perf_counter() - stage_started:.0f}s "
+            train_seconds = time.perf_counter() - stage_started
+            log(f"{header} done in {train_seconds:.0f}s "
                 f"(final loss {result.last_metrics.get('loss', float('nan')):.3f})")
         evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log)
         qa = evaluation["qa_heldout"]
+        probe = evaluation.get("completion_probe")
         log(f"{header} eval: held-out QA {qa['exact_match']:.1%}, EOS rate {qa['eos_rate']:.1%}, "
-            f"text perplexity {evaluation['text']['perplexity']:.2f}")
+            f"text perplexity {evaluation['text']['perplexity']:.2f}"
+            + (f", completion probe {probe:.1%}" if probe is not None else ""))
         summary = json.loads((stage_dir / "summary.json").read_text())
         results.append({"name": stage.name, "stage": config.train.stage, "workdir": str(stage_dir),
                         "init_from": config.train.init_from, "steps": config.train.steps,
-                        "summary": summary, "evaluation": evaluation})
+                        "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

@@ -100,15 +100,63 @@ def _plot_rewards(stages: list[dict], path: Path) -> bool:
     return True
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def _row(stage: dict) -> str:
     e = stage["evaluation"]
     qa, text = e["qa_heldout"], e["text"]
     trained = e.get("qa_trained", {}).get("exact_match")
     pref = e.get("preferences", {}).get("preference_accuracy")
-    fmt = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    compile_seconds = stage.get("summary", {}).get("compile_seconds")
     return (f"| {stage['name']} | {stage['stage']} | {stage['steps']} | {text['perplexity']:.2f} | "
-            f"{text['bits_per_byte']:.3f} | {fmt(qa['exact_match'])} | {fmt(trained)} | {fmt(qa['eos_rate'])} | "
-            f"{qa['mean_answer_tokens']:.1f} | {fmt(pref)} |")
+            f"{text['bits_per_byte']:.3f} | {_percent(e.get('completion_probe'))} | {_percent(qa['exact_match'])} | "
+            f"{_percent(trained)} | {_percent(qa['eos_rate'])} | {qa['mean_answer_tokens']:.1f} | {_percent(pref)} | "
+            f"{_seconds(stage.get('train_seconds'))} | "
+            f"{'–' if compile_seconds is None else f'{compile_seconds:.1f}'} |")
+
+
+# What each kind of stage illustrates in the lecture (docs/MISSION: "the one idea" and the three stages).
+LECTURE_CLAIMS = {
+    "pretrain": "any text is training data: next-token prediction stores the facts of the biographies (probe), "
+                "but a base model continues text instead of answering",
+    "sft": "SFT teaches the format, not the knowledge: answers now stop with EOS, and because pretraining saw "
+           "diverse rephrasings, QA tuned on some people transfers to people only seen in pretraining "
+           "(Physics of LMs 3.1)",
+    "dpo": "learning from feedback: raise the probability of preferred answers, lower the rejected ones (DPO; "
+           "the NLL term on chosen answers keeps them likely) without losing what SFT taught",
+    "kto": "learning from thumbs up/down: no pairs needed, good answers up and bad ones down (KTO) without "
+           "losing what SFT taught",
+    "rl": "on-policy RL: the model answers, a reward scores whole answers, it learns from its own samples "
+          "(GRPO) without losing what SFT taught",
+    "reward": "a reward model learns to stand in for human judgments",
+}
+
+
+def _stage_metrics(stage: dict) -> dict[str, float | None]:
+    e = stage["evaluation"]
+    return {"probe": e.get("completion_probe"), "held-out QA": e["qa_heldout"]["exact_match"],
+            "trained QA": e.get("qa_trained", {}).get("exact_match"), "EOS": e["qa_heldout"]["eos_rate"],
+            "preference acc.": e.get("preferences", {}).get("preference_accuracy")}
+
+
+def story_line(stage: dict, previous: dict | None) -> str:
+    """One line: what this stage changed (each metric before -> after) beside the lecture's claim it shows."""
+    after = _stage_metrics(stage)
+    before = _stage_metrics(previous) if previous else {}
+    changes = []
+    for key, value in after.items():
+        if value is None:
+            continue
+        old = before.get(key)
+        changes.append(f"{key} {_percent(value)}" if old is None else f"{key} {_percent(old)} → {_percent(value)}")
+    claim = LECTURE_CLAIMS.get(stage["stage"], "")
+    return f"- **{stage['name']}**: {', '.join(changes)}. *Lecture*: {claim}."
 
 
 def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
@@ -116,13 +164,19 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
     lines = ["# jaxllm pipeline report", "",
              f"Recipe `{report['recipe']}`; wall time {report['wall_seconds']:.0f} s; tokenizer `{report['tokenizer']}`.",
              "", "## Evaluation after each stage (held-out data)", "",
-             "| stage | kind | steps | text perplexity | bits/byte | held-out QA | trained-people QA | ends with EOS | "
-             "answer tokens | preference acc. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| stage | kind | steps | text perplexity | bits/byte | completion probe | held-out QA | "
+             "trained-people QA | ends with EOS | answer tokens | preference acc. | train s | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(s) for s in stages]
-    lines += ["", "Held-out QA: exact match of greedy answers about people whose QA was never trained "
+    lines += ["", "Completion probe: does the model pick a held-out person's value from the attribute's pool after "
+              "\"<name> was born in\" (and three more attributes)? It shows whether the knowledge is stored. "
+              "Held-out QA: exact match of greedy answers about people whose QA was never trained "
               "(their biographies were in the pretraining text). Trained-people QA: questions from the SFT set. "
-              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs.", ""]
+              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Train s: the stage's "
+              "wall time (compile included); compile s: compiling its train step.", "",
+              "## What each stage shows", ""]
+    lines += [story_line(stage, previous) for stage, previous in zip(stages, [None, *stages[:-1]])]
+    lines += [""]
     for name, title in (("losses", "Loss curves"), ("eval", "Evaluation"), ("rewards", "Reward curve")):
         if plots.get(name):
             lines += [f"## {title}", "", f"![{title}]({name}.png)", ""]

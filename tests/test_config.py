@@ -44,3 +44,9 @@ def test_cross_field_checks():
         load_config(None, ["model.preset=huge"])
     with pytest.raises(ConfigError, match="train.stage='pretrian'.*did you mean 'pretrain'"):
         stages.of(load_config(None, ["train.stage=pretrian"]))  # stage names are the registry's
+
+
+@pytest.mark.parametrize("value", ["-0.5", "nan", "inf"])
+def test_rpo_alpha_must_be_finite_and_not_negative(value):
+    with pytest.raises(ConfigError, match="feedback.rpo_alpha"):
+        load_config(None, [f"feedback.rpo_alpha={value}"])

@@ -99,3 +99,44 @@ def test_experiment_sets_split_people_between_sft_and_held_out_questions():
     assert {r["person"] for r in sets["qa_eval"]} == set(range(10, 20))
     single = bio.experiment_sets(20, rephrasings=1, seed=5)["pretrain"]
     assert len(single) == 20 and len({r["text"].split(" was born on")[0] for r in single}) == 20
+
+
+def _all_text(record) -> str:
+    """Every string in a record (prompts, answers, messages), joined."""
+    data = record.data
+    parts = [value for value in data.values() if isinstance(value, str)]
+    parts += [message["content"] for message in data.get("messages", [])]
+    return "\n".join(parts)
+
+
+def test_no_held_out_person_appears_in_any_sft_or_feedback_training_set():
+    people = [r.data for r in read_records("default:people")]
+    held_out = [p for p in people if p["split"] == "held_out"]
+    assert len(held_out) == len(people) // 2
+    trained_names = {p["name"] for p in people if p["split"] == "train"}
+    for name in ("sft", "preferences", "feedback", "rl_prompts"):
+        records = read_records(f"default:{name}")
+        text = "\n".join(_all_text(r) for r in records)
+        leaked = [p["name"] for p in held_out if p["name"] in text]
+        assert not leaked, f"default:{name} mentions held-out people {leaked[:5]}"
+        asked = _names_in(records) if name == "sft" else {
+            n for r in records for n in trained_names | {p["name"] for p in held_out} if n in r.data["prompt"]}
+        assert asked and asked <= trained_names, name
+    # and every held-out question is about a held-out person, with the person's true value as the reference
+    by_name = {p["name"]: p for p in held_out}
+    for record in read_records("default:qa_eval"):
+        (name,) = [n for n in by_name if n in record.data["prompt"]]
+        assert record.data["reference"] == by_name[name][record.data["attribute"]]
+
+
+def test_rejected_answers_are_plausible_mistakes_about_the_same_attribute():
+    people = {r.data["name"]: r.data for r in read_records("default:people")}
+    pools = {attribute: {p[attribute] for p in people.values()} for attribute in bio.ATTRIBUTES}
+    records = read_records("default:preferences")
+    same_attribute = 0
+    for record in records:
+        chosen, rejected = record.data["chosen"], record.data["rejected"]
+        assert chosen != rejected
+        attribute = next(a for a in bio.ATTRIBUTES if chosen in pools[a])
+        same_attribute += rejected in pools[attribute]
+    assert same_attribute >= 0.8 * len(records)

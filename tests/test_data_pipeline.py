@@ -209,8 +209,9 @@ def test_kto_accepts_ratings_with_a_threshold_and_preference_pairs(tmp_path):
 
 
 def test_join_documents_joins_pretraining_rows_only_and_changes_the_resume_fingerprint():
-    joined = make_batch_iterator(_config("data.join_documents=true"), TOKENIZER)
-    isolated = make_batch_iterator(_config(), TOKENIZER)
+    # rows of 256 tokens: room for two or more biographies (~90 tokens each with the default tokenizer)
+    joined = make_batch_iterator(_config("data.join_documents=true", "data.seq_len=256"), TOKENIZER)
+    isolated = make_batch_iterator(_config("data.seq_len=256"), TOKENIZER)
     a, b = next(joined), next(isolated)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     np.testing.assert_array_equal(a["segment_ids"], (b["segment_ids"] > 0).astype(np.int32))

@@ -96,6 +96,33 @@ def test_dpo_family_matches_numpy(rng, kind, eps):
     np.testing.assert_allclose(metrics["reward_chosen_sum"], (0.3 * (pc - rc)).sum(), rtol=1e-5)
 
 
+def test_rpo_adds_alpha_times_the_chosen_answers_per_token_nll_to_dpo(rng):
+    # RPO (Pang et al. 2024; TRL rpo_alpha; Llama 3): DPO + alpha * (-log pi(chosen) / |chosen|) per pair, from
+    # token log-probs [B,T] and answer masks written out here in NumPy.
+    token_lp = -rng.uniform(0.1, 3.0, size=(5, 7)).astype(np.float32)
+    mask = (rng.uniform(size=(5, 7)) < 0.6).astype(np.float32)
+    mask[:, 0] = 1.0  # every chosen answer has at least one token
+    pc = (token_lp * mask).sum(-1)
+    pr, rc, rr = (rng.normal(size=5).astype(np.float32) * 3 for _ in range(3))
+    counts = mask.sum(-1)
+    expected = np_dpo(pc, pr, rc, rr, 0.2, "sigmoid", 0.0) + 0.7 * (-pc / counts)
+    total, count, metrics = losses.dpo_loss(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=0.2, rpo_alpha=0.7,
+                                            chosen_token_counts=jnp.asarray(counts))
+    np.testing.assert_allclose(total, expected.sum(), rtol=1e-5)  # float32 sums of 5 terms: ~1e-7 relative error
+    np.testing.assert_allclose(metrics["chosen_nll_sum"], (-pc / counts).sum(), rtol=1e-5)
+    plain, _, _ = losses.dpo_loss(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=0.2,
+                                  chosen_token_counts=jnp.asarray(counts))
+    np.testing.assert_allclose(plain, np_dpo(pc, pr, rc, rr, 0.2, "sigmoid", 0.0).sum(), rtol=1e-5)
+
+
+def test_rpo_gradient_raises_the_chosen_log_likelihood_even_when_dpo_is_saturated():
+    # With a huge margin DPO's gradient vanishes; the NLL term still pushes log pi(chosen) up at alpha / |chosen|.
+    pc, pr, ref = jnp.asarray([-5.0]), jnp.asarray([-500.0]), jnp.asarray([-5.0])
+    grad = jax.grad(lambda a: losses.dpo_loss(a, pr, ref, ref, beta=1.0, rpo_alpha=2.0,
+                                              chosen_token_counts=jnp.asarray([4.0]))[0])(pc)
+    np.testing.assert_allclose(grad, [-0.5], rtol=1e-6)
+
+
 def test_dpo_with_policy_equal_reference_is_log_two_with_zero_margin(rng):
     x = jnp.asarray(rng.normal(size=5).astype(np.float32))
     y = jnp.asarray(rng.normal(size=5).astype(np.float32))

@@ -23,7 +23,7 @@ stages:
                  "data.eval_source=jsonl:SFT_FILE"]}
   - {name: dpo, recipe: configs/dpo_tiny.yaml, overrides: [train.steps=4, train.eval_every=0]}
 evaluation: {qa_source: "jsonl:SFT_FILE", qa_examples: 16, trained_qa_examples: 0, text_batches: 1,
-             preference_pairs: 16, max_new_tokens: 12, prompts: ["Where was Lucia Wagner born?"]}
+             preference_pairs: 16, max_new_tokens: 12, probe_people: 2, prompts: ["Where was Lucia Wagner born?"]}
 """
 
 
@@ -60,6 +60,26 @@ def test_report_files_exist_and_parse(pipeline_run):
     assert "| sft | sft |" in markdown and "losses.png" in markdown
     for png in ("losses.png", "eval.png"):
         assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
+    for stage in report["stages"]:
+        assert 0.0 <= stage["evaluation"]["completion_probe"] <= 1.0
+        assert stage["summary"]["compile_seconds"] >= 0 and stage["train_seconds"] > 0
+    assert "completion probe" in markdown and "compile s" in markdown
+    assert "## What each stage shows" in markdown and "*Lecture*: SFT teaches the format" in markdown
+
+
+def test_story_line_puts_each_measured_change_beside_the_lecture_claim():
+    from jaxllm.report import story_line
+
+    def stage(kind, probe, held_out, trained, eos, preference):
+        return {"name": kind, "stage": kind, "evaluation": {
+            "completion_probe": probe, "qa_heldout": {"exact_match": held_out, "eos_rate": eos},
+            "qa_trained": {"exact_match": trained}, "preferences": {"preference_accuracy": preference}}}
+
+    pretrain, sft = stage("pretrain", 0.9, 0.0, 0.0, 0.4, 0.6), stage("sft", 0.88, 0.3, 0.95, 1.0, 0.7)
+    line = story_line(sft, pretrain)
+    assert line.startswith("- **sft**: probe 90.0% → 88.0%, held-out QA 0.0% → 30.0%, trained QA 0.0% → 95.0%")
+    assert "EOS 40.0% → 100.0%" in line and "*Lecture*: SFT teaches the format" in line
+    assert story_line(pretrain, None).startswith("- **pretrain**: probe 90.0%, held-out QA 0.0%")
 
 
 def test_sft_raises_eos_rate_and_qa_accuracy_above_the_pretrained_model(pipeline_run):

@@ -42,6 +42,19 @@ def test_each_stage_drives_its_loss_down_on_a_tiny_batch(stage):
     assert int(state.step) == 25
 
 
+def test_dpo_stage_loss_adds_rpo_alpha_times_the_chosen_nll():
+    plain = tiny_config("train.stage=dpo")
+    rpo = tiny_config("train.stage=dpo", "feedback.rpo_alpha=0.5")
+    graphdef, _, state = _fresh(plain)
+    batch = SyntheticIterator("dpo", 4, 32, 64).batch_at(0)
+    reference = jax.tree.map(lambda x: x * 0.9, state.params)
+    total_plain, count, sums = stages.loss_fn(plain, graphdef)(state.params, batch, reference)
+    total_rpo, _, _ = stages.loss_fn(rpo, graphdef)(state.params, batch, reference)
+    assert float(sums["chosen_nll_sum"]) > 0
+    # float32 sums of a few terms of order 1-10: 1e-5 relative is far above rounding, far below the term (~0.5 x NLL)
+    np.testing.assert_allclose(total_rpo, total_plain + 0.5 * sums["chosen_nll_sum"], rtol=1e-5)
+
+
 def test_gradient_accumulation_over_four_micro_batches_matches_one_big_batch():
     config = tiny_config("train.batch_size=8", "train.steps=2")
     graphdef, optimizer, state = _fresh(config)

@@ -5,12 +5,14 @@
 Everything is made here: synthetic biographies of invented people (jaxllm.data.biographies) and
 templated everyday prose. The sets (each `default:<name>`):
 
-  pretrain          biographies of ALL people (several rephrasings, permuted sentences) + prose
+  pretrain          biographies of ALL people in the paper's bioS style (the full name once, then pronouns),
+                    several rephrasings each with permuted sentences, + a little prose
   pretrain_eval     one fresh rephrasing for some people + held-out prose
-  sft               QA conversations about the first half of the people (short answers)
+  sft               QA conversations about the first half of the people (every question wording, short answers)
   sft_eval          the same question types about the other half (held out)
   qa_eval           {"prompt", "reference"} about the held-out half, for exact-match accuracy
-  preferences       {"prompt", "chosen", "rejected"}: correct answer vs a wrong value or a rambling non-answer
+  preferences       {"prompt", "chosen", "rejected"}: correct answer vs a plausible mistake (mostly another
+                    person's value of the same attribute, the confusions a model makes; sometimes a rambling non-answer)
   preferences_eval  the same about the held-out half
   feedback          {"prompt", "completion", "label"} thumbs up/down for KTO
   feedback_eval     the same about the held-out half
@@ -18,6 +20,9 @@ templated everyday prose. The sets (each `default:<name>`):
   people            the people and their six attributes ("split": train | held_out)
 
 and tokenizer.model: BPE, 512 ids, trained on the training sets' text.
+
+Why bioS, rephrasings and a dummy-prefix tokenizer: that is what made pretrained knowledge extractable for
+people never seen in QA form in the knowledge experiment (README, "The knowledge experiment").
 """
 
 from __future__ import annotations
@@ -114,8 +119,9 @@ def prose(count: int, rng: random.Random, exclude: set[str] = frozenset()) -> li
 # The sets
 
 
-def qa_conversations(people, rng: random.Random, seed: int, system_fraction: float, two_turn_fraction: float):
-    pairs = list(bio.qa_pairs(people, seed=seed))
+def qa_conversations(people, rng: random.Random, seed: int, system_fraction: float, two_turn_fraction: float,
+                     variants: str = "random"):
+    pairs = list(bio.qa_pairs(people, seed=seed, variants=variants))
     rng.shuffle(pairs)
     records, index = [], 0
     while index < len(pairs):
@@ -129,26 +135,37 @@ def qa_conversations(people, rng: random.Random, seed: int, system_fraction: flo
     return records
 
 
-def preferences(people, rng: random.Random, seed: int):
+def plausible_mistake(person, attribute: str, everyone, rng: random.Random) -> str:
+    """A wrong answer of the kind a model that confuses people gives: another person's value of the same
+    attribute (so common values are common mistakes), never the right one."""
+    right = person.attribute(attribute)
+    for _ in range(100):
+        candidate = rng.choice(everyone).attribute(attribute)
+        if candidate != right:
+            return candidate
+    return bio.wrong_answer(person, attribute, rng)
+
+
+def preferences(people, rng: random.Random, seed: int, rambling_fraction: float = 0.1):
     records = []
     for pair in bio.qa_pairs(people, seed=seed):
         person = people[pair["person"]]
-        if rng.random() < 0.6:
-            rejected = bio.wrong_answer(person, pair["attribute"], rng)
-        else:
+        if rng.random() < rambling_fraction:
             rejected = rng.choice(bio.RAMBLING_ANSWERS)
+        else:
+            rejected = plausible_mistake(person, pair["attribute"], people, rng)
         records.append({"prompt": pair["question"], "chosen": pair["answer"], "rejected": rejected})
     rng.shuffle(records)
     return records
 
 
-def feedback(people, rng: random.Random, seed: int):
+def feedback(people, rng: random.Random, seed: int, rambling_fraction: float = 0.1):
     records = []
     for pair in bio.qa_pairs(people, seed=seed):
         person = people[pair["person"]]
         good = rng.random() < 0.5
-        completion = pair["answer"] if good else (bio.wrong_answer(person, pair["attribute"], rng)
-                                                   if rng.random() < 0.7 else rng.choice(bio.RAMBLING_ANSWERS))
+        completion = pair["answer"] if good else (rng.choice(bio.RAMBLING_ANSWERS) if rng.random() < rambling_fraction
+                                                   else plausible_mistake(person, pair["attribute"], people, rng))
         records.append({"prompt": pair["question"], "completion": completion, "label": good})
     rng.shuffle(records)
     return records
@@ -165,20 +182,22 @@ def build(seed: int, num_people: int, rephrasings: int, prose_paragraphs: int) -
     half = num_people // 2
     train_people, held_out = people[:half], people[half:]
 
-    bios = [dict(record, kind="biography") for record in bio.biographies(people, rephrasings, seed=seed + 1)]
+    bios = [dict(record, kind="biography")
+            for record in bio.biographies(people, rephrasings, seed=seed + 1, name_once=True)]
     train_prose = prose(prose_paragraphs, random.Random(seed + 2))
     eval_prose = prose(max(prose_paragraphs // 8, 10), random.Random(seed + 3), exclude=set(train_prose))
     pretrain = bios + [{"text": text, "kind": "prose"} for text in train_prose]
     rng.shuffle(pretrain)
     eval_people = rng.sample(range(num_people), max(num_people // 5, 1))
-    fresh = bio.biographies([people[i] for i in eval_people], rephrasings=2, seed=seed + 4)[1::2]
+    fresh = bio.biographies([people[i] for i in eval_people], rephrasings=2, seed=seed + 4, name_once=True)[1::2]
     pretrain_eval = ([{"text": r["text"], "kind": "biography", "person": eval_people[r["person"]]} for r in fresh]
                      + [{"text": text, "kind": "prose"} for text in eval_prose])
 
     sets = {
         "pretrain": pretrain,
         "pretrain_eval": pretrain_eval,
-        "sft": qa_conversations(train_people, rng, seed + 5, system_fraction=0.1, two_turn_fraction=0.1),
+        "sft": qa_conversations(train_people, rng, seed + 5, system_fraction=0.1, two_turn_fraction=0.1,
+                                variants="all"),
         "sft_eval": qa_conversations(held_out, rng, seed + 6, system_fraction=0.0, two_turn_fraction=0.0),
         "qa_eval": prompts(held_out, seed + 7, offset=half),
         "preferences": preferences(train_people, rng, seed + 8),
@@ -211,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--people", type=int, default=200)
-    parser.add_argument("--rephrasings", type=int, default=4)
-    parser.add_argument("--prose", type=int, default=400, help="prose paragraphs in the pretraining set")
+    parser.add_argument("--rephrasings", type=int, default=5)
+    parser.add_argument("--prose", type=int, default=100, help="prose paragraphs in the pretraining set")
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
