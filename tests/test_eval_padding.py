@@ -123,7 +123,7 @@ def test_rl_eval_prompts_cover_each_prompt_once(tmp_path):
 
     # RLStage.evaluate leaves the wrapped repeats out: a stub model answers, every answer earns reward 1.
     stage = rl.RLStage.__new__(rl.RLStage)
-    stage.config, stage.eval_prompts, stage.greedy = config, batches, None
+    stage.config, stage.eval_prompts, stage.greedy, stage._eval_seconds = config, batches, None, 0.0
     answer = types.SimpleNamespace(completion_ids=[5, 6], finished=True)
     stage.sample = lambda params, batch, settings, group, key: ([answer] * len(batch["present"]), {}, {})
     stage.rewards = lambda samples, rows, params: (np.ones(len(samples), np.float32), {})
