@@ -7,6 +7,7 @@ a little larger than one checkpoint); without root the read-only case uses a dir
 permission and the full disk is simulated by a save that raises ENOSPC.
 """
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -310,7 +311,10 @@ def _cli(workdir: Path, *overrides: str, timeout: float = 240) -> subprocess.Com
                            *FAST, *overrides], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained, tmp_path):
+@contextlib.contextmanager
+def _read_only_checkpoints(trained: Path, tmp_path: Path):
+    """A copy of the `trained` run whose checkpoints/ is a read-only tmpfs mount (root ignores permission
+    bits, so a mount is the only way to make it read-only here); skips where mounting is not allowed."""
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints"))
     if not _mount_tmpfs(workdir / "checkpoints", "size=8m"):
@@ -318,6 +322,13 @@ def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained
     try:
         shutil.copytree(trained / "checkpoints", workdir / "checkpoints", dirs_exist_ok=True)
         _remount(workdir / "checkpoints", "ro")
+        yield workdir
+    finally:
+        subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
+
+
+def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained, tmp_path):
+    with _read_only_checkpoints(trained, tmp_path) as workdir:
         began = time.monotonic()
         result = _cli(workdir, "train.steps=6")
         assert result.returncode == 2, result.stderr[-2000:]
@@ -325,8 +336,6 @@ def test_read_only_checkpoints_dir_in_a_writable_workdir_exits_2_at_once(trained
             in result.stderr and "Traceback" not in result.stderr
         assert not (workdir / "metrics.jsonl").read_text().count('"step": 4'), "it trained before failing"
         print(f"read-only checkpoints/: exit 2 after {time.monotonic() - began:.1f}s")
-    finally:
-        subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
 
 
 PROBE_MISSED = ("import sys; from jaxllm import checkpoint; checkpoint.check_writable = lambda workdir: None; "
@@ -337,13 +346,7 @@ def test_a_save_failing_mid_run_exits_promptly_without_hanging_in_shutdown(train
     """With the start-up probe disabled (as if it missed a failure), the first save into a read-only
     checkpoints/ fails mid-run: the failure path shuts the checkpoint manager down, so the process exits
     with the clean error at once (it used to hang ~4.5 min in Orbax's threads at interpreter shutdown)."""
-    workdir = tmp_path / "run"
-    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints"))
-    if not _mount_tmpfs(workdir / "checkpoints", "size=8m"):
-        pytest.skip("needs root and mount to make a read-only directory (root ignores permission bits)")
-    try:
-        shutil.copytree(trained / "checkpoints", workdir / "checkpoints", dirs_exist_ok=True)
-        _remount(workdir / "checkpoints", "ro")
+    with _read_only_checkpoints(trained, tmp_path) as workdir:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXLLM_DATA_CACHE": "off"}
         began = time.monotonic()
         result = subprocess.run([sys.executable, "-c", PROBE_MISSED, "train", str(RECIPE), "--workdir",
@@ -353,8 +356,6 @@ def test_a_save_failing_mid_run_exits_promptly_without_hanging_in_shutdown(train
         assert "the file system is read-only" in result.stderr and "step 3) is intact" in result.stderr, \
             result.stderr[-2000:]
         print(f"failed save: exit 1 after {time.monotonic() - began:.1f}s")
-    finally:
-        subprocess.run(["umount", "-l", str(workdir / "checkpoints")], check=False)
 
 
 # ----------------------------------------------------------------------------------------------
