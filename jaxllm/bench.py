@@ -772,10 +772,10 @@ def run_bench(args: argparse.Namespace, log=print) -> list[dict]:
 def bench_main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    if args.levers:
-        from jaxllm.bench_levers import lever_study
-
-        return lever_study(args)
+    if args.levers:  # the lever study runs bench's cases in worker processes: it sits above this module
+        print("jaxllm bench: error: --levers runs through `jaxllm bench` (jaxllm.bench_levers.bench_levers_main)",
+              file=sys.stderr)
+        return 2
     log = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     try:
         records = run_bench(args, log=log)

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 
 from jaxllm import cpu_levers
+from jaxllm import sharding as sharding_lib
+from jaxllm.bench import MatmulProbe, TrainCase, _load, bench_main, build_parser
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,6 @@ def lever_gain(seconds_with: list[float], seconds_without: list[float]) -> float
 
 
 def _worker(spec: dict) -> int:
-    from jaxllm.bench import MatmulProbe, TrainCase, _load, build_parser
-
-    from jaxllm import sharding as sharding_lib
-
     args = build_parser().parse_args(spec["bench_args"])
     configs = [(name, _load(args, list(args.overrides) + overrides), donate)
                for name, overrides, donate in spec["variants"]]
@@ -308,6 +306,12 @@ def lever_study(args) -> int:
         with open(args.json, "w") as handle:
             json.dump(study, handle, indent=2)
     return 0
+
+
+def bench_levers_main(argv: list[str]) -> int:
+    """`jaxllm bench ...`: the lever study with --levers, else the plain benchmark (jaxllm.bench.bench_main)."""
+    args = build_parser().parse_intermixed_args(argv)
+    return lever_study(args) if args.levers else bench_main(argv)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -19,7 +19,7 @@ DELEGATED = {
     "score": "jaxllm.rl:score_main",
     "eval": "jaxllm.evaluate:eval_main",
     "lm-eval": "jaxllm.lm_eval_adapter:lm_eval_main",
-    "bench": "jaxllm.bench:bench_main",
+    "bench": "jaxllm.bench_levers:bench_levers_main",
     "plan": "jaxllm.planning:plan_main",
     "sweep": "jaxllm.sweep:sweep_main",
     "tokenizer train": "jaxllm.data.tokenizer:tokenizer_train_main",
