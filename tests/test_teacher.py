@@ -67,12 +67,13 @@ def test_unfinished_answers_are_dropped_unless_kept(checkpoint, tmp_path):
 
 
 def test_continue_cuts_documents_in_half_and_continues_the_plain_text(checkpoint, model, tmp_path):
+    # The QA-memorising teacher may end plain text at once; an EOS bias (the same in both paths) makes it go on.
     documents = tmp_path / "corpus.txt"
     text = "Zorbia is a small country. Its capital is Quxville, on the river Ple. The people fish and farm."
     documents.write_text(f"{text}\n\nOneword\n")
     out = tmp_path / "nift.jsonl"
     assert generate_data_main(["--teacher", str(checkpoint), "--prompts", str(documents), "--out", str(out),
-                               "--mode", "continue", "--greedy", "--max-new-tokens", "10",
+                               "--mode", "continue", "--greedy", "--max-new-tokens", "10", "--eos-bias", "-30",
                                "--report", str(tmp_path / "report.json")]) == 0
     (record,) = _read(out)
     first, second = split_in_half(text)
@@ -81,7 +82,7 @@ def test_continue_cuts_documents_in_half_and_continues_the_plain_text(checkpoint
     from jaxllm.generate import SamplingSettings, generate  # the same continuation through the plain API
     config, graphdef, params, tokenizer = model
     output = generate(config.model, graphdef, params, [[tokenizer.bos_id] + tokenizer.encode(first)],
-                      SamplingSettings(max_new_tokens=10, temperature=0.0))
+                      SamplingSettings(max_new_tokens=10, temperature=0.0, token_bias=((tokenizer.eos_id, -30.0),)))
     assert record["response"] == tokenizer.decode(output.completion(0)).strip()
     assert json.loads((tmp_path / "report.json").read_text())["skipped"] == {"too_short": 1}
 
