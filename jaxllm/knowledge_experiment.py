@@ -113,7 +113,7 @@ def _stage_config(settings: ExperimentSettings, stage: str, source: str, steps: 
         overrides.append(f"train.init_from={init_from}")
     if settings.tokenizer_vocab:
         overrides.append(f"model.vocab_size={settings.tokenizer_vocab}")
-    if stage == "pretrain" and settings.join_documents:
+    if settings.join_documents:  # read by plain-text (pretraining) rows only; chat rows stay isolated
         overrides.append("data.join_documents=true")
     return load_config(None, overrides)
 
