@@ -55,7 +55,8 @@ class BenchError(ValueError):
 
 
 def _overrides_for(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    stage = "pretrain" if args.stage == "generate" else args.stage
+    kind = args.stage  # a stage's train step, or "generate" (prefill + decode of a pretrained-shape model)
+    stage = "pretrain" if kind == "generate" else kind
     base = [f"model.preset={args.preset}", f"train.stage={stage}", f"train.batch_size={args.batch_size}",
             "train.steps=1000", "train.progress=false"]
     from jaxllm.config import MODEL_PRESETS  # synthetic tokens: the preset's nominal vocabulary, not a tokenizer's
@@ -730,6 +731,7 @@ def run_bench(args: argparse.Namespace, log=print) -> list[dict]:
 
     from jaxllm import sharding as sharding_lib
 
+    kind = args.stage  # a stage's train step, or "generate"
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise BenchError("--steps and --batch-size must be at least 1 and --warmup at least 0")
     variants = [parse_variant(v) for v in args.variant] or [("default", [], not args.no_donate)]
@@ -743,7 +745,7 @@ def run_bench(args: argparse.Namespace, log=print) -> list[dict]:
     cases = []
     for name, config, donate, extra in configs:
         log(f"compiling {name} ...")
-        if args.stage == "generate":
+        if kind == "generate":
             case = GenerateCase(name, config, mesh, args.prompt_len, args.new_tokens)
         else:
             case = TrainCase(name, config, mesh, donate=donate and not args.no_donate)

@@ -193,10 +193,10 @@ def _plot(results: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for result in results:
-        for axis, stage in zip(axes, ("pretrain", "sft")):
-            rows = read_metrics(Path(result["workdir"]) / stage)
+        for axis, phase in zip(axes, ("pretrain", "sft")):
+            rows = read_metrics(Path(result["workdir"]) / phase)
             axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=result["variant"])
-            axis.set_title(f"{stage} loss")
+            axis.set_title(f"{phase} loss")
             axis.set_xlabel("step")
             axis.set_yscale("log")
             axis.legend()

@@ -110,8 +110,8 @@ def load_recipe(path: str | Path) -> PipelineRecipe:
         evaluation=settings.build(EvaluationSpec, raw.pop("evaluation", {}) or {}, f"{path}: evaluation"),
     )
     settings.check_keys(raw, ("stages", "common", "tokenizer", "evaluation"), str(path))
-    for stage in recipe.stages:
-        stages_lib.of(load_config(resolve_path(stage.recipe), recipe.common + stage.overrides))  # fail early
+    for spec in recipe.stages:
+        stages_lib.of(load_config(resolve_path(spec.recipe), recipe.common + spec.overrides))  # fail early
     return recipe
 
 
@@ -165,13 +165,13 @@ def _record_texts(data: dict) -> list[str]:
 
 def stage_configs(recipe: PipelineRecipe, workdir: Path, tokenizer: str) -> list[tuple[StageSpec, Any, Path]]:
     out, previous = [], None
-    for stage in recipe.stages:
-        overrides = list(recipe.common) + [f"data.tokenizer={tokenizer}"] + list(stage.overrides)
-        if previous is not None and not any(o.startswith(("init_from=", "train.init_from=")) for o in stage.overrides):
+    for spec in recipe.stages:
+        overrides = list(recipe.common) + [f"data.tokenizer={tokenizer}"] + list(spec.overrides)
+        if previous is not None and not any(o.startswith(("init_from=", "train.init_from=")) for o in spec.overrides):
             overrides.append(f"train.init_from={previous}")
-        config = load_config(resolve_path(stage.recipe), overrides)
-        stage_dir = workdir / stage.name
-        out.append((stage, config, stage_dir))
+        config = load_config(resolve_path(spec.recipe), overrides)
+        stage_dir = workdir / spec.name
+        out.append((spec, config, stage_dir))
         previous = stage_dir
     return out
 

@@ -31,13 +31,13 @@ def _plot_losses(stages: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
-    for axis, stage in zip(axes[0], stages):
-        train = read_metrics(stage["workdir"], "train")
-        evals = [r for r in read_metrics(stage["workdir"], "eval") if "loss" in r]
+    for axis, run in zip(axes[0], stages):
+        train = read_metrics(run["workdir"], "train")
+        evals = [r for r in read_metrics(run["workdir"], "eval") if "loss" in r]
         axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         if evals:
             axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
-        axis.set_title(f"{stage['name']} ({stage['stage']})")
+        axis.set_title(f"{run['name']} ({run['stage']})")
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
         axis.legend()
@@ -192,10 +192,10 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
                     lines.append(f"- {stage['name']}: {answer[:160]} {stop}")
             lines.append("")
     lines += ["## Stages", ""]
-    for stage in stages:
-        summary = stage["summary"]
-        lines.append(f"- **{stage['name']}** (`{stage['workdir']}`): {stage['steps']} steps, "
-                     f"init from `{stage['init_from'] or 'scratch'}`, final train loss "
+    for run in stages:
+        summary = run["summary"]
+        lines.append(f"- **{run['name']}** (`{run['workdir']}`): {run['steps']} steps, "
+                     f"init from `{run['init_from'] or 'scratch'}`, final train loss "
                      f"{summary['train'].get('loss', float('nan')):.4f}, "
                      f"{summary.get('tokens_per_second', 0):.0f} tokens/s, compile {summary.get('compile_seconds', 0):.1f} s")
     return "\n".join(lines) + "\n"
