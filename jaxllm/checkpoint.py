@@ -15,6 +15,7 @@ import logging
 import errno
 import os
 import re
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
     if missing:
         raise CheckpointError(f"checkpoint {directory}/{step} is incomplete (no {', '.join(missing)}): it was not "
                               f"written by a finished save. Move it out of {directory} to resume from the one before")
+    _filter_abandoned_read_noise()  # before the read: a failed read's other reads report from other threads
     try:
         check_shapes(manager.directory, step, abstract_state)
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -260,28 +262,34 @@ def _read_failure(error: BaseException, where: str, what_to_do: str) -> Checkpoi
         cause = cause.__cause__ or cause.__context__
     if cause is None or id(cause) in seen:
         return None
-    _quiet_abandoned_reads()
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned reads' unretrieved task errors
     return CheckpointError(f"checkpoint {where} cannot be read ({type(cause).__name__}: {str(cause)[:300]}); it is "
                            f"damaged. {what_to_do}")
 
 
-def _quiet_abandoned_reads() -> None:
-    """A failed read leaves Orbax's other array reads (asyncio tasks and coroutines) with exceptions nobody
-    retrieves; asyncio and Python's unraisable hook would print each with a full traceback when they are
-    garbage-collected, after the one clean error. Silence exactly those: asyncio's log, and unraisable
-    exceptions raised by Orbax's array reads."""
-    import sys
+def _is_abandoned_read_noise(unraisable) -> bool:
+    """Errors that a failed checkpoint read's *other* array reads raise where nobody can catch them: their
+    own read errors when garbage-collected, and TensorStore completions posted to Orbax's event loop after
+    it closed (`RuntimeError: Event loop is closed`, reported with no object from a C++ thread)."""
+    value = unraisable.exc_value
+    if "Encountered error while reading array" in str(value):
+        return True
+    if "_read_array" in str(getattr(unraisable.object, "__qualname__", "")):
+        return True
+    return unraisable.object is None and isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+def _filter_abandoned_read_noise() -> None:
+    """Installs (once) an unraisable hook that drops exactly the noise `_is_abandoned_read_noise` describes
+    and passes everything else on: after a damaged checkpoint the user sees the one clear error, not a
+    traceback per abandoned read (a successful read leaves none of these)."""
     previous = sys.unraisablehook
     if getattr(previous, "_jaxllm_quiet_reads", False):
         return
 
     def hook(unraisable) -> None:
-        if "Encountered error while reading array" in str(unraisable.exc_value) or \
-                "_read_array" in getattr(getattr(unraisable.object, "__qualname__", None), "__str__", str)():
-            return
-        previous(unraisable)
+        if not _is_abandoned_read_noise(unraisable):
+            previous(unraisable)
 
     hook._jaxllm_quiet_reads = True
     sys.unraisablehook = hook
@@ -357,6 +365,7 @@ def load_params(path: str | Path, abstract_params: Any, step: int | None = None)
     check_shapes(directory, step, abstract_params, prefix="params/")
     target = {"params": abstract_params}
     checkpointer = ocp.PyTreeCheckpointer()
+    _filter_abandoned_read_noise()
     try:
         with _quiet_absl():  # reading one item of a managed step: Orbax warns that the step's metadata is a level up
             restored = checkpointer.restore(
