@@ -84,6 +84,15 @@ def pair_token_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
                  for side in ("chosen", "rejected"))
 
 
+def pair_mean_logprobs(graphdef, params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token (length-normalised) answer log-probs [B] of a pair batch's chosen and rejected rows, and
+    [B] 1/0 presence of each pair (padding pairs are 0): the inputs of the reference-free preference losses."""
+    chosen_sum, rejected_sum = pair_logprobs(graphdef, params, batch)
+    chosen_tokens, rejected_tokens = pair_token_counts(batch)
+    return (chosen_sum / jnp.maximum(chosen_tokens, 1.0), rejected_sum / jnp.maximum(rejected_tokens, 1.0),
+            pair_presence(batch))
+
+
 def last_token_index(weights: jax.Array) -> jax.Array:
     """[B,T] weights -> [B] index of the last weighted token (0 when none)."""
     positions = jnp.arange(weights.shape[1])[None]

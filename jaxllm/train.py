@@ -214,8 +214,8 @@ def release(manager, lock: WorkdirLock | None) -> None:
 
 
 def _initial_params(config: Config, graphdef, abstract_params, param_shardings, heads: tuple[str, ...], log) -> Any:
-    model_abstract = {k: v for k, v in abstract_params.items() if k != model_lib.HEADS_KEY}
-    model_shardings = {k: v for k, v in param_shardings.items() if k != model_lib.HEADS_KEY}
+    model_abstract = step_builder.without_heads(abstract_params)
+    model_shardings = step_builder.without_heads(param_shardings)
     if config.model.lora_rank:
         params = jax.jit(lambda: lora_lib.init_adapters(config.model, config.train.seed), out_shardings=model_shardings)()
         log(f"LoRA rank {config.model.lora_rank} adapters on the frozen base {config.train.init_from}")
@@ -233,13 +233,13 @@ def _initial_params(config: Config, graphdef, abstract_params, param_shardings, 
 
 def _reference_params(config: Config, state, abstract_params, param_shardings, resume_step, log):
     """The frozen reference: the init_from params (reloaded on resume), else the initial params."""
-    model_abstract = {k: v for k, v in abstract_params.items() if k != model_lib.HEADS_KEY}
-    model_shardings = {k: v for k, v in param_shardings.items() if k != model_lib.HEADS_KEY}
+    model_abstract = step_builder.without_heads(abstract_params)
+    model_shardings = step_builder.without_heads(param_shardings)
     if config.train.init_from:
         return lora_lib.load_params(config.train.init_from, _abstract_with_shardings(model_abstract, model_shardings))
     if resume_step is not None:
         log("warning: no init_from; the reference is the resumed params, not the original initialisation")
-    return jax.tree.map(jnp.copy, {k: v for k, v in state.params.items() if k != model_lib.HEADS_KEY})
+    return jax.tree.map(jnp.copy, step_builder.without_heads(state.params))
 
 
 # ----------------------------------------------------------------------------------------------

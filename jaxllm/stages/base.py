@@ -10,11 +10,11 @@ branches on its name. Adding a stage is one new file plus one import line in `ja
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable
 
 import jax
 
+from jaxllm import settings
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.examples import DATA_FORMATS, batch_spec as format_batch_spec
 
@@ -94,9 +94,8 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Stage:
     """The registered stage `name`; an unknown name is a ConfigError naming the closest one."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"train.stage='{name}' is not one of {', '.join(_REGISTRY)}{hint}")
+        raise ConfigError(f"train.stage='{name}' is not one of {', '.join(_REGISTRY)}"
+                          f"{settings.closest(name, _REGISTRY)}")
     return _REGISTRY[name]
 
 

@@ -45,11 +45,7 @@ def orpo_loss_from_logprobs(chosen_mean: jax.Array, rejected_mean: jax.Array, va
 
 
 def orpo_loss(graphdef, params, batch: dict, reference_params=None, *, lam: float):
-    chosen_sum, rejected_sum = steps.pair_logprobs(graphdef, params, batch)
-    chosen_tokens, rejected_tokens = steps.pair_token_counts(batch)
-    valid = steps.pair_presence(batch)  # padding pairs (no answer tokens) are absent
-    chosen_mean = chosen_sum / jnp.maximum(chosen_tokens, 1.0)
-    rejected_mean = rejected_sum / jnp.maximum(rejected_tokens, 1.0)
+    chosen_mean, rejected_mean, valid = steps.pair_mean_logprobs(graphdef, params, batch)
     return orpo_loss_from_logprobs(chosen_mean, rejected_mean, valid, lam)
 
 

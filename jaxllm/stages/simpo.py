@@ -37,11 +37,8 @@ def simpo_loss_from_logprobs(chosen_mean: jax.Array, rejected_mean: jax.Array, v
 
 
 def simpo_loss(graphdef, params, batch: dict, reference_params=None, *, beta: float, gamma: float):
-    chosen_sum, rejected_sum = steps.pair_logprobs(graphdef, params, batch)
-    chosen_tokens, rejected_tokens = steps.pair_token_counts(batch)
-    valid = steps.pair_presence(batch)  # padding pairs (no answer tokens) are absent
-    return simpo_loss_from_logprobs(chosen_sum / jnp.maximum(chosen_tokens, 1.0),
-                                    rejected_sum / jnp.maximum(rejected_tokens, 1.0), valid, beta, gamma)
+    chosen_mean, rejected_mean, valid = steps.pair_mean_logprobs(graphdef, params, batch)
+    return simpo_loss_from_logprobs(chosen_mean, rejected_mean, valid, beta, gamma)
 
 
 def _loss(config: Config, graphdef) -> LossFn:
