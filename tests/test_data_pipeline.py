@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm.config import load_config
 from jaxllm import stages
-from jaxllm.cli import data_stats_main
+from jaxllm.cli import main
 from jaxllm.data import Tokenizer, lookup_records
 from jaxllm.stages import data_report, make_batch_iterator, make_eval_batches
 from jaxllm.data import pipeline
@@ -187,13 +187,13 @@ def test_disk_cache_round_trips_the_rows(tmp_path, monkeypatch):
 
 
 def test_data_stats_cli_guesses_the_stage_and_prints_counts(capsys):
-    assert data_stats_main(["default:sft"]) == 0
+    assert main(["data", "stats", "default:sft"]) == 0
     out = capsys.readouterr().out
     assert "stage sft" in out and "packing efficiency" in out and "dropped" in out
-    assert data_stats_main(["default:preferences", "--json", "--seq-len", "64"]) == 0
+    assert main(["data", "stats", "default:preferences", "--json", "--seq-len", "64"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["stage"] == "dpo" and stats["examples"] + stats["dropped"].get("too_long_dropped", 0) == 600
-    assert data_stats_main(["jsonl:/nonexistent.jsonl"]) == 1
+    assert main(["data", "stats", "jsonl:/nonexistent.jsonl"]) == 1
 
 
 def test_kto_accepts_ratings_with_a_threshold_and_preference_pairs(tmp_path):
