@@ -20,14 +20,12 @@ style tokens (connectives, the end-of-sequence token), which the HTML page makes
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import functools
 import html
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -215,42 +213,7 @@ def write_knowledge(rows: Sequence[dict], summary: dict, out_dir: str | Path) ->
     return out_dir
 
 
-def knowledge_main(argv: Sequence[str] | None = None) -> int:
-    """`jaxllm analyze knowledge --checkpoint WORKDIR --qa FILE --out DIR`."""
-    defaults = KnowledgeSettings()
-    parser = argparse.ArgumentParser(
-        prog="jaxllm analyze knowledge",
-        description="Sort QA pairs by what the model already knows: HighlyKnown / MaybeKnown / WeaklyKnown / "
-                    "Unknown (Gekhman et al. 2024), from greedy and sampled few-shot answers.")
-    parser.add_argument("--checkpoint", required=True, help="a training workdir")
-    parser.add_argument("--qa", required=True, help='QA records: .jsonl of {"prompt", "reference"} or a source')
-    parser.add_argument("--out", required=True, help="directory for knowledge.jsonl, summary.json and sft/*.jsonl")
-    parser.add_argument("--exemplars", help="QA records to draw few-shot exemplars from (default: the --qa file)")
-    parser.add_argument("--shots", type=int, default=defaults.shots)
-    parser.add_argument("--variants", type=int, default=defaults.variants, help="exemplar sets (greedy once each)")
-    parser.add_argument("--samples", type=int, default=defaults.samples, help="sampled answers per exemplar set")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--limit", type=int, help="only the first N questions")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    settings = KnowledgeSettings(shots=args.shots, variants=args.variants, samples=args.samples,
-                                 temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, seed=args.seed)
-    settings.validate()
-    qa = load_qa(args.qa, args.limit)
-    exemplars = load_qa(args.exemplars) if args.exemplars else None
-    model = load_model_for_inference(args.checkpoint)
-    rows = knowledge_categories(model, qa, settings, exemplars)
-    summary = summarize_knowledge(rows, settings)
-    out = write_knowledge(rows, summary, args.out)
-    print(f"{summary['scored']} questions: " + ", ".join(
-        f"{c} {summary['counts'][c]} ({summary['fractions'][c]:.0%})" for c in CATEGORIES))
-    if summary["skipped"]:
-        print(f"{summary['skipped']} questions were too long to ask and are left out", file=sys.stderr)
-    print(f"wrote {out / 'knowledge.jsonl'}, {out / 'summary.json'} and {out / 'sft'}/<category>.jsonl")
-    return 0
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,48 +378,36 @@ def read_prompts(path_or_source: str, tokenizer, limit: int | None = None) -> tu
     return texts, ids
 
 
-def shift_main(argv: Sequence[str] | None = None) -> int:
-    """`jaxllm analyze shift --base WORKDIR --aligned WORKDIR --prompts FILE --out DIR`."""
-    parser = argparse.ArgumentParser(
-        prog="jaxllm analyze shift",
-        description="Which answer tokens did alignment change? The aligned model answers greedily; each token is "
-                    "ranked under the base model: unshifted (1), marginal (2-3), shifted (beyond) (URIAL).")
-    parser.add_argument("--base", required=True, help="the base model's workdir")
-    parser.add_argument("--aligned", required=True, help="the aligned (fine-tuned) model's workdir")
-    parser.add_argument("--prompts", required=True, help=".jsonl of prompt/messages records, or one prompt a line")
-    parser.add_argument("--out", required=True, help="directory for shift.html and shift.json")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="only the first N prompts")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.max_new_tokens < 1 or args.batch_size < 1:
+def shift_between(base_workdir: str, aligned_workdir: str, prompts: str, max_new_tokens: int = 64,
+                  batch_size: int = 16, limit: int | None = None) -> dict:
+    """`token_shift` of two training workdirs' models on a prompts file (.jsonl of prompt/messages records,
+    or one prompt a line); checks that the models share a tokenizer and that every prompt leaves room for
+    `max_new_tokens`."""
+    if max_new_tokens < 1 or batch_size < 1:
         raise UsageError("--max-new-tokens and --batch-size must be at least 1")
-    aligned = load_model_for_inference(args.aligned)
-    base = load_model_for_inference(args.base)
+    aligned = load_model_for_inference(aligned_workdir)
+    base = load_model_for_inference(base_workdir)
     _check_compatible(base, aligned)
-    _, prompts = read_prompts(args.prompts, aligned[3], args.limit)
-    room = min(base[0].model.max_seq_len, aligned[0].model.max_seq_len) - args.max_new_tokens
-    long = [i for i, p in enumerate(prompts) if len(p) > room]
+    _, prompt_ids_list = read_prompts(prompts, aligned[3], limit)
+    room = min(base[0].model.max_seq_len, aligned[0].model.max_seq_len) - max_new_tokens
+    long = [i for i, p in enumerate(prompt_ids_list) if len(p) > room]
     if long:
-        raise UsageError(f"prompt {long[0] + 1} of {args.prompts} has {len(prompts[long[0]])} tokens; with "
-                         f"--max-new-tokens {args.max_new_tokens} at most {room} fit: shorten it or lower "
+        raise UsageError(f"prompt {long[0] + 1} of {prompts} has {len(prompt_ids_list[long[0]])} tokens; with "
+                         f"--max-new-tokens {max_new_tokens} at most {room} fit: shorten it or lower "
                          "--max-new-tokens")
-    result = token_shift(base, aligned, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    out = Path(args.out)
+    return token_shift(base, aligned, prompt_ids_list, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def write_shift(result: dict, out_dir: str | Path, title: str) -> Path:
+    """Writes `shift.json` and `shift.html` into `out_dir` (created); returns it."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shift.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    (out / "shift.html").write_text(shift_html(result, f"Token shift: {args.aligned} vs {args.base}"),
-                                    encoding="utf-8")
-    s = result["summary"]
-    print(f"{s['positions']} tokens: unshifted {s['unshifted']:.1%}, marginal {s['marginal']:.1%}, "
-          f"shifted {s['shifted']:.1%}")
-    if s["top_shifted_tokens"]:
-        top = s["top_shifted_tokens"][:8]
-        print("most often shifted: " + ", ".join(f"{t['token']!r} ({t['shifted']})" for t in top))
-    print(f"wrote {out / 'shift.html'} and {out / 'shift.json'}")
-    return 0
+    (out / "shift.html").write_text(shift_html(result, title), encoding="utf-8")
+    return out
 
 
 __all__ = ["CATEGORIES", "SHIFT_CATEGORIES", "KnowledgeSettings", "QA", "load_qa", "categorize", "few_shot_messages",
-           "knowledge_categories", "summarize_knowledge", "write_knowledge", "knowledge_main", "token_ranks",
-           "shift_category", "token_shift", "shift_html", "read_prompts", "shift_main"]
+           "knowledge_categories", "summarize_knowledge", "write_knowledge", "token_ranks",
+           "shift_category", "token_shift", "shift_html", "read_prompts", "shift_between",
+           "write_shift"]

@@ -22,13 +22,9 @@ the order: repetition penalty, token biases (e.g. up-weighting EOS), then - unle
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -488,56 +484,19 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line.
+# Prompts from records, and completions for them.
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    group.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--top-p", type=float, default=0.95)
-    group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--eos-bias", type=float, default=0.0, help="added to the end-of-sequence logit")
-    group.add_argument("--bias", action="append", default=[], metavar="TOKEN=VALUE",
-                       help="add VALUE to a token's logit; TOKEN is an id or a text piece (repeatable)")
-    group.add_argument("--seed", type=int, default=0)
 
 
-def _parse_bias(items: Sequence[str], tokenizer) -> list[tuple[int, float]]:
-    biases = []
-    for item in items:
-        token, sep, value = item.rpartition("=")
-        if not sep or not token:
-            raise UsageError(f"--bias {item!r} must look like TOKEN=VALUE, e.g. --bias 3=2.0 or --bias ' the=-1'")
-        try:
-            amount = float(value)
-        except ValueError:
-            raise UsageError(f"--bias {item!r}: {value!r} is not a number") from None
-        if token.isdigit():
-            biases.append((int(token), amount))
-            continue
-        ids = tokenizer.encode(token) if tokenizer is not None else []
-        if len(ids) != 1:
-            raise UsageError(f"--bias {item!r}: {token!r} is {len(ids)} tokens, not one; give a token id instead")
-        biases.append((ids[0], amount))
-    return biases
 
 
-def settings_from_args(args: argparse.Namespace, tokenizer, extra_stop_ids: Sequence[int] = ()) -> SamplingSettings:
-    biases = _parse_bias(args.bias, tokenizer)
-    eos = tokenizer.eos_id if tokenizer is not None else EOS_ID
-    if args.eos_bias:
-        biases.append((eos, args.eos_bias))
-    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            repetition_penalty=args.repetition_penalty, token_bias=tuple(biases),
-                            stop_ids=(eos, *extra_stop_ids))
 
 
-def _read_prompt_records(path: Path) -> list[dict]:
+
+
+
+def read_prompt_records(path: Path) -> list[dict]:
     """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text
     (one prompt a line), read by the data layer's record reader."""
     if not path.is_file():
@@ -567,132 +526,31 @@ def _prompt_ids(record: dict, tokenizer, chat: bool) -> tuple[str, list[int]]:
     return text, [*getattr(tokenizer, "prefix_ids", (tokenizer.bos_id,)), *tokenizer.encode(text)]
 
 
-def generate_main(argv: list[str]) -> int:
-    """`jaxllm generate --checkpoint WORKDIR (--prompt TEXT... | --prompts-file F) [--chat] [--out F.jsonl]`."""
-    parser = argparse.ArgumentParser(prog="jaxllm generate",
-                                     description="Sample continuations (or chat answers) from a trained model.")
-    parser.add_argument("--checkpoint", required=True, help="a training workdir (config.yaml + checkpoints/)")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    parser.add_argument("--prompts-file", help=".jsonl with prompt/messages/text fields, or a text file, one a line")
-    parser.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
-    parser.add_argument("--out", help="write one JSON line per prompt here (prompt, completion, tokens, finished, "
-                        "logprob) instead of printing; without it several prompts print as prompt<TAB>answer lines")
-    parser.add_argument("--batch-size", type=int, default=16)
-    _add_sampling_arguments(parser, 64)
-    args = parser.parse_args(argv)
-    if not args.prompt and not args.prompts_file:
-        raise UsageError("give --prompt TEXT or --prompts-file FILE")
-    if args.batch_size < 1:
+def complete_prompts(model: tuple, records: Sequence[dict], settings: SamplingSettings, chat: bool = False,
+                     batch_size: int = 16, seed: int = 0) -> list[dict]:
+    """One {prompt, completion, tokens, finished, logprob} dict per prompt record ({"text"}, {"prompt"} or
+    {"messages"}), sampled `batch_size` prompts at a time; `model` is `load_model_for_inference`'s tuple and
+    `chat` wraps text prompts in the chat template as a user turn."""
+    if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    records = [{"text": text} for text in args.prompt]
-    if args.prompts_file:
-        records += _read_prompt_records(Path(args.prompts_file))
-    config, graphdef, params, tokenizer = load_model_for_inference(args.checkpoint)
-    settings = settings_from_args(args, tokenizer)
-    prompts = [_prompt_ids(record, tokenizer, args.chat) for record in records]
+    config, graphdef, params, tokenizer = model
+    prompts = [_prompt_ids(record, tokenizer, chat) for record in records]
     results = []
-    started = time.perf_counter()
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
         output = generate(config.model, graphdef, params, [ids for _, ids in chunk], settings,
-                          jax.random.fold_in(jax.random.key(args.seed), start), pad_id=tokenizer.pad_id)
+                          jax.random.fold_in(jax.random.key(seed), start), pad_id=tokenizer.pad_id)
         for row, (text, _) in enumerate(chunk):
             ids = output.completion(row)
             results.append({"prompt": text, "completion": tokenizer.decode(ids), "tokens": len(ids),
                             "finished": bool(output.finished[row]),
                             "logprob": float(output.logprobs[row].sum())})
-    seconds = time.perf_counter() - started
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as handle:
-            for result in results:
-                handle.write(json.dumps(result, ensure_ascii=False) + "\n")
-        total = sum(r["tokens"] for r in results)
-        print(f"wrote {len(results)} completions ({total} tokens, {seconds:.1f}s) to {out}", file=sys.stderr)
-    else:
-        for line in terminal_lines(results, args.chat):
-            print(line)
-    return 0
-
-
-def _one_line(text: str) -> str:
-    """Backslash, tab and line breaks escaped, so a field never splits a `prompt<TAB>answer` line."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
-
-
-def terminal_lines(results: list[dict], chat: bool) -> list[str]:
-    """What `jaxllm generate` prints without --out. One prompt: the continuation after its prompt (or, with
-    --chat, the answer) as is. Several: one `prompt<TAB>answer` line each (tabs and newlines escaped as
-    \\t and \\n), so every answer stays next to the prompt it answers; --out writes JSONL instead."""
-    if len(results) == 1:
-        (result,) = results
-        return [result["completion"] if chat else result["prompt"] + result["completion"]]
-    return [f"{_one_line(r['prompt'])}\t{_one_line(r['completion'])}" for r in results]
-
-
-def chat_main(argv: list[str]) -> int:
-    """`jaxllm chat --checkpoint WORKDIR`: an interactive chat in the terminal, answers streamed as sampled."""
-    parser = argparse.ArgumentParser(prog="jaxllm chat", description="Chat with a trained model in the terminal. "
-                                     "Commands: /reset clears the conversation, /quit leaves.")
-    parser.add_argument("--checkpoint", required=True, help="a training workdir (config.yaml + checkpoints/)")
-    parser.add_argument("--system", default="", help="a system message opening the conversation")
-    _add_sampling_arguments(parser, 128)
-    args = parser.parse_args(argv)
-    config, graphdef, params, tokenizer = load_model_for_inference(args.checkpoint)
-
-    # The model may open the next user turn instead of ending with EOS: stop there too.
-    settings = settings_from_args(args, tokenizer, extra_stop_ids=(tokenizer.user_id,))
-    budget = config.model.max_seq_len - settings.max_new_tokens
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = []
-    print(f"chatting with {args.checkpoint} ({config.model.preset or 'custom'} model). /reset clears, /quit leaves.")
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return 0
-        if text == "/reset":
-            history = []
-            print("(conversation cleared)")
-            continue
-        history.append({"role": "user", "content": text})
-        ids = prompt_ids(system + history, tokenizer)
-        while len(ids) > budget and len(history) > 1:  # forget the oldest exchange
-            history = history[2:] if len(history) > 2 else history[-1:]
-            ids = prompt_ids(system + history, tokenizer)
-        if len(ids) > budget:
-            print(f"(that message is {len(ids)} tokens; at most {budget} fit before the answer)")
-            history.pop()
-            continue
-        print("model> ", end="", flush=True)
-        answer: list[int] = []
-        shown = ""
-        for token in stream(config.model, graphdef, params, ids, settings,
-                            jax.random.fold_in(jax.random.key(args.seed), turn), pad_id=tokenizer.pad_id):
-            if token in settings.stop_ids:
-                break
-            answer.append(token)
-            text_so_far = tokenizer.decode(answer)
-            if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text_so_far[len(shown):], end="", flush=True)
-                shown = text_so_far
-        final = tokenizer.decode(answer)
-        print(final[len(shown):], flush=True)
-        history.append({"role": "assistant", "content": final})
-        turn += 1
+    return results
 
 
 __all__ = [
     "SamplingSettings", "SamplingParams", "GenerationOutput", "DecodeState", "generate", "stream", "prefill",
     "decode_step", "next_token", "build_processors", "compose", "repetition_penalty", "token_bias", "temperature",
     "top_k", "top_p", "min_p", "bucket", "left_pad", "mesh_of", "place_rows", "host_rows", "load_model_for_inference",
-    "settings_from_args", "generate_main", "chat_main", "terminal_lines",
+    "read_prompt_records", "complete_prompts",
 ]

@@ -17,7 +17,6 @@ again skips finished stages and resumes an interrupted one from its last checkpo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -381,14 +380,3 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
     log(f"\npipeline finished in {report['wall_seconds']:.0f}s. Report: {workdir / 'report.md'} "
         f"(numbers in {workdir / 'report.json'})")
     return report
-
-
-def pipeline_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm pipeline",
-                                     description="Tokenizer -> pretrain -> SFT -> feedback -> evaluation, with a report.")
-    parser.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"pipeline recipe (default {DEFAULT_RECIPE})")
-    parser.add_argument("--workdir", required=True, help="directory for every stage's run and the report")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    args = parser.parse_args(argv)
-    report = run_pipeline(args.recipe, args.workdir, progress=not args.no_progress)
-    return 0 if "stopped" not in report else 1

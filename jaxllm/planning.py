@@ -27,11 +27,8 @@ few fixed budgets, fit a parabola in log N per budget, and fit N_opt ∝ C^a, D_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -257,53 +254,13 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1e21)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
-    return value
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
-def plan_main(argv: Sequence[str] | None = None) -> int:
-    """`jaxllm plan --flops C | --params N | --tokens D [--json] [--seq-len T]`; returns an exit code."""
-    parser = argparse.ArgumentParser(
-        prog="jaxllm plan", description="Compute-optimal model size and token count (Chinchilla).")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--flops", type=_positive_number, help="training budget in FLOPs, e.g. 1e21")
-    group.add_argument("--params", type=_positive_number, help="model size in parameters, e.g. 1e9")
-    group.add_argument("--tokens", type=_positive_number, help="training tokens, e.g. 2e10")
-    parser.add_argument("--tokens-per-param", type=_positive_number, default=TOKENS_PER_PARAM_RULE,
-                        help="the rule of thumb's ratio (default 20)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="context length for the attention FLOPs (default: each preset's max_seq_len)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # argparse reads "-1e21" as an option; glue numbers to their flag so the value check can say what is wrong
-    for i in range(len(argv) - 1, 0, -1):
-        if argv[i - 1] in ("--flops", "--params", "--tokens", "--tokens-per-param") and _is_number(argv[i]):
-            argv[i - 1: i + 1] = [f"{argv[i - 1]}={argv[i]}"]
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    if args.seq_len is not None and args.seq_len < 1:
-        print("jaxllm plan: error: --seq-len must be at least 1", file=sys.stderr)
-        return 2
-    result = plan(flops=args.flops, params=args.params, tokens=args.tokens,
-                  tokens_per_param=args.tokens_per_param, seq_len=args.seq_len)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0
+
+
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +427,6 @@ def plot_isoflop(results: Sequence[Mapping[str, float]], fit: Mapping[str, Any],
 __all__ = [
     "FLOPS_PER_PARAM_TOKEN", "TOKENS_PER_PARAM_RULE", "CHINCHILLA_FLOPS", "LossLaw", "LOSS_LAWS",
     "CHINCHILLA_PUBLISHED", "CHINCHILLA_REFIT", "param_breakdown", "count_params", "flops_per_token",
-    "preset_params", "nearest_preset", "plan", "format_plan", "plan_main", "SweepRun", "default_sweep_sizes",
+    "preset_params", "nearest_preset", "plan", "format_plan", "SweepRun", "default_sweep_sizes",
     "sweep_grid", "fit_isoflop", "predict_optimum", "plot_isoflop",
 ]

@@ -25,13 +25,11 @@ clipping bounds it. train.batch_size must equal P * G (the update batch is every
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -739,60 +737,41 @@ def _score_record_rows(record: Any, where: str, tokenizer) -> tuple[list[str], l
     return names, rows
 
 
-def score_main(argv: list[str]) -> int:
-    """`jaxllm score --checkpoint REWARD_MODEL_WORKDIR --input F.jsonl [--out scores.jsonl]`."""
-    parser = argparse.ArgumentParser(prog="jaxllm score", description="Score (prompt, answer) records with a reward "
-                                     "model. Records: {prompt|messages, response|answer|completion} get 'score'; "
-                                     "{prompt, chosen, rejected} get chosen_score/rejected_score.")
-    parser.add_argument("--checkpoint", required=True, help="workdir of a train.stage=reward run")
-    parser.add_argument("--input", required=True, help="a .jsonl file of records")
-    parser.add_argument("--out", help="write the records with their scores here (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
+def score_file(checkpoint: str, input_path: str | Path, batch_size: int = 16) -> tuple[list[dict], list[float]]:
+    """Scores a .jsonl file's records with the reward model in `checkpoint` (a train.stage=reward workdir):
+    {prompt|messages, response|answer|completion} records get 'score', {prompt, chosen, rejected} ones get
+    chosen_score/rejected_score. Returns (the scored records, every score in order)."""
+    if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    path = Path(args.input)
+    path = Path(input_path)
     if not path.is_file():
         raise UsageError(f"input file {path} does not exist")
     records = [(record.where, record.data) for record in iter_records(f"jsonl:{path}")]
     if not records:
         raise UsageError(f"input file {path} has no records")
-    config, graphdef, params, tokenizer = generate_lib.load_model_for_inference(args.checkpoint)
+    config, graphdef, params, tokenizer = generate_lib.load_model_for_inference(checkpoint)
     if "reward" not in params.get(model_lib.HEADS_KEY, {}):
-        raise UsageError(f"{args.checkpoint} is not a reward model (its stage is '{config.train.stage}'); train one "
+        raise UsageError(f"{checkpoint} is not a reward model (its stage is '{config.train.stage}'); train one "
                          "with `jaxllm train configs/reward_tiny.yaml`")
     layout, rows = [], []
     for where, record in records:
         names, record_rows = _score_record_rows(record, where, tokenizer)
         layout.append(names)
         rows.extend(record_rows)
-    scores = score_rows(config, graphdef, params, rows, args.batch_size).tolist()
-    output, position, correct, pairs = [], 0, 0, 0
+    scores = score_rows(config, graphdef, params, rows, batch_size).tolist()
+    output, position = [], 0
     for (_, record), names in zip(records, layout):
         scored = dict(record)
         for name in names:
             scored[name] = scores[position]
             position += 1
-        if "chosen_score" in scored:
-            pairs += 1
-            correct += scored["chosen_score"] > scored["rejected_score"]
         output.append(scored)
-    lines = [json.dumps(r, ensure_ascii=False) for r in output]
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    else:
-        print("\n".join(lines))
-    summary = f"scored {len(output)} records: mean score {np.mean(scores):.4f}"
-    if pairs:
-        summary += f"; chosen > rejected on {correct}/{pairs} pairs ({correct / pairs:.1%})"
-    print(summary, file=sys.stderr)
-    return 0
+    return output, scores
 
 
 __all__ = [
     "Sample", "REWARD_FUNCTIONS", "register_reward", "normalize_answer", "parse_reward_spec", "parse_grade",
     "Rewards", "FunctionReward", "RewardModelReward", "SelfJudgeReward", "DEFAULT_JUDGE_TEMPLATE", "build_rows",
     "rollout_scores", "rl_loss", "rl_loss_fn", "ppo_advantages", "RolloutPrompts", "RLStage", "check_rl_config",
-    "rollout_hooks", "update_batch_spec", "eval_prompt_batches", "score_rows", "score_main",
+    "rollout_hooks", "update_batch_spec", "eval_prompt_batches", "score_rows", "score_file",
 ]

@@ -3,7 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxllm.data import DataError, Tokenizer, check_vocab, read_records, tokenizer_train_main, train_tokenizer
+from jaxllm.cli import main
+from jaxllm.data import DataError, Tokenizer, check_vocab, read_records, train_tokenizer
 from jaxllm.data.tokenizer import ROLE_MARKERS
 
 MIXED = "Ana Lopez was born in Lisbon.\n\n  Two  spaces,\ttab; Ünïcödé, 日本語のテキスト, русский, عربى, 🙂🚀 — ok?\r\n"
@@ -103,8 +104,9 @@ def test_train_tokenizer_explains_a_too_small_vocab(tmp_path):
 def test_tokenizer_train_cli_reads_files_and_sources(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i} of text" for i in range(100)))
-    assert tokenizer_train_main(["--input", str(corpus), "default:sft", "--vocab-size", "400",
-                                 "--out", str(tmp_path / "tok")]) == 0
+    assert main(["tokenizer", "train", "--input", str(corpus), "default:sft", "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok")]) == 0
     assert "400 ids" in capsys.readouterr().out
     assert Tokenizer.load(tmp_path / "tok").vocab_size == 400
-    assert tokenizer_train_main(["--input", "nosuch:thing", "--vocab-size", "320", "--out", str(tmp_path / "x")]) == 1
+    assert main(["tokenizer", "train", "--input", "nosuch:thing", "--vocab-size", "320",
+                 "--out", str(tmp_path / "x")]) == 1

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from jaxllm.cli import main
+from jaxllm.cli.generate import terminal_lines
 from jaxllm.config import load_config
 from jaxllm.data import Tokenizer
 from jaxllm.data.pipeline import load_prompts
 from jaxllm.stages import build_rows
-from jaxllm.generate import terminal_lines
 from jaxllm.tasks import get_task
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
+from jaxllm.cli import main
 from jaxllm.config import MODEL_PRESETS
 from jaxllm.planning import (CHINCHILLA_FLOPS, CHINCHILLA_PUBLISHED, CHINCHILLA_REFIT, LossLaw, count_params,
                              default_sweep_sizes, fit_isoflop, flops_per_token, nearest_preset, param_breakdown,
-                             plan, plan_main, plot_isoflop, sweep_grid)
+                             plan, plot_isoflop, sweep_grid)
 
 
 
@@ -143,10 +144,10 @@ def test_plot_isoflop_writes_a_png(tmp_path):
 
 
 def test_plan_main_prints_a_table_and_json(capsys):
-    assert plan_main(["--flops", "1e21"]) == 0
+    assert main(["plan", "--flops", "1e21"]) == 0
     table = capsys.readouterr().out
     assert "rule: 20 tokens/param" in table and "epoch-refit-2024" in table and "preset" in table
-    assert plan_main(["--params", "1e9", "--json"]) == 0
+    assert main(["plan", "--params", "1e9", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["given"] == {"params": 1e9} and len(result["rows"]) == 3
     assert math.isclose(result["rows"][0]["tokens"], 2e10)
@@ -159,5 +160,5 @@ def test_plan_main_prints_a_table_and_json(capsys):
     (["--flops", "1e21", "--params", "1e9"], "not allowed with argument"),
 ])
 def test_plan_main_bad_input_is_a_clear_error_with_exit_code_2(capsys, argv, message):
-    assert plan_main(argv) == 2
+    assert main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from jaxllm.errors import UsageError
-from jaxllm.sweep import SweepSettings, plan_runs, run_name, run_sweep, sweep_main
+from jaxllm.cli.sweep import sweep_command
+from jaxllm.sweep import SweepSettings, plan_runs, run_name, run_sweep
 
 
 def _synthetic_train(calls: list):
@@ -81,10 +82,10 @@ def test_micro_grid_trains_for_real_and_more_compute_gives_lower_loss(tmp_path):
 
 def test_bad_arguments_exit_with_a_usage_error(tmp_path, capsys):
     with pytest.raises(UsageError, match="comma-separated list of numbers"):
-        sweep_main(["--workdir", str(tmp_path), "--budgets", "1e10,lots"])
+        sweep_command(["--workdir", str(tmp_path), "--budgets", "1e10,lots"])
     with pytest.raises(UsageError, match="no run gets at least"):
-        sweep_main(["--workdir", str(tmp_path), "--budgets", "1e5", "--dry-run"])
+        sweep_command(["--workdir", str(tmp_path), "--budgets", "1e5", "--dry-run"])
     with pytest.raises(UsageError, match="width 56"):
-        sweep_main(["--workdir", str(tmp_path), "--widths", "16,56", "--dry-run"])
-    assert sweep_main(["--workdir", str(tmp_path), "--dry-run", "mesh.num_devices=1"]) == 0
+        sweep_command(["--workdir", str(tmp_path), "--widths", "16,56", "--dry-run"])
+    assert sweep_command(["--workdir", str(tmp_path), "--dry-run", "mesh.num_devices=1"]) == 0
     assert "15 runs" in capsys.readouterr().out

@@ -11,7 +11,6 @@ dummy prefix is added, so `decode(encode(text)) == text` for any Unicode text.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import tempfile
@@ -250,26 +249,10 @@ def _materialise_inputs(inputs: Sequence[str], directory: str) -> list[str]:
     return files
 
 
-def tokenizer_train_main(argv: list[str]) -> int:
-    """`jaxllm tokenizer train --input FILES... --vocab-size N --out DIR [--model-type bpe|unigram]`."""
-    parser = argparse.ArgumentParser(prog="jaxllm tokenizer train",
-                                     description="Train a sentencepiece tokenizer with jaxllm's special tokens.")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="text files (one sentence per line) or sources such as default:pretrain, jsonl:PATH")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--out", required=True, help="directory to write tokenizer.model into")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
-    args = parser.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as directory:
-            files = _materialise_inputs(args.input, directory)
-            tokenizer = train_tokenizer(files, args.vocab_size, args.out, args.model_type,
-                                        character_coverage=args.character_coverage)
-    except DataError as error:
-        print(f"error: {error}")
-        return 1
-    markers = ", ".join(f"{marker}={tokenizer.role_ids[role]}" for role, marker in ROLE_MARKERS.items())
-    print(f"wrote {Path(args.out) / MODEL_FILENAME}: {args.model_type}, {tokenizer.vocab_size} ids "
-          f"(pad=0 unk=1 bos=2 eos=3, role markers {markers})")
-    return 0
+def train_tokenizer_from_inputs(inputs: Sequence[str], vocab_size: int, out_dir: str | Path,
+                                model_type: str = "bpe", character_coverage: float = 0.9995) -> Tokenizer:
+    """`train_tokenizer` on files or source specs (default:pretrain, jsonl:PATH, ...), the sources written
+    out as text lines in a temporary directory first."""
+    with tempfile.TemporaryDirectory() as directory:
+        files = _materialise_inputs(inputs, directory)
+        return train_tokenizer(files, vocab_size, out_dir, model_type, character_coverage=character_coverage)
