@@ -213,9 +213,6 @@ def write_knowledge(rows: Sequence[dict], summary: dict, out_dir: str | Path) ->
     return out_dir
 
 
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Token shift
 

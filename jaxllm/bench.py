@@ -23,21 +23,20 @@ git commit, versions and environment, so regressions show up.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
-import math
 import os
 import platform as platform_lib
 import re
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from jaxllm.errors import UsageError
 from jaxllm.hardware import PEAKS, device_peak  # noqa: F401  (re-exported: jaxllm.bench.device_peak)
 
 FLOPS_FORMULA = ("training: 6*P + 12*L*T*N*H per token (P = matmul params incl. output head, attention counted "
@@ -46,26 +45,53 @@ FLOPS_FORMULA = ("training: 6*P + 12*L*T*N*H per token (P = matmul params incl. 
 STAGES = ("pretrain", "sft", "dpo", "generate")
 
 
-class BenchError(ValueError):
-    """Bad benchmark arguments; the message says what to change."""
+class BenchError(UsageError):
+    """Bad benchmark arguments; the message says what to change (a usage error, exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to benchmark: a preset's `stage` step (or "generate") at a batch and mesh, timed over `steps`
+    after `warmup`; `variants` ("NAME:key=value ...") run interleaved in one process; `overrides` apply to
+    every variant. `ceiling`: interleave a float32 matmul ceiling; `profile`: a trace directory."""
+    preset: str = "25m"
+    stage: str = "pretrain"
+    batch_size: int = 8
+    seq_len: int = 0  # 0: the preset's context length
+    mesh: str = ""  # data=N,fsdp=N,tensor=N (default: data over all devices)
+    steps: int = 5
+    warmup: int = 2
+    variants: tuple[str, ...] = ()
+    donate: bool = True
+    prompt_len: int = 128
+    new_tokens: int = 128
+    peak_tflops: float | None = None
+    ceiling: bool = True
+    profile: str = ""
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BenchSettings":
+        """The inverse of dataclasses.asdict after a JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # ----------------------------------------------------------------------------------------------
 # Building the cases.
 
 
-def _overrides_for(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    kind = args.stage  # a stage's train step, or "generate" (prefill + decode of a pretrained-shape model)
+def _overrides_for(settings: BenchSettings, extra: list[str]) -> list[str]:
+    kind = settings.stage  # a stage's train step, or "generate" (prefill + decode of a pretrained-shape model)
     stage = "pretrain" if kind == "generate" else kind
-    base = [f"model.preset={args.preset}", f"train.stage={stage}", f"train.batch_size={args.batch_size}",
+    base = [f"model.preset={settings.preset}", f"train.stage={stage}", f"train.batch_size={settings.batch_size}",
             "train.steps=1000", "train.progress=false"]
     from jaxllm.config import MODEL_PRESETS  # synthetic tokens: the preset's nominal vocabulary, not a tokenizer's
 
-    if "vocab_size" in MODEL_PRESETS.get(args.preset, {}):
-        base += [f"model.vocab_size={MODEL_PRESETS[args.preset]['vocab_size']}"]
-    if args.seq_len:
-        base += [f"data.seq_len={args.seq_len}"]
-    mesh = parse_mesh(args.mesh)
+    if "vocab_size" in MODEL_PRESETS.get(settings.preset, {}):
+        base += [f"model.vocab_size={MODEL_PRESETS[settings.preset]['vocab_size']}"]
+    if settings.seq_len:
+        base += [f"data.seq_len={settings.seq_len}"]
+    mesh = parse_mesh(settings.mesh)
     base += [f"mesh.{k}={v}" for k, v in mesh.items()]
     return base + list(extra)
 
@@ -92,11 +118,12 @@ def parse_mesh(text: str) -> dict[str, int]:
     return {**sizes, **given}
 
 
-def _load(args: argparse.Namespace, extra: list[str]):
+def bench_config(settings: BenchSettings, extra: list[str]):
+    """The resolved Config of one variant: the settings' preset, stage, batch and mesh plus `extra` overrides."""
     from jaxllm.config import load_config
 
-    overrides = _overrides_for(args, extra)
-    if not args.seq_len:  # default: the model's context length, known once the preset has resolved
+    overrides = _overrides_for(settings, extra)
+    if not settings.seq_len:  # default: the model's context length, known once the preset has resolved
         resolved = load_config(None, overrides + ["data.seq_len=1"])
         overrides = overrides + [f"data.seq_len={resolved.model.max_seq_len}"]
     return load_config(None, overrides)
@@ -443,7 +470,7 @@ def _cpu_isa() -> dict[str, Any]:
 def _peak_device_memory(mesh) -> int | None:
     peaks = []
     for device in mesh.devices.flat:
-        if device.process_index != _process_index():
+        if device.process_index != process_index():
             continue
         try:
             stats = device.memory_stats()
@@ -454,7 +481,8 @@ def _peak_device_memory(mesh) -> int | None:
     return max(peaks) if peaks else None
 
 
-def _process_index() -> int:
+def process_index() -> int:
+    """This process's index among the JAX processes (0 on one host)."""
     import jax
 
     return jax.process_index()
@@ -697,110 +725,47 @@ def parse_variant(text: str) -> tuple[str, list[str], bool]:
     return name, overrides, donate
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxllm bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="25m", help="model preset (default 25m)")
-    parser.add_argument("--stage", default="pretrain", choices=STAGES)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences (pairs for dpo)")
-    parser.add_argument("--seq-len", type=int, default=0, help="default: the preset's context length")
-    parser.add_argument("--mesh", default="", help="data=N,fsdp=N,tensor=N (default: data over all devices)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME:key=value ... ; repeat to compare variants in one interleaved run "
-                             "(donate=false turns off state donation)")
-    parser.add_argument("--no-donate", action="store_true", help="do not donate the train state to the step")
-    parser.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=128, help="generate: decoded tokens")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (overrides the table)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the interleaved matmul ceiling")
-    parser.add_argument("--json", default="", help="write the results here")
-    parser.add_argument("--history", default="bench_history.jsonl", help="JSONL file the results are appended to")
-    parser.add_argument("--no-history", action="store_true")
-    parser.add_argument("--profile", default="", help="write a jax.profiler trace of the timed steps here")
-    parser.add_argument("--levers", action="store_true",
-                        help="measure the CPU speed levers A/B (several processes) and print the table")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every variant, e.g. model.remat=full")
-    return parser
-
-
-def run_bench(args: argparse.Namespace, log=print) -> list[dict]:
+def run_bench(settings: BenchSettings, log=print) -> list[dict]:
+    """Compiles and times every variant interleaved; one record (JSON-ready) per variant."""
     import jax
 
     from jaxllm import sharding as sharding_lib
 
-    kind = args.stage  # a stage's train step, or "generate"
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+    kind = settings.stage  # a stage's train step, or "generate"
+    if settings.steps < 1 or settings.warmup < 0 or settings.batch_size < 1:
         raise BenchError("--steps and --batch-size must be at least 1 and --warmup at least 0")
-    variants = [parse_variant(v) for v in args.variant] or [("default", [], not args.no_donate)]
-    configs = [(name, _load(args, list(args.overrides) + extra), donate, extra) for name, extra, donate in variants]
+    variants = [parse_variant(v) for v in settings.variants] or [("default", [], settings.donate)]
+    configs = [(name, bench_config(settings, list(settings.overrides) + extra), donate, extra) for name, extra, donate in variants]
     sharding_lib.maybe_initialize_distributed(configs[0][1].mesh)
     mesh = sharding_lib.make_mesh(configs[0][1].mesh)
     parallel = sharding_lib.data_parallel_size(mesh)
-    if args.batch_size % parallel:
-        raise BenchError(f"--batch-size {args.batch_size} must be divisible by the data-parallel size "
+    if settings.batch_size % parallel:
+        raise BenchError(f"--batch-size {settings.batch_size} must be divisible by the data-parallel size "
                          f"(mesh data x fsdp = {parallel}); change the batch or the mesh")
     cases = []
     for name, config, donate, extra in configs:
         log(f"compiling {name} ...")
         if kind == "generate":
-            case = GenerateCase(name, config, mesh, args.prompt_len, args.new_tokens)
+            case = GenerateCase(name, config, mesh, settings.prompt_len, settings.new_tokens)
         else:
-            case = TrainCase(name, config, mesh, donate=donate and not args.no_donate)
-        case.overrides = list(args.overrides) + extra
+            case = TrainCase(name, config, mesh, donate=donate and settings.donate)
+        case.overrides = list(settings.overrides) + extra
         log(f"  compiled in {case.compile_seconds:.1f}s")
         cases.append(case)
     platform = mesh.devices.flat[0].platform
-    probe = None if args.no_ceiling else MatmulProbe(platform)
-    ceilings = run_interleaved(cases, args.warmup, args.steps, probe, log=log)
+    probe = MatmulProbe(platform) if settings.ceiling else None
+    ceilings = run_interleaved(cases, settings.warmup, settings.steps, probe, log=log)
     environment = _environment()
     cpu_ceilings = probe.cpu_samples if probe is not None else []
-    records = [summarize_case(case, ceilings, args.peak_tflops, environment, case.overrides, cpu_ceilings)
+    records = [summarize_case(case, ceilings, settings.peak_tflops, environment, case.overrides, cpu_ceilings)
                for case in cases]
-    if args.profile:  # a few more steps under the profiler, apart from the timed ones
-        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    if settings.profile:  # a few more steps under the profiler, apart from the timed ones
+        jax.profiler.start_trace(settings.profile, create_perfetto_trace=True)
         try:
             for case in cases:
                 for _ in range(2):
                     case.run_once()
         finally:
             jax.profiler.stop_trace()
-        records[0]["profile"] = summarize_trace(args.profile)
+        records[0]["profile"] = summarize_trace(settings.profile)
     return records
-
-
-def bench_main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
-    if args.levers:  # the lever study runs bench's cases in worker processes: it sits above this module
-        print("jaxllm bench: error: --levers runs through `jaxllm bench` (jaxllm.bench_levers.bench_levers_main)",
-              file=sys.stderr)
-        return 2
-    log = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    try:
-        records = run_bench(args, log=log)
-    except BenchError as error:
-        print(f"jaxllm bench: error: {error}", file=sys.stderr)
-        return 2
-    if _process_index() != 0:
-        return 0
-    print(describe(records))
-    print(format_table(records))
-    if "profile" in records[0]:
-        print(format_profile(records[0]["profile"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"results": records}, indent=2))
-    if not args.no_history and args.history:
-        append_history(args.history, records)
-    bad = [r["name"] for r in records if r["loss_last"] is not None and not math.isfinite(r["loss_last"])]
-    if bad:
-        print(f"warning: non-finite loss in {', '.join(bad)}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(bench_main(sys.argv[1:]))
-

@@ -18,6 +18,7 @@ measurements support.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 
 from jaxllm import cpu_levers
 from jaxllm import sharding as sharding_lib
-from jaxllm.bench import MatmulProbe, TrainCase, _load, bench_main, build_parser
+from jaxllm.bench import BenchSettings, MatmulProbe, TrainCase, bench_config
+from jaxllm.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -115,15 +117,15 @@ def lever_gain(seconds_with: list[float], seconds_without: list[float]) -> float
 
 
 def _worker(spec: dict) -> int:
-    args = build_parser().parse_args(spec["bench_args"])
-    configs = [(name, _load(args, list(args.overrides) + overrides), donate)
+    settings = BenchSettings.from_dict(spec["settings"])
+    configs = [(name, bench_config(settings, list(settings.overrides) + overrides), donate)
                for name, overrides, donate in spec["variants"]]
     mesh = sharding_lib.make_mesh(configs[0][1].mesh)
     cases = [TrainCase(name, config, mesh, donate=donate) for name, config, donate in configs]
     probe = MatmulProbe("cpu")
     warm = 0.0
     for case in cases:
-        for _ in range(max(1, args.warmup)):
+        for _ in range(max(1, settings.warmup)):
             warm = case.run_once()
     probe.calibrate(warm * len(cases))
     _reply({"ready": True, "compile_seconds": [c.compile_seconds for c in cases]})
@@ -152,7 +154,7 @@ def _reply(message: dict) -> None:
 class _Process:
     """A worker process of the study: started with its environment, asked for one round at a time."""
 
-    def __init__(self, tag: str, env_changes: dict[str, str | None], bench_args: list[str],
+    def __init__(self, tag: str, env_changes: dict[str, str | None], settings: BenchSettings,
                  variants: list[tuple[str, list[str], bool]]):
         env = dict(os.environ)
         env["JAXLLM_NO_REEXEC"] = "1"
@@ -162,7 +164,7 @@ class _Process:
             else:
                 env[key] = value
         self.tag = tag
-        spec = json.dumps({"bench_args": bench_args, "variants": variants})
+        spec = json.dumps({"settings": dataclasses.asdict(settings), "variants": variants})
         self.process = subprocess.Popen([sys.executable, "-m", "jaxllm.bench_levers", "--worker", spec], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
@@ -189,40 +191,40 @@ class _Process:
             self.process.wait(timeout=60)
 
 
-def _bench_args(args) -> list[str]:
-    command = ["--preset", args.preset, "--stage", "pretrain", "--batch-size", str(args.batch_size),
-               "--warmup", str(args.warmup)]
-    if args.seq_len:
-        command += ["--seq-len", str(args.seq_len)]
-    if args.mesh:
-        command += ["--mesh", args.mesh]
-    return command + list(args.overrides)
+def reference_settings(settings: BenchSettings) -> BenchSettings:
+    """What every process of the study compiles: the pretraining step at the asked preset, batch, context,
+    mesh and overrides (the variants are the levers)."""
+    return BenchSettings(preset=settings.preset, stage="pretrain", batch_size=settings.batch_size,
+                         warmup=settings.warmup, seq_len=settings.seq_len, mesh=settings.mesh,
+                         overrides=settings.overrides)
 
 
-def run_study(args, log=print) -> dict:
-    """Starts the processes, runs `args.steps` rounds, and returns every measurement (JSON-ready)."""
+def run_study(settings: BenchSettings, log=print) -> dict:
+    """Starts the processes, runs `settings.steps` rounds, and returns every measurement (JSON-ready)."""
+    if settings.steps < 1:
+        raise UsageError("--steps must be at least 1 (rounds of the lever study)")
     import importlib.metadata
 
     jaxlib_version = importlib.metadata.version("jaxlib")
     reference = reference_env(dict(os.environ), jaxlib_version)
     cpu = cpu_levers.cpu_info()
     isa = cpu_levers.effective_isa(cpu["isa"], reference.get("XLA_FLAGS") or "")
-    bench_args = _bench_args(args)
+    study_settings = reference_settings(settings)
     reference_variants = [("reference", [], True)] + [
         (lever.name, list(lever.overrides), lever.donate) for lever in CONFIG_LEVERS]
     others = process_levers(reference, find_tcmalloc())
     processes: list[_Process] = []
     try:
         log(f"compiling the reference process ({len(reference_variants)} variants) ...")
-        processes.append(_Process("reference", reference, bench_args, reference_variants))
+        processes.append(_Process("reference", reference, study_settings, reference_variants))
         for lever in others:
             log(f"compiling the process for lever '{lever.name}' ...")
-            processes.append(_Process(lever.name, lever.env, bench_args, [("reference", [], True)]))
-        for index in range(args.steps):
+            processes.append(_Process(lever.name, lever.env, study_settings, [("reference", [], True)]))
+        for index in range(settings.steps):
             began = time.perf_counter()
             for process in rotated(processes, index):
                 process.round()
-            log(f"  round {index + 1}/{args.steps} in {time.perf_counter() - began:.1f}s")
+            log(f"  round {index + 1}/{settings.steps} in {time.perf_counter() - began:.1f}s")
     finally:
         for process in processes:
             process.close()
@@ -260,8 +262,8 @@ def run_study(args, log=print) -> dict:
     return {
         "cpu_model": cpu["model"], "hardware_isa": cpu["isa"], "isa": isa, "isa_emulated": isa != cpu["isa"],
         "xla_flags": reference.get("XLA_FLAGS"), "jaxlib": jaxlib_version,
-        "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len or None,
-        "rounds": args.steps, "load_average": list(os.getloadavg()),
+        "preset": settings.preset, "batch_size": settings.batch_size, "seq_len": settings.seq_len or None,
+        "rounds": settings.steps, "load_average": list(os.getloadavg()),
         "matmul_ceiling_tflops": statistics.median(ceilings),
         "reference": summary(reference_process, 0),
         "levers": rows,
@@ -292,26 +294,6 @@ def format_study(study: dict) -> str:
     lines += ["", f"jaxllm.cpu_levers.LEVER_GAINS entry these measurements support: {study['lever_gains_entry']}",
               f"the CLI applies on {study['isa']} today: {study['cli_applies'] or 'no process lever'}"]
     return "\n".join(lines)
-
-
-def lever_study(args) -> int:
-    """Runs the study, prints the table and writes the JSON to --json (if given)."""
-    if args.steps < 1:
-        print("jaxllm bench: error: --steps must be at least 1 (rounds of the lever study)", file=sys.stderr)
-        return 2
-    log = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    study = run_study(args, log=log)
-    print(format_study(study))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(study, handle, indent=2)
-    return 0
-
-
-def bench_levers_main(argv: list[str]) -> int:
-    """`jaxllm bench ...`: the lever study with --levers, else the plain benchmark (jaxllm.bench.bench_main)."""
-    args = build_parser().parse_intermixed_args(argv)
-    return lever_study(args) if args.levers else bench_main(argv)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

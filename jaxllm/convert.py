@@ -744,16 +744,6 @@ def _init_chain(workdir: Path) -> list[Path]:
     return chain
 
 
-
-
-
-
-
-
-
-
-
-
 __all__ = ["from_hf", "to_hf", "merge_lora", "model_config_from_hf", "hf_config_from_model", "load_hf_params",
            "load_workdir_params", "tensor_map", "infer_family", "write_safetensors", "SafetensorsFile", "HFWeights",
            "write_workdir", "SUPPORTED_FAMILIES"]

@@ -30,13 +30,11 @@ per-example results per task beside it (`results.<task>.jsonl`, or in `--samples
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint as ckpt
 from jaxllm import losses
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
@@ -56,9 +53,8 @@ from jaxllm.data.chat import answer_ids, prompt_ids as chat_prompt_ids
 from jaxllm.data.pipeline import build_rows
 from jaxllm.data.sources import read_records as read_source_records
 from jaxllm.errors import UsageError
-from jaxllm.generate import (SamplingSettings, bucket, generate, host_rows, load_model_for_inference, mesh_of,
-                             settings_from_args)
-from jaxllm.tasks import CANONICAL_FIELDS, Task, get_task, is_registered, list_tasks, with_overrides
+from jaxllm.generate import SamplingSettings, bucket, generate, host_rows, load_model_for_inference, mesh_of
+from jaxllm.tasks import CANONICAL_FIELDS, Task, get_task, is_registered, with_overrides
 from jaxllm.tasks.metrics import cut_at_stop, exact_match, mean_and_stderr, pairwise_outcome, score_generation, win_rate
 
 LOGITS_BLOCK_BYTES = 256 << 20  # float32 logits per scoring block, at most
@@ -600,7 +596,7 @@ def read_records(source: str, limit: int | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Tasks as asked for, results as a table
 
 
 def _format_metrics(kind: str, metrics: dict[str, float]) -> str:
@@ -632,103 +628,6 @@ def format_table(results: Sequence[TaskResult]) -> str:
     return "\n".join(lines)
 
 
-def _parse_fields(items: Sequence[str]) -> dict[str, str]:
-    fields = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise UsageError(f"--field {item!r} must look like NAME=RECORD_FIELD, e.g. --field question=query")
-        fields[name.strip()] = path.strip()
-    return fields
-
-
-def _sample_path(out: Path | None, samples_dir: str | None, name: str) -> Path | None:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    if samples_dir:
-        return Path(samples_dir) / f"{safe}.jsonl"
-    if out is not None:
-        return out.with_name(f"{out.stem}.{safe}.jsonl")
-    return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jaxllm eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Evaluate a checkpoint on tasks: perplexity / bits per byte, multiple choice by "
-                    "log-likelihood, generative exact match / contains / regex, pairwise win rate with a judge.",
-        epilog="tasks: a registered name (--list-tasks), a task YAML file, or KIND:SOURCE with KIND one of "
-               "perplexity, mc, generate, pairwise and SOURCE jsonl:PATH, tfds:NAME:SPLIT, text:PATH, default:NAME "
-               "or a file path.\nexamples:"
-               "\n  jaxllm eval --checkpoint runs/sft --task bio_qa --task bio_mc --out r.json"
-               "\n  jaxllm eval --checkpoint runs/pt --task mc:tfds:medmcqa:validation --field question=question "
-               "--field choices=opa,opb,opc,opd --field answer=cop --num-fewshot 5"
-               "\n  jaxllm eval --checkpoint runs/dpo --task pairwise:prompts.jsonl --baseline runs/sft "
-               "--judge runs/judge")
-    parser.add_argument("--checkpoint", help="a training workdir (config.yaml + checkpoints/)")
-    parser.add_argument("--task", action="append", default=[], help="a task to run (repeatable)")
-    parser.add_argument("--list-tasks", action="store_true", help="print the registered tasks and exit")
-    parser.add_argument("--out", help="write the summary here as JSON, and per-example JSONL beside it")
-    parser.add_argument("--samples-dir", help="directory for the per-example JSONL files (one per task)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per scoring / generation batch")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    task = parser.add_argument_group("task settings (override the tasks' own)")
-    task.add_argument("--field", action="append", default=[], metavar="NAME=FIELD",
-                      help="KIND:SOURCE and YAML tasks: read a canonical field (text, question, choices, answer, "
-                           "baseline) from a record field; dotted paths read nested fields, a comma list gathers "
-                           "several fields into choices")
-    task.add_argument("--template", help="KIND:SOURCE and YAML tasks: the prompt template, "
-                                         "e.g. 'Question: {question}\\nAnswer:'")
-    task.add_argument("--num-fewshot", type=int, help="solved examples before each prompt")
-    task.add_argument("--fewshot-source", help="data source of the few-shot examples (default: the task's own)")
-    task.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                      help="wrap prompts in the chat template (default: the task's setting)")
-    task.add_argument("--metric", choices=("exact_match", "contains", "regex"), help="generative metric")
-    task.add_argument("--answer-regex", help="regex metric: the pattern that extracts the answer (group 1)")
-    task.add_argument("--stop", action="append", help="generative tasks: cut answers at this string (repeatable)")
-    task.add_argument("--max-new-tokens", type=int, help="generative and pairwise answers: at most this many tokens")
-    pair = parser.add_argument_group("pairwise")
-    pair.add_argument("--judge", help="workdir of the judge model (default: the evaluated model judges)")
-    pair.add_argument("--baseline", help="workdir of the model to compare against (default: the records' "
-                                         "baseline answers)")
-    decoding = parser.add_argument_group("decoding (generative and pairwise tasks; default greedy)")
-    decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    decoding.add_argument("--top-k", type=int, default=0)
-    decoding.add_argument("--top-p", type=float, default=1.0)
-    decoding.add_argument("--min-p", type=float, default=0.0)
-    decoding.add_argument("--repetition-penalty", type=float, default=1.0)
-    decoding.add_argument("--eos-bias", type=float, default=0.0, help="added to the end-of-sequence logit")
-    decoding.add_argument("--bias", action="append", default=[], metavar="TOKEN=VALUE")
-    decoding.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def _configure_tasks(args: argparse.Namespace) -> list:
-    fields = _parse_fields(args.field)
-    known = {name for names in CANONICAL_FIELDS.values() for name in names}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise UsageError(f"--field {unknown[0]}=...: '{unknown[0]}' is not a task field; map one of "
-                         f"{', '.join(sorted(known))}")
-    tasks, names, adhoc = [], set(), 0
-    for spec in args.task:
-        task = get_task(spec)
-        if not is_registered(spec):  # a KIND:SOURCE or YAML task: the record layout is the user's
-            adhoc += 1
-            task = with_overrides(task, fields=fields or None, template=args.template)
-        task = with_overrides(task, num_fewshot=args.num_fewshot, fewshot_source=args.fewshot_source, chat=args.chat,
-                              metric=args.metric, answer_regex=args.answer_regex,
-                              stop=tuple(args.stop) if args.stop else None, max_new_tokens=args.max_new_tokens)
-        if task.name in names:
-            raise UsageError(f"task '{task.name}' is given twice")
-        names.add(task.name)
-        tasks.append(task)
-    if (fields or args.template) and not adhoc:
-        raise UsageError("--field and --template apply to KIND:SOURCE and YAML tasks (registered tasks have their own "
-                         "mapping and template); give such a task or drop them")
-    return tasks
-
-
 def evaluate_checkpoint(checkpoint: str | Path, tasks: Sequence, settings: RunSettings | None = None,
                         limit: int | None = None, log=print) -> list[TaskResult]:
     """Loads a workdir's model and runs the tasks; returns their results (the CLI without the files)."""
@@ -740,58 +639,50 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: Sequence, settings: RunSe
     return results
 
 
-def eval_main(argv: list[str]) -> int:
-    """`jaxllm eval --checkpoint DIR --task TASK [--task ...] [--out results.json]`."""
-    args = build_parser().parse_args(argv)
-    if args.list_tasks:
-        for name, description in list_tasks().items():
-            print(f"{name:<16} {description}")
-        return 0
-    if not args.checkpoint or not args.task:
-        raise UsageError("give --checkpoint WORKDIR and at least one --task (see --list-tasks)")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    tasks = _configure_tasks(args)
-    if (args.judge or args.baseline) and not any(task.kind == "pairwise" for task in tasks):
-        raise UsageError("--judge and --baseline are for pairwise tasks; none was given")
-    model = EvalModel.load(args.checkpoint)
-    sampling = None
-    if args.temperature or args.top_k or args.top_p != 1.0 or args.min_p or args.repetition_penalty != 1.0 \
-            or args.eos_bias or args.bias:
-        decoding = argparse.Namespace(**{**vars(args), "greedy": False, "max_new_tokens": 1})  # tasks set the length
-        sampling = settings_from_args(decoding, model.tokenizer)
-    settings = RunSettings(batch_size=args.batch_size, progress=not args.no_progress, sampling=sampling,
-                           seed=args.seed, judge=EvalModel.load(args.judge) if args.judge else None,
-                           baseline=EvalModel.load(args.baseline) if args.baseline else None)
-    out = Path(args.out) if args.out else None
-    results = []
-    for task in tasks:
-        result = run_task(model, task, settings, args.limit)
-        results.append(result)
-        path = _sample_path(out, args.samples_dir, task.name)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as handle:
-                for sample in result.samples:
-                    handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    print(format_table(results))
-    if out is not None:
-        summary = {"checkpoint": str(args.checkpoint), "step": ckpt.latest_step(args.checkpoint),
-                   "tasks": {result.name: {**result.summary(),
-                                           "samples": str(_sample_path(out, args.samples_dir, result.name))}
-                             for result in results},
-                   "settings": {"limit": args.limit, "batch_size": args.batch_size, "temperature": args.temperature,
-                                "judge": args.judge, "baseline": args.baseline,
-                                "devices": len(model.mesh.devices.flat) if model.mesh is not None else 1}}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
-    return 0
+def configure_tasks(specs: Sequence[str], fields: dict[str, str] | None = None, template: str | None = None,
+                    num_fewshot: int | None = None, fewshot_source: str | None = None, chat: bool | None = None,
+                    metric: str | None = None, answer_regex: str | None = None, stop: Sequence[str] | None = None,
+                    max_new_tokens: int | None = None) -> list[Task]:
+    """The tasks `specs` name (registered names, task YAML files or KIND:SOURCE), with the given settings
+    overriding the tasks' own (None: keep it). `fields` (canonical field -> record field) and `template`
+    apply only to KIND:SOURCE and YAML tasks, whose record layout is the user's."""
+    fields = dict(fields or {})
+    known = {name for names in CANONICAL_FIELDS.values() for name in names}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UsageError(f"--field {unknown[0]}=...: '{unknown[0]}' is not a task field; map one of "
+                         f"{', '.join(sorted(known))}")
+    tasks, names, adhoc = [], set(), 0
+    for spec in specs:
+        task = get_task(spec)
+        if not is_registered(spec):  # a KIND:SOURCE or YAML task: the record layout is the user's
+            adhoc += 1
+            task = with_overrides(task, fields=fields or None, template=template)
+        task = with_overrides(task, num_fewshot=num_fewshot, fewshot_source=fewshot_source, chat=chat,
+                              metric=metric, answer_regex=answer_regex,
+                              stop=tuple(stop) if stop else None, max_new_tokens=max_new_tokens)
+        if task.name in names:
+            raise UsageError(f"task '{task.name}' is given twice")
+        names.add(task.name)
+        tasks.append(task)
+    if (fields or template) and not adhoc:
+        raise UsageError("--field and --template apply to KIND:SOURCE and YAML tasks (registered tasks have their own "
+                         "mapping and template); give such a task or drop them")
+    return tasks
+
+
+def write_samples(path: str | Path, samples: Sequence[dict]) -> None:
+    """One JSON line per example (a TaskResult's samples), the directory created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
 
 __all__ = [
     "EvalModel", "Scores", "TaskResult", "RunSettings", "score_continuations", "score_documents", "rolling_requests",
     "generate_completions", "greedy_settings", "prompt_ids", "run_task", "run_perplexity", "run_multiple_choice",
     "run_generate", "run_pairwise", "evaluate_checkpoint", "format_table", "perplexity", "answer_questions",
-    "qa_accuracy", "preference_accuracy", "read_records", "eval_main",
+    "qa_accuracy", "preference_accuracy", "read_records", "configure_tasks", "write_samples",
 ]

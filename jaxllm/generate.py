@@ -487,15 +487,6 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
 # Prompts from records, and completions for them.
 
 
-
-
-
-
-
-
-
-
-
 def read_prompt_records(path: Path) -> list[dict]:
     """A .jsonl file of {"prompt": str | messages} / {"messages": [...]} / {"text": str}, or plain text
     (one prompt a line), read by the data layer's record reader."""

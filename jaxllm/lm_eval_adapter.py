@@ -4,7 +4,7 @@
     jaxllm lm-eval --model jaxllm --model_args checkpoint=runs/sft --tasks hellaswag --batch_size 16
 
 The harness finds models in its own registry, so this module must be imported before it looks:
-`jaxllm lm-eval ARGS` (or `python -m jaxllm.lm_eval_adapter ARGS`) registers the model class and hands
+`jaxllm lm-eval ARGS` (jaxllm.cli.lm_eval) registers the model class and hands
 ARGS to the harness's own command line. From Python:
 
     import jaxllm.lm_eval_adapter, lm_eval
@@ -23,7 +23,6 @@ model_args: checkpoint (a training workdir, required), batch_size, max_gen_toks 
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from jaxllm.data.chat import render_text, validate_messages
@@ -169,22 +168,3 @@ class JaxLLM(LM):
 
 if HAVE_LM_EVAL:
     register_model("jaxllm")(JaxLLM)
-
-
-def lm_eval_main(argv: list[str]) -> int:
-    """`jaxllm lm-eval ARGS`: lm-evaluation-harness's command line with the jaxllm model registered."""
-    if not HAVE_LM_EVAL:
-        raise UsageError(INSTALL_HINT)
-    from lm_eval.__main__ import cli_evaluate
-
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(lm_eval_main(sys.argv[1:]))

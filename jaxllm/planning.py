@@ -254,15 +254,6 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------------------------
 # The sweep: a grid of (budget, size) runs, and the iso-FLOP fit of their losses.
 

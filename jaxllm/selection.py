@@ -23,12 +23,10 @@ chosen ones are written verbatim, in input order.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -335,48 +333,28 @@ def write_selection(examples: Sequence[Example], result: dict[str, Any], out: st
     return out
 
 
-def select_main(argv: Sequence[str] | None = None) -> int:
-    """`jaxllm data select IN.jsonl --out OUT.jsonl --k K [--by SCORE] [--diversity] [--checkpoint WORKDIR]`."""
-    parser = argparse.ArgumentParser(
-        prog="jaxllm data select",
-        description="Choose a small SFT set: by answer length, the model's loss/perplexity, instruction-following "
-                    "difficulty (IFD), and/or diversity (k-center on the model's hidden states).")
-    parser.add_argument("input", help='SFT records: .jsonl with {"messages"} or {"prompt","response"}, or a source')
-    parser.add_argument("--out", required=True, help="the chosen records, JSONL, in input order")
-    parser.add_argument("--k", type=int, required=True, help="how many examples to choose")
-    parser.add_argument("--by", choices=SCORES, help="rank by this score (highest first unless --lowest)")
-    parser.add_argument("--lowest", action="store_true", help="prefer the lowest scores")
-    parser.add_argument("--diversity", action="store_true", help="k-center greedy on mean hidden states")
-    parser.add_argument("--pool", type=int, help="with --by and --diversity: k-center picks from this many "
-                                                 "best-scored examples (default 4·k)")
-    parser.add_argument("--max-ifd", type=float, default=1.0, help="--by ifd: drop IFD >= this (default 1)")
-    parser.add_argument("--checkpoint", help="a training workdir; needed for loss, perplexity, ifd and --diversity")
-    parser.add_argument("--tokenizer", default="default", help="for --by length without a checkpoint")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="read only the first N records")
-    parser.add_argument("--scores", help="also write every example's scores here (JSONL)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    options = SelectionOptions(k=args.k, by=args.by, lowest=args.lowest, diversity=args.diversity, pool=args.pool,
-                               max_ifd=args.max_ifd)
+def run_selection(source: str, out: str | Path, options: SelectionOptions, checkpoint: str | None = None,
+                  tokenizer: str = "default", batch_size: int = 16, limit: int | None = None,
+                  scores_path: str | None = None) -> dict[str, Any]:
+    """Reads SFT records from `source`, chooses by `options` (scoring with the `checkpoint` workdir's model
+    when the options need one; else `tokenizer` counts lengths) and writes the chosen records to `out`.
+    Returns `select_examples`'s result with "read" (how many examples) and "out" (the written file)."""
     options.validate()
-    if options.needs_model and not args.checkpoint:
+    if options.needs_model and not checkpoint:
         raise UsageError(f"{'--diversity' if options.diversity else f'--by {options.by}'} scores examples with a "
                          "model: pass --checkpoint WORKDIR (a `jaxllm train` workdir)")
-    examples = load_examples(args.input, args.limit)
-    scorer, tokenizer = None, None
-    if args.checkpoint:
-        scorer = ModelScorer(load_model_for_inference(args.checkpoint), args.batch_size)
-        tokenizer = scorer.tokenizer
+    examples = load_examples(source, limit)
+    scorer = None
+    if checkpoint:
+        scorer = ModelScorer(load_model_for_inference(checkpoint), batch_size)
+        counter = scorer.tokenizer
     else:
-        tokenizer = Tokenizer.load(args.tokenizer)
-    result = select_examples(examples, options, tokenizer=tokenizer, scorer=scorer)
-    out = write_selection(examples, result, args.out, args.scores)
-    print(" -> ".join(f"{name}: {left}" for name, left in result["funnel"]), file=sys.stderr)
-    for note in result["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {len(result['selected'])} of {len(examples)} examples to {out}")
-    return 0
+        counter = Tokenizer.load(tokenizer)
+    result = select_examples(examples, options, tokenizer=counter, scorer=scorer)
+    written = write_selection(examples, result, out, scores_path)
+    return {**result, "read": len(examples), "out": written}
 
 
 __all__ = ["SCORES", "Example", "source_spec", "load_examples", "padded_batches", "ModelScorer", "response_lengths",
-           "ifd_scores", "k_center_greedy", "SelectionOptions", "select_examples", "write_selection", "select_main"]
+           "ifd_scores", "k_center_greedy", "SelectionOptions", "select_examples", "write_selection",
+           "run_selection"]

@@ -238,10 +238,4 @@ def format_sweep(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
-
-
-
-
-
 __all__ = ["SweepSettings", "plan_runs", "run_name", "run_sweep", "train_run", "format_sweep"]

@@ -23,11 +23,9 @@ counts what was written and why the rest was not.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,7 +34,7 @@ from jaxllm.data import DataError
 from jaxllm.data.chat import prompt_ids, prompt_messages
 from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
-from jaxllm.generate import _add_sampling_arguments, generate, load_model_for_inference, settings_from_args
+from jaxllm.generate import generate, load_model_for_inference
 from jaxllm.selection import source_spec
 
 MODES = ("distill", "continue", "rephrase")
@@ -273,48 +271,11 @@ def generate_data(model, records: Iterable, sampling, settings: TeacherSettings,
     return report
 
 
-def generate_data_main(argv: Sequence[str] | None = None) -> int:
-    """`jaxllm data generate --teacher WORKDIR --prompts FILE --out OUT.jsonl --mode distill|continue|rephrase`."""
-    parser = argparse.ArgumentParser(
-        prog="jaxllm data generate",
-        description="Make training data with a teacher checkpoint: distill (answer prompts), continue (cut "
-                    "documents in half and continue them) or rephrase (rewrite documents in a style).")
-    parser.add_argument("--teacher", required=True, help="the teacher's training workdir")
-    parser.add_argument("--prompts", required=True,
-                        help="prompts or documents: .jsonl, a text file, or a source such as default:pretrain")
-    parser.add_argument("--out", required=True, help="output JSONL")
-    parser.add_argument("--mode", choices=MODES, default="distill")
-    parser.add_argument("--style", choices=sorted(REPHRASE_STYLES), default="wikipedia", help="rephrase style")
-    parser.add_argument("--instruction", default="", help="rephrase: your own rewrite instruction")
-    parser.add_argument("--samples", type=int, default=1, help="answers per prompt (default 1)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, help="use only the first N input records")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the documents")
-    unfinished = parser.add_mutually_exclusive_group()
-    unfinished.add_argument("--keep-unfinished", dest="keep_unfinished", action="store_true", default=None,
-                            help="keep answers cut off by --max-new-tokens (default only in continue mode)")
-    unfinished.add_argument("--drop-unfinished", dest="keep_unfinished", action="store_false")
-    parser.add_argument("--report", help="also write the report as JSON here")
-    _add_sampling_arguments(parser, 64)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    settings = TeacherSettings(mode=args.mode, style=args.style, instruction=args.instruction, samples=args.samples,
-                               batch_size=args.batch_size, keep_unfinished=args.keep_unfinished,
-                               text_field=args.text_field, limit=args.limit, seed=args.seed)
-    settings.validate()
-    records = read_inputs(args.prompts, args.mode, args.text_field)
-    model = load_model_for_inference(args.teacher)
-    tokenizer = model[3]
-    chat_stops = () if args.mode == "continue" else (tokenizer.user_id,)  # a new user turn ends the answer too
-    sampling = settings_from_args(args, tokenizer, extra_stop_ids=chat_stops)
-    report = generate_data(model, records, sampling, settings, args.out,
-                           log=lambda line: print(line, file=sys.stderr))
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped"].items())) or "none"
-    print(f"wrote {report['written']} records from {report['read']} inputs to {report['out']} "
-          f"(skipped: {reasons}; {report['generated_tokens']} tokens, {report['tokens_per_second']:.0f} tokens/s)")
-    return 0
+def stop_ids_for(mode: str, tokenizer) -> tuple[int, ...]:
+    """Token ids that end an answer besides EOS: in the chat modes a new user turn ends it too."""
+    return () if mode == "continue" else (tokenizer.user_id,)
 
 
 __all__ = ["MODES", "REPHRASE_STYLES", "Completion", "batched_generate", "Request", "request_messages",
-           "split_in_half", "build_request", "read_inputs", "TeacherSettings", "generate_data", "generate_data_main"]
+           "split_in_half", "build_request", "read_inputs", "TeacherSettings", "generate_data",
+           "stop_ids_for"]

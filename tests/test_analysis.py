@@ -11,8 +11,8 @@ import pytest
 
 from helpers import train_memorised_qa, write_jsonl
 
-from jaxllm.analysis import (KnowledgeSettings, categorize, knowledge_categories, knowledge_main, load_qa,
-                             shift_main, token_shift)
+from jaxllm.analysis import KnowledgeSettings, categorize, knowledge_categories, load_qa, token_shift
+from jaxllm.cli.analyze import knowledge_command, shift_command
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
 
@@ -43,8 +43,9 @@ def test_categories_follow_gekhman_et_al():
 def test_a_memorised_fact_is_highly_known_and_a_random_one_unknown(checkpoint, tmp_path, capsys):
     qa = write_jsonl(tmp_path / "qa.jsonl", [FACT, RANDOM_FACT])
     out = tmp_path / "knowledge"
-    assert knowledge_main(["--checkpoint", str(checkpoint), "--qa", str(qa), "--out", str(out), "--shots", "1",
-                           "--variants", "2", "--samples", "3", "--temperature", "0.7", "--max-new-tokens", "8"]) == 0
+    assert knowledge_command(["--checkpoint", str(checkpoint), "--qa", str(qa), "--out", str(out), "--shots", "1",
+                              "--variants", "2", "--samples", "3", "--temperature", "0.7",
+                              "--max-new-tokens", "8"]) == 0
     rows = [json.loads(line) for line in (out / "knowledge.jsonl").read_text().splitlines()]
     assert [r["category"] for r in rows] == ["HighlyKnown", "Unknown"]
     assert rows[0]["greedy_answers"] == ["Quxville", "Quxville"] and rows[0]["shots"] == [1, 1]
@@ -74,8 +75,8 @@ def load_qa_records(records):
 def test_identical_checkpoints_leave_every_token_unshifted(checkpoint, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": FACT["prompt"]}, {"prompt": "Tell me a story."}])
     out = tmp_path / "shift"
-    assert shift_main(["--base", str(checkpoint), "--aligned", str(checkpoint), "--prompts", str(prompts),
-                       "--out", str(out), "--max-new-tokens", "12"]) == 0
+    assert shift_command(["--base", str(checkpoint), "--aligned", str(checkpoint), "--prompts", str(prompts),
+                        "--out", str(out), "--max-new-tokens", "12"]) == 0
     result = json.loads((out / "shift.json").read_text())
     assert result["summary"]["positions"] > 2 and result["summary"]["unshifted"] == 1.0
     assert "".join(t["text"] for t in result["answers"][0]["tokens"]).startswith("Quxville")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from jaxllm import bench
+from jaxllm.cli import main
 from jaxllm import model as model_lib
 from jaxllm.config import load_config
 
@@ -15,7 +16,7 @@ TINY = ["--preset", "micro", "--batch-size", "8", "--seq-len", "32", "--steps", 
 def _run(tmp_path, *extra):
     out = tmp_path / "out.json"
     history = tmp_path / "history.jsonl"
-    assert bench.bench_main([*TINY, "--json", str(out), "--history", str(history), *extra]) == 0
+    assert main(["bench", *TINY, "--json", str(out), "--history", str(history), *extra]) == 0
     return json.loads(out.read_text())["results"], history
 
 
@@ -69,7 +70,7 @@ def test_generate_bench_reports_prefill_and_decode(tmp_path):
 
 
 def test_bad_arguments_are_sentences_and_exit_2(tmp_path, capsys):
-    assert bench.bench_main([*TINY, "--batch-size", "3", "--no-history"]) == 2
+    assert main(["bench", *TINY, "--batch-size", "3", "--no-history"]) == 2
     assert "divisible" in capsys.readouterr().err
     with pytest.raises(bench.BenchError, match="NAME:key=value"):
         bench.parse_variant("model.attention=xla")

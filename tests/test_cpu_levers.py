@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from jaxllm import bench_levers, cli, cpu_levers
+from jaxllm.bench import BenchSettings
 
 AVX2_FLAGS = "fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx avx2 bmi2"
 CPUINFO = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
@@ -92,13 +93,13 @@ def test_each_process_lever_switches_only_its_own_settings():
 
 
 def test_a_lever_process_compiles_once_and_answers_one_interleaved_round_per_request():
-    bench_args = ["--preset", "micro", "--batch-size", "2", "--seq-len", "16", "--warmup", "1"]
+    settings = BenchSettings(preset="micro", batch_size=2, seq_len=16, warmup=1)
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # one CPU device
     env = {"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu",  # and the tests' persistent compile cache
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    process = bench_levers._Process("test", env, bench_args, [("reference", [], True), ("xla", ["model.attention=xla"],
-                                                                                      False)])
+    process = bench_levers._Process("test", env, settings, [("reference", [], True), ("xla", ["model.attention=xla"],
+                                                                                    False)])
     try:
         assert process.ready["ready"] and len(process.ready["compile_seconds"]) == 2
         first, second = process.round(), process.round()

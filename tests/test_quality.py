@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 
+from jaxllm.cli import main
 from jaxllm.quality import (RULES, FilterOptions, HeuristicConfig, MinHashConfig, MinHasher, QualityClassifier,
-                            TrainOptions, estimated_jaccard, filter_documents, filter_main, first_failing_rule,
-                            TextView, heuristic_config_from, normalise, train_quality_classifier,
-                            train_quality_main)
+                            TrainOptions, estimated_jaccard, filter_documents, first_failing_rule,
+                            TextView, heuristic_config_from, normalise, train_quality_classifier)
 
 ADJECTIVES = ("quiet bright ancient narrow heavy gentle rapid careful distant honest curious modern rural broken "
               "silent golden eager fragile humble massive clever bitter frozen hollow loyal noble").split()
@@ -242,13 +242,13 @@ def test_classifier_step_rejects_low_scores_with_reason(tmp_path, classifier_dir
 def test_train_quality_main_writes_a_loadable_classifier(tmp_path, capsys):
     good = write_jsonl(tmp_path / "g.jsonl", [prose(i) for i in range(4)])
     bad = write_jsonl(tmp_path / "b.jsonl", [spam(i) for i in range(4)])
-    code = train_quality_main(["--good", str(good), "--bad", str(bad), "--out", str(tmp_path / "m"),
-                               "--buckets", "4096", "--epochs", "5"])
+    code = main(["data", "train-quality", "--good", str(good), "--bad", str(bad), "--out", str(tmp_path / "m"),
+                 "--buckets", "4096", "--epochs", "5"])
     assert code == 0, capsys.readouterr().err
     assert QualityClassifier.load(tmp_path / "m").buckets == 4096
-    assert train_quality_main(["--good", str(good), "--out", str(tmp_path / "m")]) == 2
-    assert train_quality_main(["--good", str(tmp_path / "nope.jsonl"), "--bad", str(bad),
-                               "--out", str(tmp_path / "m")]) == 2
+    assert main(["data", "train-quality", "--good", str(good), "--out", str(tmp_path / "m")]) == 2
+    assert main(["data", "train-quality", "--good", str(tmp_path / "nope.jsonl"), "--bad", str(bad),
+                 "--out", str(tmp_path / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -257,8 +257,8 @@ def test_train_quality_main_writes_a_loadable_classifier(tmp_path, capsys):
 
 def test_filter_main_writes_output_and_report(tmp_path, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [prose(1), prose(1), "MMMMmmmm" * 50])
-    code = filter_main([str(source), "--out", str(tmp_path / "out.jsonl"), "--report", str(tmp_path / "r.json"),
-                        "--workers", "1", "--set", "min_words=20"])
+    code = main(["data", "filter", str(source), "--out", str(tmp_path / "out.jsonl"), "--report",
+                 str(tmp_path / "r.json"), "--workers", "1", "--set", "min_words=20"])
     assert code == 0
     assert "funnel" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
@@ -278,10 +278,10 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, capsys, problem):
     elif problem == "bad_setting":
         source.write_text(json.dumps({"text": prose(1)}) + "\n")
         extra = ["--set", "min_wrods=3"]
-    code = filter_main([str(source), "--out", str(tmp_path / "out.jsonl"), "--workers", "1", *extra])
+    code = main(["data", "filter", str(source), "--out", str(tmp_path / "out.jsonl"), "--workers", "1", *extra])
     error = capsys.readouterr().err
     assert code == 2
-    assert error.startswith("jaxllm data filter: error: ")
+    assert error.startswith("jaxllm: error: ")
     expected = {"missing": "does not exist", "malformed": f"{source}:2: not valid JSON",
                 "empty": "no documents", "no_text_field": f"{source}:1: the text field 'text' is missing",
                 "bad_setting": "did you mean 'min_words'"}[problem]

@@ -4,8 +4,8 @@ import json
 import os
 from pathlib import Path
 
+from jaxllm.cli import main
 from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache
-from jaxllm.quality import filter_main
 from jaxllm.quality.rules import PROFILES, RULES, describe_rules, first_failing_rule, profile_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -14,7 +14,7 @@ GLOSSARY_ENTRY = ("kludge: n. A clever programming trick intended to solve a par
 
 
 def test_every_rule_is_listed_with_its_defaults_in_help_and_readme(capsys):
-    assert filter_main(["--help"]) == 0
+    assert main(["data", "filter", "--help"]) == 0
     help_text = capsys.readouterr().out
     readme = README.read_text()
     lines = describe_rules()
@@ -54,10 +54,10 @@ def test_profile_flag_applies_before_set_overrides(tmp_path):
     source = tmp_path / "entries.jsonl"
     source.write_text(json.dumps({"text": GLOSSARY_ENTRY}) + "\n" + json.dumps({"text": "tiny entry"}) + "\n")
     out = tmp_path / "kept.jsonl"
-    assert filter_main([str(source), "--out", str(out), "--workers", "1", "--profile", "glossary"]) == 0
+    assert main(["data", "filter", str(source), "--out", str(out), "--workers", "1", "--profile", "glossary"]) == 0
     assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [GLOSSARY_ENTRY]
-    assert filter_main([str(source), "--out", str(out), "--workers", "1", "--profile", "glossary",
-                        "--set", "min_words=30"]) == 0
+    assert main(["data", "filter", str(source), "--out", str(out), "--workers", "1", "--profile", "glossary",
+                 "--set", "min_words=30"]) == 0
     assert out.read_text() == ""
 
 

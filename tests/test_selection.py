@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllm.cli.data import select_command
 from jaxllm.data import DataError
 from jaxllm.data.chat import render_chat
 from jaxllm.errors import UsageError
 from jaxllm.selection import (Example, ModelScorer, SelectionOptions, ifd_scores, k_center_greedy, load_examples,
-                              select_examples, select_main)
+                              select_examples)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_longest_k_writes_the_k_longest_answers_in_input_order(tmp_path):
                {"prompt": "Who employs Ana?", "response": "Northwind Labs"},
                {"prompt": "Tell me about Bo.", "response": "Bo was born in Lyon on June 2, 1980 and majored in art."}]
     out = tmp_path / "chosen.jsonl"
-    assert select_main([str(_write(tmp_path / "in.jsonl", records)), "--out", str(out), "--k", "2",
-                        "--by", "length", "--scores", str(tmp_path / "scores.jsonl")]) == 0
+    assert select_command([str(_write(tmp_path / "in.jsonl", records)), "--out", str(out), "--k", "2",
+                           "--by", "length", "--scores", str(tmp_path / "scores.jsonl")]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == [records[1], records[3]]
     scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [s["selected"] for s in scores] == [False, True, False, True]
@@ -136,13 +137,14 @@ def test_k_center_greedy_is_farthest_first():
 def test_bad_input_is_a_clear_error(tmp_path, checkpoint):
     bad = _write(tmp_path / "bad.jsonl", [_qa("q", "a"), {"prompt": "only a prompt"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2.*'prompt' and 'response'"):
-        select_main([str(bad), "--out", str(tmp_path / "o.jsonl"), "--k", "1", "--by", "length"])
+        select_command([str(bad), "--out", str(tmp_path / "o.jsonl"), "--k", "1", "--by", "length"])
     good = _write(tmp_path / "good.jsonl", [_qa("q", "a")])
     with pytest.raises(UsageError, match="--checkpoint"):
-        select_main([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "1", "--by", "ifd"])
+        select_command([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "1", "--by", "ifd"])
     with pytest.raises(UsageError, match="--by .*--diversity"):
-        select_main([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "1"])
+        select_command([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "1"])
     with pytest.raises(UsageError, match="does not exist"):
-        select_main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--k", "1", "--by", "length"])
+        select_command([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--k", "1",
+                        "--by", "length"])
     with pytest.raises(UsageError, match="at least 1"):
-        select_main([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "0", "--by", "length"])
+        select_command([str(good), "--out", str(tmp_path / "o.jsonl"), "--k", "0", "--by", "length"])

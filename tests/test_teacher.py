@@ -8,9 +8,10 @@ import pytest
 
 from helpers import train_memorised_qa, write_jsonl
 
+from jaxllm.cli.data import generate_command
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
-from jaxllm.teacher import build_request, generate_data_main, split_in_half
+from jaxllm.teacher import build_request, split_in_half
 
 ANSWER = "Quxville"
 
@@ -39,9 +40,9 @@ def test_distill_writes_the_teachers_answers_as_conversations(checkpoint, tmp_pa
                       {"role": "assistant", "content": "an old answer that the teacher replaces"}]},
         {"question": "What is the capital of Zorbia?"}])
     out = tmp_path / "sft.jsonl"
-    assert generate_data_main(["--teacher", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
-                               "--mode", "distill", "--samples", "2", "--temperature", "0.5",
-                               "--max-new-tokens", "8", "--report", str(tmp_path / "report.json")]) == 0
+    assert generate_command(["--teacher", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
+                             "--mode", "distill", "--samples", "2", "--temperature", "0.5",
+                             "--max-new-tokens", "8", "--report", str(tmp_path / "report.json")]) == 0
     records = _read(out)
     assert len(records) == 6
     assert records[2]["messages"][:2] == [{"role": "system", "content": "Be brief."},
@@ -59,9 +60,9 @@ def test_unfinished_answers_are_dropped_unless_kept(checkpoint, tmp_path):
     out = tmp_path / "sft.jsonl"
     argv = ["--teacher", str(checkpoint), "--prompts", str(prompts), "--out", str(out), "--greedy",
             "--max-new-tokens", "2", "--report", str(tmp_path / "report.json")]
-    assert generate_data_main(argv) == 0
+    assert generate_command(argv) == 0
     assert _read(out) == [] and json.loads((tmp_path / "report.json").read_text())["skipped"] == {"unfinished": 2}
-    assert generate_data_main(argv + ["--keep-unfinished"]) == 0
+    assert generate_command(argv + ["--keep-unfinished"]) == 0
     answers = [r["messages"][-1]["content"] for r in _read(out)]
     assert len(answers) == 2 and all(ANSWER.startswith(a) and a != ANSWER for a in answers)
 
@@ -72,9 +73,9 @@ def test_continue_cuts_documents_in_half_and_continues_the_plain_text(checkpoint
     text = "Zorbia is a small country. Its capital is Quxville, on the river Ple. The people fish and farm."
     documents.write_text(f"{text}\n\nOneword\n")
     out = tmp_path / "nift.jsonl"
-    assert generate_data_main(["--teacher", str(checkpoint), "--prompts", str(documents), "--out", str(out),
-                               "--mode", "continue", "--greedy", "--max-new-tokens", "10", "--eos-bias", "-30",
-                               "--report", str(tmp_path / "report.json")]) == 0
+    assert generate_command(["--teacher", str(checkpoint), "--prompts", str(documents), "--out", str(out),
+                             "--mode", "continue", "--greedy", "--max-new-tokens", "10", "--eos-bias", "-30",
+                             "--report", str(tmp_path / "report.json")]) == 0
     (record,) = _read(out)
     first, second = split_in_half(text)
     assert record["prompt"] == first and text == f"{first} {second}"
@@ -100,23 +101,23 @@ def test_rephrase_asks_through_the_chat_template_and_writes_pretraining_text(che
         [{"role": "user", "content": f"{REPHRASE_STYLES['easy']}\n\n{document}"}], add_generation_prompt=True)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"body": document}])
     out = tmp_path / "rephrased.jsonl"
-    assert generate_data_main(["--teacher", str(checkpoint), "--prompts", str(corpus), "--out", str(out),
-                               "--mode", "rephrase", "--instruction", "Say it better.", "--text-field", "body",
-                               "--greedy", "--max-new-tokens", "8"]) == 0
+    assert generate_command(["--teacher", str(checkpoint), "--prompts", str(corpus), "--out", str(out),
+                             "--mode", "rephrase", "--instruction", "Say it better.", "--text-field", "body",
+                             "--greedy", "--max-new-tokens", "8"]) == 0
     assert _read(out) == [{"text": ANSWER, "original": document, "style": "custom"}]
 
 
 def test_bad_input_is_a_clear_error(checkpoint, tmp_path):
     out = str(tmp_path / "o.jsonl")
     with pytest.raises(UsageError, match="does not exist"):
-        generate_data_main(["--teacher", str(checkpoint), "--prompts", str(tmp_path / "none.jsonl"), "--out", out])
+        generate_command(["--teacher", str(checkpoint), "--prompts", str(tmp_path / "none.jsonl"), "--out", out])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"title": "no prompt"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2.*'prompt'"):
-        generate_data_main(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--max-new-tokens", "4"])
+        generate_command(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--max-new-tokens", "4"])
     with pytest.raises(DataError, match=r"bad.jsonl:1.*'text'"):
-        generate_data_main(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--mode", "rephrase"])
+        generate_command(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--mode", "rephrase"])
     with pytest.raises(UsageError, match="no room"):
-        generate_data_main(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out,
+        generate_command(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out,
                             "--max-new-tokens", "200"])
     with pytest.raises(SystemExit):
-        generate_data_main(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--mode", "translate"])
+        generate_command(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--mode", "translate"])

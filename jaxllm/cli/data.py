@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from jaxllm import stages
+from jaxllm.cli.sampling import add_sampling_arguments, settings_from_args
 from jaxllm.config import load_config
 from jaxllm.data import format_report
+from jaxllm.generate import load_model_for_inference
+from jaxllm.selection import SCORES, SelectionOptions, run_selection
+from jaxllm.teacher import MODES, REPHRASE_STYLES, TeacherSettings, generate_data, read_inputs, stop_ids_for
 
 
 def stats_overrides(args: argparse.Namespace) -> list[str]:
@@ -47,4 +53,77 @@ def stats_command(argv: list[str]) -> int:
     config = load_config(args.config, stats_overrides(args))
     stats = stages.data_stats(args.source, config, stage=args.stage)
     print(json.dumps(stats, indent=1) if args.json else format_report(stats))
+    return 0
+
+
+def select_command(argv: list[str]) -> int:
+    """`jaxllm data select IN.jsonl --out OUT.jsonl --k K [--by SCORE] [--diversity] [--checkpoint WORKDIR]`."""
+    parser = argparse.ArgumentParser(
+        prog="jaxllm data select",
+        description="Choose a small SFT set: by answer length, the model's loss/perplexity, instruction-following "
+                    "difficulty (IFD), and/or diversity (k-center on the model's hidden states).")
+    parser.add_argument("input", help='SFT records: .jsonl with {"messages"} or {"prompt","response"}, or a source')
+    parser.add_argument("--out", required=True, help="the chosen records, JSONL, in input order")
+    parser.add_argument("--k", type=int, required=True, help="how many examples to choose")
+    parser.add_argument("--by", choices=SCORES, help="rank by this score (highest first unless --lowest)")
+    parser.add_argument("--lowest", action="store_true", help="prefer the lowest scores")
+    parser.add_argument("--diversity", action="store_true", help="k-center greedy on mean hidden states")
+    parser.add_argument("--pool", type=int, help="with --by and --diversity: k-center picks from this many "
+                                                 "best-scored examples (default 4·k)")
+    parser.add_argument("--max-ifd", type=float, default=1.0, help="--by ifd: drop IFD >= this (default 1)")
+    parser.add_argument("--checkpoint", help="a training workdir; needed for loss, perplexity, ifd and --diversity")
+    parser.add_argument("--tokenizer", default="default", help="for --by length without a checkpoint")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="read only the first N records")
+    parser.add_argument("--scores", help="also write every example's scores here (JSONL)")
+    args = parser.parse_args(argv)
+    options = SelectionOptions(k=args.k, by=args.by, lowest=args.lowest, diversity=args.diversity, pool=args.pool,
+                               max_ifd=args.max_ifd)
+    result = run_selection(args.input, args.out, options, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                           batch_size=args.batch_size, limit=args.limit, scores_path=args.scores)
+    print(" -> ".join(f"{name}: {left}" for name, left in result["funnel"]), file=sys.stderr)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {len(result['selected'])} of {result['read']} examples to {result['out']}")
+    return 0
+
+
+def generate_command(argv: list[str]) -> int:
+    """`jaxllm data generate --teacher WORKDIR --prompts FILE --out OUT.jsonl --mode distill|continue|rephrase`."""
+    parser = argparse.ArgumentParser(
+        prog="jaxllm data generate",
+        description="Make training data with a teacher checkpoint: distill (answer prompts), continue (cut "
+                    "documents in half and continue them) or rephrase (rewrite documents in a style).")
+    parser.add_argument("--teacher", required=True, help="the teacher's training workdir")
+    parser.add_argument("--prompts", required=True,
+                        help="prompts or documents: .jsonl, a text file, or a source such as default:pretrain")
+    parser.add_argument("--out", required=True, help="output JSONL")
+    parser.add_argument("--mode", choices=MODES, default="distill")
+    parser.add_argument("--style", choices=sorted(REPHRASE_STYLES), default="wikipedia", help="rephrase style")
+    parser.add_argument("--instruction", default="", help="rephrase: your own rewrite instruction")
+    parser.add_argument("--samples", type=int, default=1, help="answers per prompt (default 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, help="use only the first N input records")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the documents")
+    unfinished = parser.add_mutually_exclusive_group()
+    unfinished.add_argument("--keep-unfinished", dest="keep_unfinished", action="store_true", default=None,
+                            help="keep answers cut off by --max-new-tokens (default only in continue mode)")
+    unfinished.add_argument("--drop-unfinished", dest="keep_unfinished", action="store_false")
+    parser.add_argument("--report", help="also write the report as JSON here")
+    add_sampling_arguments(parser, 64)
+    args = parser.parse_args(argv)
+    settings = TeacherSettings(mode=args.mode, style=args.style, instruction=args.instruction, samples=args.samples,
+                               batch_size=args.batch_size, keep_unfinished=args.keep_unfinished,
+                               text_field=args.text_field, limit=args.limit, seed=args.seed)
+    settings.validate()
+    records = read_inputs(args.prompts, args.mode, args.text_field)
+    model = load_model_for_inference(args.teacher)
+    sampling = settings_from_args(args, model[3], extra_stop_ids=stop_ids_for(args.mode, model[3]))
+    report = generate_data(model, records, sampling, settings, args.out,
+                           log=lambda line: print(line, file=sys.stderr))
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped"].items())) or "none"
+    print(f"wrote {report['written']} records from {report['read']} inputs to {report['out']} "
+          f"(skipped: {reasons}; {report['generated_tokens']} tokens, {report['tokens_per_second']:.0f} tokens/s)")
     return 0

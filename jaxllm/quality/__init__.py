@@ -6,15 +6,14 @@
 
 Modules: `rules` (heuristic rules, one pure function each), `dedup` (exact hashes, MinHash LSH),
 `classifier` (hashed n-gram logistic regression), `sources` (streaming JSONL/text input),
-`pipeline` (the ordered chain, worker pool, report and the command lines).
+`pipeline` (the ordered chain, worker pool and report; the commands are in `jaxllm.cli.quality`).
 """
 
 from jaxllm.quality.classifier import (QualityClassifier, TrainOptions, hashed_features,
                                        train_quality_classifier)
 from jaxllm.quality.dedup import (ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator,
                                   estimated_jaccard, exact_hash)
-from jaxllm.quality.pipeline import (STEPS, FilterOptions, filter_documents, filter_main, format_report,
-                                     train_quality_main)
+from jaxllm.quality.pipeline import STEPS, FilterOptions, filter_documents, format_report, heuristic_settings
 from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, check_all_rules, first_failing_rule,
                                   heuristic_config_from, normalise)
 from jaxllm.quality.sources import InputError, iter_records, iter_texts
@@ -22,7 +21,7 @@ from jaxllm.quality.sources import InputError, iter_records, iter_texts
 __all__ = [
     "QualityClassifier", "TrainOptions", "hashed_features", "train_quality_classifier",
     "ExactDeduplicator", "MinHashConfig", "MinHasher", "NearDeduplicator", "estimated_jaccard", "exact_hash",
-    "STEPS", "FilterOptions", "filter_documents", "filter_main", "format_report", "train_quality_main",
+    "STEPS", "FilterOptions", "filter_documents", "format_report", "heuristic_settings",
     "RULES", "HeuristicConfig", "TextView", "check_all_rules", "first_failing_rule", "heuristic_config_from",
     "normalise", "InputError", "iter_records", "iter_texts",
 ]
