@@ -2,7 +2,7 @@
 """`python tools/bench.py ARGS` is `jaxllm bench ARGS`, for a checkout that is not pip-installed.
 
 It goes through the CLI, which re-executes itself once with the glibc malloc settings measured
-fastest on CPU (see jaxllm/cli.py), so timings match what `jaxllm bench` reports.
+fastest on CPU (see jaxllm/cli/__init__.py), so timings match what `jaxllm bench` reports.
 """
 
 import os

@@ -12,6 +12,13 @@ import importlib
 import os
 import sys
 
+from jaxllm import cpu_levers  # JAX-free: read before JAX starts, to set the process levers
+from jaxllm.compile_cache import enable_compile_cache  # JAX-free
+from jaxllm.cpu_levers import MALLOC_ENV as _CPU_MALLOC_ENV
+from jaxllm.cpu_levers import YNN_DOT_FLAG as _CPU_XLA_FLAG
+from jaxllm.cpu_levers import YNN_DOT_FLAG_JAXLIB as _CPU_XLA_FLAG_JAXLIB
+from jaxllm.errors import RUNTIME_ERRORS, USAGE_ERRORS, DataError  # imports nothing
+
 # Every command: "name" or "group name" -> "module:function(argv) -> int", the module imported only when its
 # command runs (so `jaxllm --help` and the CPU-lever re-exec stay JAX-free).
 DELEGATED = {
@@ -39,13 +46,6 @@ DELEGATED = {
     "convert to-hf": "jaxllm.cli.convert:to_hf_command",
     "convert merge-lora": "jaxllm.cli.convert:merge_lora_command",
 }
-
-from jaxllm import cpu_levers  # noqa: E402 - JAX-free, read before JAX starts
-from jaxllm.compile_cache import enable_compile_cache  # noqa: E402 - JAX-free
-from jaxllm.cpu_levers import MALLOC_ENV as _CPU_MALLOC_ENV  # noqa: E402 - JAX-free, read before JAX starts
-from jaxllm.cpu_levers import YNN_DOT_FLAG as _CPU_XLA_FLAG  # noqa: E402
-from jaxllm.cpu_levers import YNN_DOT_FLAG_JAXLIB as _CPU_XLA_FLAG_JAXLIB  # noqa: E402
-from jaxllm.errors import RUNTIME_ERRORS, USAGE_ERRORS, DataError  # noqa: E402 - imports nothing
 
 
 def _cpu_levers(env) -> list[str]:
@@ -90,18 +90,13 @@ def _maybe_reexec_with_fast_malloc(argv: list[str]) -> None:
         return
 
 
-
-
-
-
-
-
 def _delegate(target: str, argv: list[str]) -> int:
+    """Imports the command's module (only now: most pull in JAX) and runs its function on `argv`."""
     module_name, function_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name == module_name:
+        if error.name == module_name or (error.name or "").startswith("jaxllm."):
             print(f"jaxllm: this command is not available in this build ({module_name} is missing)", file=sys.stderr)
             return 2
         raise
