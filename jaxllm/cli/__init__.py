@@ -153,7 +153,8 @@ def error_line(error: BaseException, code: int) -> str:
 
 
 def run(argv: list[str]) -> int:
-    """Runs the command `argv` names; an expected error becomes one line on stderr and its exit code."""
+    """Runs the command `argv` names and returns its exit code: an expected error becomes one line on stderr
+    and its code, argparse's exits their code (so a caller in Python gets 2, not SystemExit)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -174,6 +175,10 @@ def run(argv: list[str]) -> int:
     command, arguments = found
     try:
         return _delegate(DELEGATED[command], arguments)
+    except SystemExit as exit_:  # argparse's --help (0) and usage errors (2), its message already printed
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        raise
     except Exception as error:  # noqa: BLE001 - mapped to an exit code, or re-raised
         code = exit_code(error, command)
         if code is None:

@@ -57,12 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_command(argv: list[str]) -> int:
-    """`jaxllm plan --flops C | --params N | --tokens D [--json] [--seq-len T]`; returns an exit code
-    (argparse's own usage errors too, so a caller in Python gets 2 instead of SystemExit)."""
-    try:
-        args = build_parser().parse_args(glue_numbers(argv))
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    """`jaxllm plan --flops C | --params N | --tokens D [--json] [--seq-len T]`."""
+    args = build_parser().parse_args(glue_numbers(argv))
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError("--seq-len must be at least 1")
     result = plan(flops=args.flops, params=args.params, tokens=args.tokens,

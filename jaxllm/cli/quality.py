@@ -79,12 +79,8 @@ def build_filter_parser() -> argparse.ArgumentParser:
 
 
 def filter_command(argv: Sequence[str]) -> int:
-    """`jaxllm data filter IN... --out OUT [--report R] [--classifier C --threshold T] ...`; an exit code
-    (argparse's own usage errors too, so a caller in Python gets 2 instead of SystemExit)."""
-    try:
-        args = build_filter_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    """`jaxllm data filter IN... --out OUT [--report R] [--classifier C --threshold T] ...`."""
+    args = build_filter_parser().parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
     if args.workers < 0:
@@ -104,7 +100,7 @@ def filter_command(argv: Sequence[str]) -> int:
 
 
 def train_quality_command(argv: Sequence[str]) -> int:
-    """`jaxllm data train-quality --good G... --bad B... --out DIR`; an exit code (usage errors included)."""
+    """`jaxllm data train-quality --good G... --bad B... --out DIR`."""
     defaults = TrainOptions()
     parser = argparse.ArgumentParser(
         prog="jaxllm data train-quality",
@@ -121,10 +117,7 @@ def train_quality_command(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--text-unit", default="file", choices=TEXT_UNITS)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parser.parse_args(argv)
     for name in ("buckets", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
