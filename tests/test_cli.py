@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from jaxllm import checkpoint as ckpt
-from jaxllm.cli import main
+from jaxllm.cli import DELEGATED, error_line, exit_code, main
+from jaxllm.errors import CheckpointWriteError, ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["model.preset=micro", "train.batch_size=8", "train.progress=false", "train.eval_batches=1",
@@ -64,3 +65,22 @@ def test_console_script_runs_as_a_subprocess():
     assert result.returncode == 2 and "unknown command" in result.stderr
     result = subprocess.run([sys.executable, "-m", "jaxllm.cli", "--help"], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_every_command_parses_in_the_cli_package_and_nowhere_else():
+    assert all(target.startswith("jaxllm.cli.") for target in DELEGATED.values())
+    package = ROOT / "jaxllm"
+    library = [p for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "cli"]
+    assert [str(p) for p in library if "argparse" in p.read_text()] == []
+
+
+def test_errors_map_to_exit_codes_once_with_one_prefix():
+    assert exit_code(ConfigError("x")) == 2 and exit_code(RuntimeError("x")) == 1 and exit_code(KeyError("x")) is None
+    assert exit_code(DataError("x"), "data stats") == 1  # the commands that always exited 1 on bad input still do
+    assert error_line(ConfigError("bad key"), 2) == "jaxllm: error: bad key"
+    assert error_line(CheckpointWriteError("disk full"), 1) == "jaxllm: error: CheckpointWriteError: disk full"
+
+
+def test_the_dispatcher_imports_no_jax():
+    code = "import sys, jaxllm.cli; assert 'jax' not in sys.modules and 'jaxllm.cli.train' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ, JAXLLM_NO_REEXEC="1")).returncode == 0
