@@ -46,8 +46,8 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def default_hooks(context: RunContext, evaluate_fn: Callable[[RunContext], dict[str, float]]) -> list[Hook]:
     """metrics log, progress bar, spike guard, evaluation + best checkpoint, checkpoints, stop signals."""
-    logging = metrics_log.MetricsLogging()
-    return [logging, progress.Progress(), spike_guard.SpikeGuarding(), evaluation.Evaluation(evaluate_fn, logging),
+    metrics = metrics_log.MetricsLogging()
+    return [metrics, progress.Progress(), spike_guard.SpikeGuarding(), evaluation.Evaluation(evaluate_fn, metrics),
             checkpointing.Checkpointing(), signals.StopOnSignal()]
 
 
