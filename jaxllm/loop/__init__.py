@@ -1,6 +1,8 @@
 """The one training loop and its side concerns, one module each.
 
-    loop.py           the loop: step, time, call the hooks (`Hook`: on_start, before_step, after_step, on_end)
+    loop.py           the loop: step, time (tokens/s, MFU), call the hooks; `default_hooks`
+    hooks.py          the hook protocol (`Hook`: on_start, before_step, after_step, on_end) and `LoopRun`,
+                      the loop's state the hooks share
     context.py        RunContext: what the loop runs on (built by `jaxllm.train.setup`)
     metrics_log.py    metrics.jsonl + TensorBoard every logged step; summary.json at the end
     progress.py       the tqdm bar
