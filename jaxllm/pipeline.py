@@ -28,6 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from jaxllm import checkpoint as ckpt
+from jaxllm.compile_time import CompileClock
 from jaxllm import settings
 from jaxllm import stages as stages_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
@@ -340,7 +341,7 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
     upstream = ""
     for index, (stage, config, stage_dir) in enumerate(stages, 1):
         header = f"[{index}/{len(stages)} {stage.name}]"
-        train_seconds = None
+        train_seconds, train_compile = None, None
         fingerprint = stage_fingerprint(config, workdir, upstream)
         upstream = fingerprint
         set_aside_stale_stage(stage_dir, fingerprint, log, header)
@@ -356,7 +357,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
             stage_started = time.perf_counter()
             if not progress:
                 config.train.progress = False
-            result = train(config, stage_dir, log=log)
+            with CompileClock() as train_compile:
+                result = train(config, stage_dir, log=log)
             if result.stopped_early:
                 log(f"{header} stopped at step {result.final_step}; run the same command again to resume")
                 return {"stopped": stage.name}
@@ -364,7 +366,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
             train_seconds = time.perf_counter() - stage_started
             log(f"{header} done in {train_seconds:.0f}s "
                 f"(final loss {result.last_metrics.get('loss', float('nan')):.3f})")
-        evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log)
+        with CompileClock() as eval_compile:
+            evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log)
         qa = evaluation["qa_heldout"]
         probe = evaluation.get("completion_probe")
         log(f"{header} eval: held-out QA {qa['exact_match']:.1%}, EOS rate {qa['eos_rate']:.1%}, "
@@ -373,7 +376,9 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
         summary = json.loads((stage_dir / "summary.json").read_text())
         results.append({"name": stage.name, "stage": config.train.stage, "workdir": str(stage_dir),
                         "init_from": config.train.init_from, "steps": config.train.steps,
-                        "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation})
+                        "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation,
+                        "compile_seconds": {"train": train_compile.seconds if train_compile else None,
+                                            "evaluation": eval_compile.seconds}})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

@@ -2,6 +2,7 @@
 report, resumption, and SFT raising the EOS rate and QA accuracy above the pretrained model's."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,10 @@ def test_report_files_exist_and_parse(pipeline_run):
     for stage in report["stages"]:
         assert 0.0 <= stage["evaluation"]["completion_probe"] <= 1.0
         assert stage["summary"]["compile_seconds"] >= 0 and stage["train_seconds"] > 0
+        # every stage traced and lowered new programs (train step, eval step, generation) in this run
+        assert stage["compile_seconds"]["train"] > 0 and stage["compile_seconds"]["evaluation"] > 0
     assert "completion probe" in markdown and "compile s" in markdown
+    assert re.search(r"Compiling took \d+ s of the \d+ s wall time \(\d+\.\d%\)", markdown)
     assert "## What each stage shows" in markdown and "*Lecture*: SFT teaches the format" in markdown
 
 
@@ -94,8 +98,10 @@ def test_sft_raises_eos_rate_and_qa_accuracy_above_the_pretrained_model(pipeline
 def test_rerunning_skips_finished_stages(pipeline_run):
     recipe, workdir, _, _ = pipeline_run
     logs: list[str] = []
-    run_pipeline(recipe, workdir, log=logs.append, progress=False)
+    rerun = run_pipeline(recipe, workdir, log=logs.append, progress=False)
     assert sum("already finished" in line for line in logs) == 3
+    # nothing was trained or evaluated again, so nothing was compiled
+    assert all(stage["compile_seconds"] == {"train": None, "evaluation": 0.0} for stage in rerun["stages"])
 
 
 def test_bad_pipeline_recipe_is_a_clear_error(tmp_path):
@@ -187,3 +193,19 @@ def test_a_second_pipeline_on_a_locked_workdir_is_refused_naming_the_holder(tmp_
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_compile_clock_counts_new_programs_only():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.compile_time import CompileClock
+
+    program = jax.jit(lambda x: jnp.tanh(x) * 3.0 + x.sum())  # a fresh function: never compiled before
+    with CompileClock() as first:
+        program(jnp.ones((5, 7))).block_until_ready()
+    with CompileClock() as again:
+        program(jnp.ones((5, 7))).block_until_ready()
+    assert first.programs >= 1 and first.phases["trace"] > 0 and first.phases["lower"] > 0
+    assert first.seconds == pytest.approx(sum(first.phases.values()))
+    assert again.programs == 0 and again.seconds == 0.0
