@@ -5,8 +5,9 @@
     print(report["funnel"])   # 100% input -> 21% heuristics -> 14% exact_dedup -> ...
 
 Modules: `rules` (heuristic rules, one pure function each), `dedup` (exact hashes, MinHash LSH),
-`classifier` (hashed n-gram logistic regression), `sources` (streaming JSONL/text input),
-`pipeline` (the ordered chain, worker pool and report; the commands are in `jaxllm.cli.quality`).
+`classifier` (hashed n-gram logistic regression), `pipeline` (the ordered chain, worker pool and report;
+the commands are in `jaxllm.cli.quality`).
+Input is read by `jaxllm.data.sources.iter_documents` (streaming JSONL/text); bad input is a DataError.
 """
 
 from jaxllm.quality.classifier import (QualityClassifier, TrainOptions, hashed_features,
@@ -16,12 +17,11 @@ from jaxllm.quality.dedup import (ExactDeduplicator, MinHashConfig, MinHasher, N
 from jaxllm.quality.pipeline import STEPS, FilterOptions, filter_documents, format_report, heuristic_settings
 from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, check_all_rules, first_failing_rule,
                                   heuristic_config_from, normalise)
-from jaxllm.quality.sources import InputError, iter_records, iter_texts
 
 __all__ = [
     "QualityClassifier", "TrainOptions", "hashed_features", "train_quality_classifier",
     "ExactDeduplicator", "MinHashConfig", "MinHasher", "NearDeduplicator", "estimated_jaccard", "exact_hash",
     "STEPS", "FilterOptions", "filter_documents", "format_report", "heuristic_settings",
     "RULES", "HeuristicConfig", "TextView", "check_all_rules", "first_failing_rule", "heuristic_config_from",
-    "normalise", "InputError", "iter_records", "iter_texts",
+    "normalise",
 ]
