@@ -14,7 +14,8 @@ from jaxllm.errors import UsageError
 from jaxllm.quality.classifier import TrainOptions, train_quality_classifier
 from jaxllm.quality.dedup import MinHashConfig
 from jaxllm.quality.pipeline import FilterOptions, filter_documents, format_report, heuristic_settings
-from jaxllm.quality.rules import PROFILES, RULES, HeuristicConfig, describe_profiles, describe_rules
+from jaxllm.quality.profiles import PROFILES, describe_profiles, describe_rules
+from jaxllm.quality.rules import RULES, HeuristicConfig
 
 
 def parse_setting(text: str) -> tuple[str, Any]:

@@ -30,8 +30,8 @@ from jaxllm.data.sources import TEXT_UNITS, Record, expand_paths, iter_documents
 from jaxllm.errors import DataError
 from jaxllm.quality.classifier import QualityClassifier
 from jaxllm.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
-from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, first_failing_rule, heuristic_config_from,
-                                  profile_config)
+from jaxllm.quality.profiles import heuristic_config_from, profile_config
+from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule
 
 STEPS = ("heuristics", "exact_dedup", "near_dedup", "quality_classifier")
 
