@@ -309,7 +309,7 @@ def _with_bos_template(source, directory):
 
 
 def test_generate_prompts_follow_the_tokenizers_own_add_bos_rule_like_transformers(tmp_path):
-    from jaxllm.generate import _prompt_ids
+    from jaxllm.completions import _prompt_ids
     from jaxllm.data.hf_tokenizer import HFTokenizer
 
     _bpe_tokenizer_folder(tmp_path / "qwen", QWEN_STYLE_TEMPLATE)  # no BOS token: EOS stands in for bos_id
