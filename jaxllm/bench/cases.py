@@ -1,6 +1,6 @@
 """What `jaxllm bench` times: its settings, the config and synthetic batch of a case, the train step
 (built by jaxllm.step_builder, as `jaxllm train` builds it), KV-cache generation, and the CPU matmul
-ceiling probe. JAX is imported inside the cases so the CPU levers can be set before it starts."""
+ceiling probe."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ import statistics
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import lora as lora_lib
+from jaxllm import model as model_lib
+from jaxllm import sharding as sharding_lib
+from jaxllm import stages
+from jaxllm import state as state_lib
+from jaxllm import step_builder
+from jaxllm.aot import batch_spec
+from jaxllm.config import MODEL_PRESETS, load_config
 from jaxllm.errors import UsageError
 
 
@@ -58,8 +70,8 @@ def _overrides_for(settings: BenchSettings, extra: list[str]) -> list[str]:
     stage = "pretrain" if kind == "generate" else kind
     base = [f"model.preset={settings.preset}", f"train.stage={stage}", f"train.batch_size={settings.batch_size}",
             "train.steps=1000", "train.progress=false"]
-    from jaxllm.config import MODEL_PRESETS  # synthetic tokens: the preset's nominal vocabulary, not a tokenizer's
 
+    # synthetic tokens: the preset's nominal vocabulary, not a tokenizer's
     if "vocab_size" in MODEL_PRESETS.get(settings.preset, {}):
         base += [f"model.vocab_size={MODEL_PRESETS[settings.preset]['vocab_size']}"]
     if settings.seq_len:
@@ -93,8 +105,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def bench_config(settings: BenchSettings, extra: list[str]):
     """The resolved Config of one variant: the settings' preset, stage, batch and mesh plus `extra` overrides."""
-    from jaxllm.config import load_config
-
     overrides = _overrides_for(settings, extra)
     if not settings.seq_len:  # default: the model's context length, known once the preset has resolved
         resolved = load_config(None, overrides + ["data.seq_len=1"])
@@ -105,10 +115,6 @@ def bench_config(settings: BenchSettings, extra: list[str]):
 def synthetic_batch(config, batch_size: int, seed: int = 0, process_index: int = 0,
                     process_count: int = 1) -> dict:
     """A global batch of the stage's shapes (two packed documents per row), this process's rows only."""
-    import numpy as np
-
-    from jaxllm.aot import batch_spec
-
     rng = np.random.default_rng(seed)
     spec = batch_spec(config, batch_size)
     length = config.data.seq_len
@@ -116,7 +122,6 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, process_index: int =
     segment_ids = np.where(np.arange(length) < split, 1, 2)[None].repeat(batch_size, 0).astype(np.int32)
     positions = np.where(np.arange(length) < split, np.arange(length), np.arange(length) - split)
     positions = positions[None].repeat(batch_size, 0).astype(np.int32)
-    from jaxllm import stages
 
     if stages.get(config.train.stage).data_format == "chat":  # the answer is the second half of each document
         doc_length = np.where(segment_ids == 1, split, length - split)
@@ -142,8 +147,6 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, process_index: int =
 
 
 def _block(tree) -> None:
-    import jax
-
     jax.block_until_ready(tree)
 
 
@@ -151,14 +154,6 @@ class TrainCase:
     """One stage's compiled train step on a fixed batch; `run_once()` times one step."""
 
     def __init__(self, name: str, config, mesh, donate: bool = True, seed: int = 0):
-        import jax
-        import numpy as np
-
-        from jaxllm import model as model_lib
-        from jaxllm import sharding as sharding_lib
-        from jaxllm import state as state_lib
-        from jaxllm import step_builder
-
         self.name, self.config, self.mesh, self.donate = name, config, mesh, donate
         self.kind = "train"
         built = step_builder.build(config, mesh)  # the step `jaxllm train` compiles: same layouts, heads, LoRA
@@ -169,7 +164,6 @@ class TrainCase:
                 params = model_lib.init_model(config.model, seed)[1]
                 reference = params
                 if built.base_abstract is not None:  # LoRA: the adapters train on the initialised model as base
-                    from jaxllm import lora as lora_lib
 
                     reference, params = lora_lib.split(params)
                 if built.heads:
@@ -202,8 +196,6 @@ class TrainCase:
         self.losses: list[float] = []
 
     def run_once(self) -> float:
-        import jax
-
         began, cpu_began = time.perf_counter(), time.process_time()
         with jax.set_mesh(self.mesh):
             self.state, metrics = self.compiled(self.state, self.batch, self.reference, self.limit)
@@ -219,14 +211,6 @@ class GenerateCase:
     compiled loop. `run_once()` times the decode loop (the prefill is timed beside it)."""
 
     def __init__(self, name: str, config, mesh, prompt_len: int, new_tokens: int, seed: int = 0):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-
-        from jaxllm import model as model_lib
-        from jaxllm import sharding as sharding_lib
-        from jaxllm import state as state_lib
-
         self.name, self.config, self.mesh, self.donate = name, config, mesh, False
         self.kind = "generate"
         batch = config.train.batch_size
@@ -294,8 +278,6 @@ class GenerateCase:
         self.prefill_tokens = batch * prompt_len
 
     def run_once(self) -> float:
-        import jax
-
         with jax.set_mesh(self.mesh):
             began = time.perf_counter()
             token, cache = self.prefill(self.params)
@@ -315,9 +297,6 @@ class MatmulProbe:
     steps, and `close_round` turns the round's samples into one ceiling (median matmul time)."""
 
     def __init__(self, platform: str):
-        import jax
-        import jax.numpy as jnp
-
         self.n, self.dtype = (2048, "float32") if platform == "cpu" else (8192, "bfloat16")
         self.repeats = 2 if platform == "cpu" else 5  # per half-round until calibrated
         keys = jax.random.split(jax.random.key(0), 2)

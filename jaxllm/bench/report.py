@@ -14,8 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxllm.hardware import device_peak
+import jax
+import jaxlib
+
+from jaxllm import cpu_levers
+from jaxllm import model as model_lib
 from jaxllm.bench.cases import FLOPS_FORMULA, MatmulProbe
+from jaxllm.hardware import device_peak
 
 
 def run_interleaved(cases: list, warmup: int, steps: int, probe: MatmulProbe | None,
@@ -45,9 +50,6 @@ def run_interleaved(cases: list, warmup: int, steps: int, probe: MatmulProbe | N
 
 
 def bench_environment() -> dict[str, Any]:
-    import jax
-    import jaxlib
-
     env_keys = ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
                 "MALLOC_TOP_PAD_", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
     try:
@@ -74,8 +76,6 @@ def bench_environment() -> dict[str, Any]:
 def _cpu_isa() -> dict[str, Any]:
     """The host CPU's model and vector ISA (AVX2 / AVX-512 / AMX); `isa` is the one XLA generates code
     for (lowered by `--xla_cpu_max_isa` when it emulates a smaller CPU: `isa_emulated`)."""
-    from jaxllm import cpu_levers
-
     cpu = cpu_levers.cpu_info()
     isa = cpu_levers.effective_isa(cpu["isa"], os.environ.get("XLA_FLAGS", ""))
     return {"cpu_model": cpu["model"], "hardware_isa": cpu["isa"], "isa": isa, "isa_emulated": isa != cpu["isa"]}
@@ -97,17 +97,11 @@ def _peak_device_memory(mesh) -> int | None:
 
 def process_index() -> int:
     """This process's index among the JAX processes (0 on one host)."""
-    import jax
-
     return jax.process_index()
 
 
 def summarize_case(case, ceilings: list[float], peak_tflops_override: float | None, environment: dict,
                    overrides: list[str], cpu_ceilings: list[float] | None = None) -> dict[str, Any]:
-    import jax
-
-    from jaxllm import model as model_lib
-
     config, mesh = case.config, case.mesh
     device = mesh.devices.flat[0]
     m = config.model

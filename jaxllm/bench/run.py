@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 
+from jaxllm import sharding as sharding_lib
 from jaxllm.bench.cases import BenchError, BenchSettings, GenerateCase, MatmulProbe, TrainCase, bench_config
 from jaxllm.bench.profile import summarize_trace
 from jaxllm.bench.report import bench_environment, run_interleaved, summarize_case
@@ -24,10 +26,6 @@ def parse_variant(text: str) -> tuple[str, list[str], bool]:
 
 def run_bench(settings: BenchSettings, log=print) -> list[dict]:
     """Compiles and times every variant interleaved; one record (JSON-ready) per variant."""
-    import jax
-
-    from jaxllm import sharding as sharding_lib
-
     kind = settings.stage  # a stage's train step, or "generate"
     if settings.steps < 1 or settings.warmup < 0 or settings.batch_size < 1:
         raise BenchError("--steps and --batch-size must be at least 1 and --warmup at least 0")

@@ -15,6 +15,7 @@ from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config, ConfigError
+from jaxllm.data.chat import prompt_ids as chat_prompt_ids
 from jaxllm.errors import UsageError
 
 
@@ -192,15 +193,13 @@ class SelfJudgeReward:
                                                       stop_ids=(tokenizer.eos_id, tokenizer.user_id))
 
     def judge_prompts(self, samples: list[Sample]) -> list[list[int]]:
-        from jaxllm.data.chat import prompt_ids
-
         limit = self.model_config.max_seq_len - self.settings.max_new_tokens
         prompts = []
         for sample in samples:
             answer = sample.completion
             while True:
                 text = self.template.format(question=sample.question, answer=answer, reference=sample.reference or "")
-                ids = prompt_ids([{"role": "user", "content": text}], self.tokenizer)
+                ids = chat_prompt_ids([{"role": "user", "content": text}], self.tokenizer)
                 if len(ids) <= limit or not answer:
                     break
                 answer = answer[: len(answer) // 2]  # an over-long answer is judged on its beginning

@@ -12,6 +12,7 @@ import numpy as np
 from jaxllm import generate as generate_lib
 from jaxllm import model as model_lib
 from jaxllm.config import Config
+from jaxllm.data.chat import prompt_messages, render_chat
 from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
 from jaxllm.rl.rewards import sequence_scores_jit
@@ -52,8 +53,6 @@ _ANSWER_FIELDS = ("response", "answer", "completion")
 
 def _score_record_rows(record: Any, where: str, tokenizer) -> tuple[list[str], list[tuple[list[int], list[int]]]]:
     """A record -> (names of the scores it gets, rendered rows)."""
-    from jaxllm.data.chat import prompt_messages, render_chat
-
     if not isinstance(record, dict):
         raise UsageError(f"{where}: a record must be a JSON object")
     messages = prompt_messages(record, where)  # a DataError (exit 2) names the record and the field
