@@ -23,7 +23,6 @@ from jaxllm.aot import batch_spec
 from jaxllm.config import MODEL_PRESETS, load_config
 from jaxllm.errors import UsageError
 
-
 FLOPS_FORMULA = ("training: 6*P + 12*L*T*N*H per token (P = matmul params incl. output head, attention counted "
                  "as full TxT); forward only (reference, prefill, decode): a third of that")
 

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-
 _KERNEL_CLASSES = [
     ("attention", r"fmha|flash|sdpa|cudnn|attention|splash"),
     ("matmul", r"gemm|cublas|cutlass|nvjet|xmma|sm90_|sm80_|dot|convolution|matmul|wgmma|ynn|onednn|xnn"),

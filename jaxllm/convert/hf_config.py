@@ -8,10 +8,8 @@ import json
 import math
 from typing import Any
 
-
 from jaxllm.config import Config, ConfigError, ModelConfig, validate
 from jaxllm.model import rope_frequencies
-
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 

@@ -21,7 +21,6 @@ from jaxllm.convert.tensor_map import leaf_paths, tensor_map, tree_get, tree_set
 from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from jaxllm.data.tokenizer import check_vocab
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json")
 SOURCE_FILE = "hf_source.json"

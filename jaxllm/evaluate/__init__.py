@@ -52,6 +52,7 @@ from jaxllm.generate import SamplingSettings
 from jaxllm.tasks import Task
 from jaxllm.tasks.metrics import exact_match
 
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline's evaluation (signatures kept: pipeline.py and knowledge_experiment.py call these)
 

@@ -22,7 +22,6 @@ from jaxllm.config import Config, ModelConfig
 from jaxllm.errors import UsageError
 from jaxllm.generate import SamplingSettings, bucket, generate, host_rows, load_model_for_inference, mesh_of
 
-
 LOGITS_BLOCK_BYTES = 256 << 20  # float32 logits per scoring block, at most
 
 

@@ -8,10 +8,8 @@ import dataclasses
 import re
 from typing import Any
 
-
 from jaxllm import settings
 from jaxllm.quality.rules import RULES, HeuristicConfig
-
 
 _TUPLE_SETTINGS = ("allowed_scripts", "disabled_rules", "max_top_ngram_char_fraction",
                    "max_duplicate_ngram_char_fraction")
