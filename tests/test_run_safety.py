@@ -23,6 +23,7 @@ from helpers import SyntheticIterator, tiny_config
 from jaxllm import files
 from jaxllm import sharding as sharding_lib
 from jaxllm import train as train_lib
+from jaxllm.loop import progress
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, INT_MINIMUMS, MeshConfig, iter_settings, load_config
 
@@ -169,7 +170,7 @@ def test_a_non_finite_update_is_skipped_and_blamed_on_the_update_not_the_data(tm
 
 def test_progress_bar_shows_the_loss_of_the_step_it_draws_and_no_zero_throughput():
     stream = io.StringIO()
-    bar = train_lib._progress_bar(10, 40, True, "pretrain", file=stream, mininterval=0)
+    bar = progress.ProgressBar(10, 40, True, "pretrain", file=stream, mininterval=0)
     bar.update(11, {"loss": 7.0, "tokens_per_second": 0.0})  # the compiling step right after a resume
     assert "tok_s=-" in stream.getvalue() and "tok_s=0" not in stream.getvalue()
     bar.update(20, {"loss": 2.5, "tokens_per_second": 1234.0})
