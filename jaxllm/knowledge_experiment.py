@@ -22,6 +22,7 @@ import yaml
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import evaluate
+from jaxllm.evaluate import scoring
 from jaxllm import settings as settings_lib
 from jaxllm.config import ConfigError, load_config, resolve_recipe
 from jaxllm.data import biographies as bio
@@ -137,7 +138,7 @@ def completion_probe(config, graphdef, params, tokenizer, people) -> float:
             for value in pool:
                 full = [tokenizer.bos_id, *tokenizer.encode(f"{prefix} {value}.")]
                 requests.append((context, full[len(context):]))
-        scores = evaluate.score_continuations(config.model, graphdef, params, requests, batch_size=64).logprob
+        scores = scoring.score_continuations(config.model, graphdef, params, requests, batch_size=64).logprob
         chosen = np.asarray(scores).reshape(len(people), len(pool)).argmax(axis=1)
         accuracies.append(np.mean([pool[c] == p.attribute(attribute) for c, p in zip(chosen, people)]))
     return float(np.mean(accuracies))

@@ -27,7 +27,7 @@ from typing import Any
 
 from jaxllm.data.chat import render_text, validate_messages
 from jaxllm.errors import UsageError
-from jaxllm.evaluate import EvalModel, generate_completions, score_continuations, score_documents
+from jaxllm.evaluate.scoring import EvalModel, generate_completions, score_continuations, score_documents
 from jaxllm.generate import SamplingSettings
 from jaxllm.tasks.metrics import cut_at_stop
 

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from jaxllm import bench
+from jaxllm.bench import cases, profile, run
 from jaxllm.cli import main
 from jaxllm import model as model_lib
 from jaxllm.config import load_config
+from jaxllm.hardware import device_peak
 
 TINY = ["--preset", "micro", "--batch-size", "8", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--quiet"]
 
@@ -72,22 +73,22 @@ def test_generate_bench_reports_prefill_and_decode(tmp_path):
 def test_bad_arguments_are_sentences_and_exit_2(tmp_path, capsys):
     assert main(["bench", *TINY, "--batch-size", "3", "--no-history"]) == 2
     assert "divisible" in capsys.readouterr().err
-    with pytest.raises(bench.BenchError, match="NAME:key=value"):
-        bench.parse_variant("model.attention=xla")
+    with pytest.raises(cases.BenchError, match="NAME:key=value"):
+        run.parse_variant("model.attention=xla")
 
 
 def test_peak_table_and_mesh_parsing():
-    assert bench.device_peak("NVIDIA H100 80GB HBM3", "bfloat16") == (989.0, 3.35)
-    assert bench.device_peak("NVIDIA H200", "bfloat16")[0] == 989.0
-    assert bench.device_peak("NVIDIA A100-SXM4-80GB", "bfloat16")[0] == 312.0
-    assert bench.device_peak("TPU v4", "bfloat16")[0] == 275.0
-    assert bench.device_peak("TPU v5 lite", "bfloat16")[0] == 197.0
-    assert bench.device_peak("TPU v5p", "bfloat16")[0] == 459.0
-    assert bench.device_peak("TPU v6 lite", "bfloat16")[0] == 918.0
-    assert bench.device_peak("cpu", "float32") == (None, None)
-    assert bench.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert bench.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
-    assert bench.parse_mesh("1,8,1") == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert device_peak("NVIDIA H100 80GB HBM3", "bfloat16") == (989.0, 3.35)
+    assert device_peak("NVIDIA H200", "bfloat16")[0] == 989.0
+    assert device_peak("NVIDIA A100-SXM4-80GB", "bfloat16")[0] == 312.0
+    assert device_peak("TPU v4", "bfloat16")[0] == 275.0
+    assert device_peak("TPU v5 lite", "bfloat16")[0] == 197.0
+    assert device_peak("TPU v5p", "bfloat16")[0] == 459.0
+    assert device_peak("TPU v6 lite", "bfloat16")[0] == 918.0
+    assert device_peak("cpu", "float32") == (None, None)
+    assert cases.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert cases.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+    assert cases.parse_mesh("1,8,1") == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
 def test_profile_summary_splits_device_time_by_kernel_class(tmp_path):
@@ -103,10 +104,10 @@ def test_profile_summary_splits_device_time_by_kernel_class(tmp_path):
     trace_dir.mkdir(parents=True)
     with gzip.open(trace_dir / "host.trace.json.gz", "wt") as handle:
         json.dump({"traceEvents": events}, handle)
-    summary = bench.summarize_trace(tmp_path)
+    summary = profile.summarize_trace(tmp_path)
     assert summary["device_events_only"]
     assert summary["share_by_class"] == {"matmul": 0.6, "attention": 0.2, "fusion/elementwise": 0.2}
-    assert "matmul" in bench.format_profile(summary)
+    assert "matmul" in profile.format_profile(summary)
 
 
 def test_mfu_is_achieved_flops_over_the_datasheet_peak_and_unknown_on_cpu():

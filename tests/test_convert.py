@@ -14,9 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from jaxllm import convert  # noqa: E402
 from jaxllm import model as model_lib  # noqa: E402
 from jaxllm.config import ConfigError, ModelConfig  # noqa: E402
+from jaxllm.convert import hf_export, hf_import  # noqa: E402
+from jaxllm.convert.hf_config import hf_config_from_model, model_config_from_hf  # noqa: E402
 
 SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -75,8 +76,8 @@ def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 def test_converted_model_logits_match_transformers(tmp_path, name):
     hf_model = _random_hf_model(FAMILIES[name]())
     hf_model.save_pretrained(tmp_path)
-    conversion = convert.model_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
-    params = convert.load_hf_params(tmp_path, conversion.model, conversion.family)
+    conversion = model_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    params = hf_import.load_hf_params(tmp_path, conversion.model, conversion.family)
     tokens = _tokens(SIZES["vocab_size"])
     got, expected = _jax_logits(conversion.model, params, tokens), _hf_logits(hf_model, tokens)
     assert got.shape == expected.shape
@@ -91,9 +92,9 @@ def test_sharded_bfloat16_checkpoint_converts_tensor_by_tensor(tmp_path):
     hf_model = _random_hf_model(FAMILIES["qwen3_yarn"]()).to(torch.bfloat16)
     hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    conversion = convert.model_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    conversion = model_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
     assert conversion.model.param_dtype == "bfloat16"
-    params = convert.load_hf_params(tmp_path, conversion.model, conversion.family)
+    params = hf_import.load_hf_params(tmp_path, conversion.model, conversion.family)
     q = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [N*H, D]
     got = np.asarray(params["blocks"]["attention"]["q_proj"][1], np.float32)  # [D, N, H]
     np.testing.assert_array_equal(got, q.T.reshape(got.shape))
@@ -122,16 +123,16 @@ def test_round_trip_jaxllm_to_hf_to_jaxllm_is_bit_exact(tmp_path, fields):
     model_config, params = _tiny_jaxllm(**fields)
     config = Config(model=model_config)
     config.data.seq_len = 32
-    workdir = convert.write_workdir(tmp_path / "run", config, params, {})
-    hf_dir = convert.to_hf(workdir, tmp_path / "hf", log=lambda _: None)
+    workdir = hf_import.write_workdir(tmp_path / "run", config, params, {})
+    hf_dir = hf_export.to_hf(workdir, tmp_path / "hf", log=lambda _: None)
     hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True,
                                                                        attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tokens = _tokens(96, seed=3)
     np.testing.assert_allclose(_hf_logits(hf_model, tokens), _jax_logits(model_config, params, tokens), atol=1e-4)
     # Export then import copies the same float32 arrays: bit-exact.
-    back = convert.from_hf(hf_dir, tmp_path / "back", log=lambda _: None)
-    _, reloaded = convert.load_workdir_params(back)
+    back = hf_import.from_hf(hf_dir, tmp_path / "back", log=lambda _: None)
+    _, reloaded = hf_export.load_workdir_params(back)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reloaded)
 
 
@@ -199,12 +200,12 @@ def test_converted_workdir_loads_for_generation_with_its_tokenizer(tmp_path):
     from jaxllm.data.report import DataError
 
     with pytest.raises(DataError, match="model.vocab_size"):  # 400 tokenizer ids, a 96-row embedding table
-        convert.from_hf(tmp_path / "hf", tmp_path / "run", log=lambda _: None)
+        hf_import.from_hf(tmp_path / "hf", tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run").exists()
     hf_model = _random_hf_model(transformers.Qwen2Config(**{**SIZES, "vocab_size": 400}, tie_word_embeddings=True))
     hf_model.save_pretrained(tmp_path / "hf2")
     _bpe_tokenizer_folder(tmp_path / "hf2", QWEN_STYLE_TEMPLATE)
-    workdir = convert.from_hf(tmp_path / "hf2", tmp_path / "run2", log=lambda _: None)
+    workdir = hf_import.from_hf(tmp_path / "hf2", tmp_path / "run2", log=lambda _: None)
     config, graphdef, params, tokenizer = generate.load_model_for_inference(workdir)
     assert type(tokenizer).__name__ == "HFTokenizer" and config.model.attention_bias
     from jaxllm.data.chat import prompt_ids
@@ -230,15 +231,15 @@ def test_converted_workdir_loads_for_generation_with_its_tokenizer(tmp_path):
 def test_unsupported_config_fields_are_clear_errors(change, field):
     base = transformers.LlamaConfig(**SIZES).to_dict()
     with pytest.raises(ConfigError, match=field):
-        convert.model_config_from_hf({**base, **change})
+        model_config_from_hf({**base, **change})
 
 
 def test_to_hf_refuses_a_model_the_family_cannot_express(tmp_path):
     model_config = ModelConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True)
     with pytest.raises(ConfigError, match="model.qk_norm"):
-        convert.hf_config_from_model(model_config, "llama")
+        hf_config_from_model(model_config, "llama")
     with pytest.raises(ConfigError, match="no config.json"):
-        convert.from_hf(tmp_path, tmp_path / "out", log=lambda _: None)
+        hf_import.from_hf(tmp_path, tmp_path / "out", log=lambda _: None)
 
 
 def test_rope_scaling_frequencies_match_transformers():
@@ -248,7 +249,7 @@ def test_rope_scaling_frequencies_match_transformers():
         hf_config = FAMILIES[name]()
         kind = hf_config.rope_parameters["rope_type"]
         expected, factor = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
-        model_config = convert.model_config_from_hf(hf_config.to_dict()).model
+        model_config = model_config_from_hf(hf_config.to_dict()).model
         got, got_factor = model_lib.rope_frequencies(model_config)
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
         assert got_factor == pytest.approx(factor)
@@ -308,7 +309,7 @@ def _with_bos_template(source, directory):
 
 
 def test_generate_prompts_follow_the_tokenizers_own_add_bos_rule_like_transformers(tmp_path):
-    from jaxllm.generate import _prompt_ids
+    from jaxllm.completions import _prompt_ids
     from jaxllm.data.hf_tokenizer import HFTokenizer
 
     _bpe_tokenizer_folder(tmp_path / "qwen", QWEN_STYLE_TEMPLATE)  # no BOS token: EOS stands in for bos_id

@@ -5,8 +5,9 @@ import os
 import jax
 import pytest
 
-from jaxllm import bench_levers, cli, cpu_levers
-from jaxllm.bench import BenchSettings
+from jaxllm import cli, cpu_levers
+from jaxllm.bench import levers as bench_levers
+from jaxllm.bench.cases import BenchSettings
 
 AVX2_FLAGS = "fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx avx2 bmi2"
 CPUINFO = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n"

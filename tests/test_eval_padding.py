@@ -10,7 +10,7 @@ import pytest
 
 from jaxllm import losses
 from jaxllm import model as model_lib
-from jaxllm import rl
+from jaxllm.rl import rollouts
 from jaxllm import state as state_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import load_config
@@ -114,15 +114,15 @@ def test_rl_eval_prompts_cover_each_prompt_once(tmp_path):
     config = _config("rl", _write(tmp_path / "prompts.jsonl", prompts), 4, "rl.prompts_per_step=4",
                      "rl.group_size=2")
     iterator = make_batch_iterator(config, TOKENIZER, "eval", prefetch=0)
-    batches = rl.eval_prompt_batches(iterator, 100)
+    batches = rollouts.eval_prompt_batches(iterator, 100)
     assert len(batches) == 3
     present = np.concatenate([b["present"] for b in batches])
     ids = np.concatenate([b["example_ids"][:, 0] for b in batches])
     assert present.sum() == 10 and sorted(ids[present].tolist()) == sorted(p["id"] for p in iterator.prompts)
-    assert len(rl.eval_prompt_batches(iterator, 2)) == 2  # train.eval_batches still caps the batches
+    assert len(rollouts.eval_prompt_batches(iterator, 2)) == 2  # train.eval_batches still caps the batches
 
     # RLStage.evaluate leaves the wrapped repeats out: a stub model answers, every answer earns reward 1.
-    stage = rl.RLStage.__new__(rl.RLStage)
+    stage = rollouts.RLStage.__new__(rollouts.RLStage)
     stage.config, stage.eval_prompts, stage.greedy, stage._eval_seconds = config, batches, None, 0.0
     answer = types.SimpleNamespace(completion_ids=[5, 6], finished=True)
     stage.sample = lambda params, batch, settings, group, key: ([answer] * len(batch["present"]), {}, {})

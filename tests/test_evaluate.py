@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jaxllm import evaluate as ev
+from jaxllm.evaluate import runner, scoring
 from jaxllm import losses
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
@@ -49,7 +50,7 @@ def _direct_logprob(graphdef, params, context, continuation):
 
 def test_loglikelihood_equals_the_sum_of_token_logprobs_of_a_direct_forward_pass(tiny_model):
     graphdef, params = tiny_model
-    scores = ev.score_continuations(CONFIG.model, graphdef, params, REQUESTS, batch_size=4)
+    scores = scoring.score_continuations(CONFIG.model, graphdef, params, REQUESTS, batch_size=4)
     best_next = []
     for (context, continuation), logprob, greedy, count in zip(REQUESTS, scores.logprob, scores.greedy, scores.tokens):
         expected, logits = _direct_logprob(graphdef, params, context, continuation)
@@ -60,29 +61,29 @@ def test_loglikelihood_equals_the_sum_of_token_logprobs_of_a_direct_forward_pass
         assert greedy == bool((argmax == np.asarray(continuation)).all())
         best_next.append((context + continuation[:1], [int(argmax[1])] if len(continuation) > 1 else [0]))
     # The model's own greedy choice is recognised as greedy.
-    greedy = ev.score_continuations(CONFIG.model, graphdef, params, best_next, batch_size=4).greedy
+    greedy = scoring.score_continuations(CONFIG.model, graphdef, params, best_next, batch_size=4).greedy
     assert all(greedy[i] for i, (_, c) in enumerate(REQUESTS) if len(c) > 1)
 
 
 def test_batched_and_sharded_scores_equal_one_at_a_time_scores_so_padding_does_not_leak(tiny_model):
     graphdef, params = tiny_model
-    one_by_one = np.asarray([ev.score_continuations(CONFIG.model, graphdef, params, [r], batch_size=1).logprob[0]
+    one_by_one = np.asarray([scoring.score_continuations(CONFIG.model, graphdef, params, [r], batch_size=1).logprob[0]
                              for r in REQUESTS])
-    batched = ev.score_continuations(CONFIG.model, graphdef, params, REQUESTS, batch_size=5, pad_id=7).logprob
+    batched = scoring.score_continuations(CONFIG.model, graphdef, params, REQUESTS, batch_size=5, pad_id=7).logprob
     # Sums of up to 30 token log-probs of order 1-10, each from another batch shape / mesh: float32
     # reordering (a few ulps per term); 2e-4 absolute is ~100x that.
     np.testing.assert_allclose(batched, one_by_one, atol=2e-4)
     mesh = sharding_lib.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2, num_devices=4))
     shardings = sharding_lib.tree_shardings(params, model_lib.logical_axes(CONFIG.model), mesh)
     sharded_params = jax.device_put(params, shardings)
-    sharded = ev.score_continuations(CONFIG.model, graphdef, sharded_params, REQUESTS, batch_size=3)
+    sharded = scoring.score_continuations(CONFIG.model, graphdef, sharded_params, REQUESTS, batch_size=3)
     np.testing.assert_allclose(sharded.logprob, one_by_one, atol=2e-4)
 
 
 def test_rolling_windows_predict_every_token_once_within_the_context_limit():
     ids = list(range(100, 237))
     for max_len in (8, 16, 64, 200):
-        windows = ev.rolling_requests(ids, max_len)
+        windows = scoring.rolling_requests(ids, max_len)
         assert sum((continuation for _, continuation in windows), []) == ids[1:]
         for context, continuation in windows:
             assert context and len(context) + len(continuation) <= max_len
@@ -94,7 +95,7 @@ def test_a_model_trained_to_prefer_an_answer_scores_it_first(tiny_model):
     graphdef, params = tiny_model
     context, choices = [2, 10, 11, 12, 13], [[20, 21], [30], [40, 41, 42], [50, 51]]
     requests = [(context, choice) for choice in choices]
-    before = ev.score_continuations(CONFIG.model, graphdef, params, requests).logprob
+    before = scoring.score_continuations(CONFIG.model, graphdef, params, requests).logprob
     target = int(np.argmin(before))  # the answer the untrained model likes least
     ids = np.asarray([context + choices[target]], np.int32)
     mask = np.zeros_like(ids, dtype=np.float32)
@@ -112,7 +113,7 @@ def test_a_model_trained_to_prefer_an_answer_scores_it_first(tiny_model):
     opt_state = optimizer.init(params)
     for _ in range(15):
         params, opt_state = step(params, opt_state)
-    after = ev.score_continuations(CONFIG.model, graphdef, params, requests).logprob
+    after = scoring.score_continuations(CONFIG.model, graphdef, params, requests).logprob
     assert int(np.argmax(after)) == target and after[target] > before[target]
 
 
@@ -125,7 +126,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_times_tokens_per_byte(tm
     path = tmp_path / "texts.jsonl"
     path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
     task = Task(name="uniform", kind="perplexity", source=f"jsonl:{path}", fields={"text": "body"})
-    result = ev.run_task(ev.EvalModel(config, graphdef, uniform, tokenizer), task, ev.RunSettings(batch_size=2))
+    result = runner.run_task(scoring.EvalModel(config, graphdef, uniform, tokenizer), task, runner.RunSettings(batch_size=2))
     tokens = sum(len(tokenizer.encode(t)) + 1 for t in texts)  # every text token and EOS is predicted
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert tokens > 2 * config.model.max_seq_len  # the long text is scored in several windows
@@ -157,10 +158,10 @@ def test_few_shot_prompts_are_solved_examples_then_the_question(tmp_path):
     shots = task.fewshot(examples[0], task.fewshot_pool(examples))
     assert len(shots) == 2 and examples[0].where not in [s.where for s in shots]
     assert shots == task.fewshot(examples[0], task.fewshot_pool(examples))  # the same shots every run
-    text = tokenizer.decode(ev.prompt_ids(task, examples[0], shots, tokenizer))
+    text = tokenizer.decode(runner.prompt_ids(task, examples[0], shots, tokenizer))
     expected = "".join(f"Question: {s.question}\nAnswer: {s.choices[1]}\n\n" for s in shots) + "Question: Q0?\nAnswer:"
     assert text == expected
-    chat = ev.prompt_ids(Task(name="c", kind="mc", source=str(path), chat=True, fields=task.fields), examples[0], shots,
+    chat = runner.prompt_ids(Task(name="c", kind="mc", source=str(path), chat=True, fields=task.fields), examples[0], shots,
                          tokenizer)
     assert chat[-1] == tokenizer.assistant_id and chat.count(tokenizer.assistant_id) == 3
 
@@ -224,23 +225,23 @@ def test_pipeline_functions_agree_with_the_tasks(workdir):
 
     config, graphdef, params, tokenizer = load_model_for_inference(workdir)
     text = ev.perplexity(config, graphdef, params, tokenizer, "default:pretrain_eval", num_batches=1, batch_size=8)
-    task = ev.run_task(ev.EvalModel(config, graphdef, params, tokenizer), get_task("heldout_text"),
-                       ev.RunSettings(batch_size=8), limit=8)
+    task = runner.run_task(scoring.EvalModel(config, graphdef, params, tokenizer), get_task("heldout_text"),
+                       runner.RunSettings(batch_size=8), limit=8)
     assert text["bits_per_byte"] == pytest.approx(task.metrics["bits_per_byte"])
     assert text["tokens"] == task.metrics["tokens"] > 8 * 20
     records = ev.read_records("default:qa_eval", 4)
     qa = ev.qa_accuracy(config, graphdef, params, tokenizer, records, 6)
-    bio_qa = ev.run_task(ev.EvalModel(config, graphdef, params, tokenizer),
+    bio_qa = runner.run_task(scoring.EvalModel(config, graphdef, params, tokenizer),
                          with_overrides(get_task("bio_qa"), max_new_tokens=6), limit=4)
     assert qa["examples"] == 4 and 0 <= qa["eos_rate"] <= 1
     assert [s["question"] for s in bio_qa.samples] == [r["prompt"] for r in records]
 
 
 def test_pairwise_win_rate_against_itself_is_one_half_whatever_the_judges_position_bias(workdir):
-    model = ev.EvalModel.load(workdir)
+    model = scoring.EvalModel.load(workdir)
     task = Task(name="self", kind="pairwise", source="default:qa_eval", fields={"question": "prompt"}, chat=True,
                 max_new_tokens=6)
-    result = ev.run_task(model, task, ev.RunSettings(baseline=model, judge=model), limit=4)
+    result = runner.run_task(model, task, runner.RunSettings(baseline=model, judge=model), limit=4)
     # Identical answers: the judge sees the same prompt in both orders, so whichever letter it prefers,
     # the model wins once and loses once on every prompt.
     assert result.metrics["win_rate"] == 0.5 and result.metrics["ties"] == 4
@@ -249,7 +250,7 @@ def test_pairwise_win_rate_against_itself_is_one_half_whatever_the_judges_positi
     # With the records' own answers as the baseline instead of a second model:
     task = Task(name="refs", kind="pairwise", source="default:qa_eval", chat=True, max_new_tokens=6,
                 fields={"question": "prompt", "baseline": "reference"})
-    result = ev.run_task(model, task, limit=4)
+    result = runner.run_task(model, task, limit=4)
     assert [s["baseline"] for s in result.samples] == [r["reference"] for r in ev.read_records("default:qa_eval", 4)]
     assert result.metrics["wins"] + result.metrics["ties"] + result.metrics["losses"] == 4
 
@@ -281,12 +282,12 @@ def test_tfds_and_yaml_tasks_with_a_field_mapping_score_like_the_same_jsonl(work
     yaml_task = tmp_path / "medmcqa.yaml"
     yaml_task.write_text("kind: multiple_choice\nsource: medmcqa_like.jsonl\ntemplate: \"Q: {question}\\nA:\"\n"
                          "fields: {choices: 'opa,opb,opc', answer: cop}\n")
-    model = ev.EvalModel.load(workdir)
-    settings = ev.RunSettings(batch_size=8)
-    from_yaml = ev.run_task(model, get_task(str(yaml_task)), settings)
+    model = scoring.EvalModel.load(workdir)
+    settings = runner.RunSettings(batch_size=8)
+    from_yaml = runner.run_task(model, get_task(str(yaml_task)), settings)
     tfds_task = Task(name="t", kind="mc", source=f"tfds:{dataset}:train", template="Q: {question}\nA:",
                      fields={"choices": "opa,opb,opc", "answer": "cop"})
-    from_tfds = ev.run_task(model, tfds_task, settings)
+    from_tfds = runner.run_task(model, tfds_task, settings)
     assert [s["choices"] for s in from_tfds.samples] == [["Lisbon", "Oslo", "Lima"]] * 5
     assert [s["answer"] for s in from_tfds.samples] == [r["cop"] for r in rows]
     np.testing.assert_allclose([s["logprobs"] for s in from_tfds.samples], [s["logprobs"] for s in from_yaml.samples],
@@ -323,7 +324,7 @@ def test_lm_eval_adapter_matches_jaxllm_scoring_on_a_local_task(workdir, tmp_pat
     results = lm_eval.simple_evaluate(model=lm, tasks=["jaxllm_local_mc"], task_manager=tasks)
     harness_acc = results["results"]["jaxllm_local_mc"]["acc,none"]
     model, tokenizer = lm.model, lm.tokenizer
-    ours = ev.run_task(model, Task(name="local", kind="mc", source=str(data)), ev.RunSettings(batch_size=8))
+    ours = runner.run_task(model, Task(name="local", kind="mc", source=str(data)), runner.RunSettings(batch_size=8))
     assert harness_acc == pytest.approx(ours.metrics["acc"])
 
     def instance(kind, args):
@@ -335,11 +336,11 @@ def test_lm_eval_adapter_matches_jaxllm_scoring_on_a_local_task(workdir, tmp_pat
     assert logprob == pytest.approx(expected, abs=1e-4)
     text = "Ana Lopez was born in Lisbon. " * 20
     rolling = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])
-    direct = ev.score_documents(model.config.model, model.graphdef, model.params,
+    direct = scoring.score_documents(model.config.model, model.graphdef, model.params,
                                 [[tokenizer.bos_id, *tokenizer.encode(text)]]).logprob[0]
     assert rolling[0] == pytest.approx(direct, abs=1e-3)
     generated = lm.generate_until([instance("generate_until", ("Ana Lopez was born in", {"until": ["."],
                                                                                          "max_gen_toks": 6}))])
-    greedy = ev.generate_completions(model, [[tokenizer.bos_id, *tokenizer.encode("Ana Lopez was born in")]],
-                                     ev.greedy_settings(tokenizer, 6, chat=False))[0]["text"]
+    greedy = scoring.generate_completions(model, [[tokenizer.bos_id, *tokenizer.encode("Ana Lopez was born in")]],
+                                     scoring.greedy_settings(tokenizer, 6, chat=False))[0]["text"]
     assert generated == [greedy.split(".")[0]]

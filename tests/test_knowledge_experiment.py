@@ -40,8 +40,8 @@ def test_completion_probe_scores_the_right_value_against_its_pool(monkeypatch):
 
     import numpy as np
 
-    from jaxllm import evaluate
     from jaxllm.data import biographies as bio
+    from jaxllm.evaluate import scoring
     from jaxllm.knowledge_experiment import completion_probe
 
     people = bio.make_people(5, seed=2)
@@ -59,8 +59,8 @@ def test_completion_probe_scores_the_right_value_against_its_pool(monkeypatch):
         return score
 
     config = SimpleNamespace(model=None)
-    monkeypatch.setattr(evaluate, "score_continuations", knows(people))
+    monkeypatch.setattr(scoring, "score_continuations", knows(people))
     assert completion_probe(config, None, None, _CharTokenizer(), people) == 1.0
-    monkeypatch.setattr(evaluate, "score_continuations", knows(people[:2]))
+    monkeypatch.setattr(scoring, "score_continuations", knows(people[:2]))
     partial = completion_probe(config, None, None, _CharTokenizer(), people)
     assert 0.4 <= partial < 1.0  # two of five people known, the rest scored as ties (the pool's first value)

@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import convert, lora
+from jaxllm import lora
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import stages
 from jaxllm import train as train_lib
 from jaxllm.config import ConfigError, MeshConfig
+from jaxllm.convert import hf_export, hf_import
 
 from helpers import SyntheticIterator, tiny_config
 
@@ -50,7 +51,7 @@ def base_workdir(tmp_path_factory):
     """A plain workdir (params only, like `convert from-hf` writes) to put adapters on."""
     config = tiny_config()
     _, params = model_lib.init_model(config.model, seed=0)
-    return convert.write_workdir(tmp_path_factory.mktemp("base") / "base", config, params, {}), params
+    return hf_import.write_workdir(tmp_path_factory.mktemp("base") / "base", config, params, {}), params
 
 
 def test_fresh_adapters_leave_the_base_model_exactly_unchanged(base_workdir):
@@ -110,8 +111,8 @@ def test_sft_with_lora_trains_only_adapters_and_merges_exactly(base_workdir, tmp
 
     _, _, loaded, _ = generate.load_model_for_inference(tmp_path / "sft", mesh=one_device(), load_tokenizer=False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), loaded, merged)
-    merged_dir = convert.merge_lora(tmp_path / "sft", tmp_path / "merged", **QUIET)
-    _, reloaded = convert.load_workdir_params(merged_dir)
+    merged_dir = hf_export.merge_lora(tmp_path / "sft", tmp_path / "merged", **QUIET)
+    _, reloaded = hf_export.load_workdir_params(merged_dir)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), reloaded, merged)
 
 

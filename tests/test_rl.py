@@ -10,7 +10,6 @@ import pytest
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
 from jaxllm import model as model_lib
-from jaxllm import rl
 from jaxllm import sharding as sharding_lib
 from jaxllm import stages
 from jaxllm import state as state_lib
@@ -18,6 +17,8 @@ from jaxllm import steps as steps_lib
 from jaxllm import train as train_lib
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, MeshConfig, save_config
+from jaxllm.rl.rewards import REWARD_FUNCTIONS, FunctionReward, Rewards, Sample, parse_grade, parse_reward_spec
+from jaxllm.rl import rollouts, scoring, update
 
 from helpers import random_params, tiny_config
 
@@ -51,7 +52,7 @@ class ToyPrompts:
         self.step = state["step"]
 
 
-def target_count(sample: rl.Sample) -> float:
+def target_count(sample: Sample) -> float:
     """The toy task: the fraction of the answer budget spent on the target token (learnable in seconds)."""
     return sum(token == TARGET for token in sample.completion_ids) / NEW_TOKENS
 
@@ -74,24 +75,24 @@ def run_toy(workdir, *overrides, eval_prompts=()):
 
 
 def test_reward_functions_normalise_answers_and_combine_by_weight():
-    sample = rl.Sample([2], [5, 6], completion=" Oslo.", finished=True, reference="oslo")
-    assert rl.REWARD_FUNCTIONS["exact_match"](sample) == 1.0
-    assert rl.REWARD_FUNCTIONS["exact_match"](rl.Sample([2], [5], completion="in Oslo", reference="Oslo")) == 0.0
-    assert rl.REWARD_FUNCTIONS["contains"](rl.Sample([2], [5], completion="in Oslo, Norway", reference="oslo")) == 1.0
-    assert rl.REWARD_FUNCTIONS["finished"](sample) == 1.0
-    assert rl.REWARD_FUNCTIONS["single_line"](rl.Sample([2], [5], completion="a\nb")) == 0.0
-    assert rl.parse_reward_spec("exact_match+0.1*finished") == [(1.0, "exact_match"), (0.1, "finished")]
+    sample = Sample([2], [5, 6], completion=" Oslo.", finished=True, reference="oslo")
+    assert REWARD_FUNCTIONS["exact_match"](sample) == 1.0
+    assert REWARD_FUNCTIONS["exact_match"](Sample([2], [5], completion="in Oslo", reference="Oslo")) == 0.0
+    assert REWARD_FUNCTIONS["contains"](Sample([2], [5], completion="in Oslo, Norway", reference="oslo")) == 1.0
+    assert REWARD_FUNCTIONS["finished"](sample) == 1.0
+    assert REWARD_FUNCTIONS["single_line"](Sample([2], [5], completion="a\nb")) == 0.0
+    assert parse_reward_spec("exact_match+0.1*finished") == [(1.0, "exact_match"), (0.1, "finished")]
     with pytest.raises(ConfigError, match="unknown reward 'exact'.*exact_match"):
-        rl.parse_reward_spec("exact")
+        parse_reward_spec("exact")
     with pytest.raises(gen.UsageError, match="reference"):
-        rl.FunctionReward("exact_match")([rl.Sample([2], [5], completion="x", where="prompt 3")], {}, None)
+        FunctionReward("exact_match")([Sample([2], [5], completion="x", where="prompt 3")], {}, None)
 
 
 def test_judge_grades_are_parsed_from_the_reply():
-    assert rl.parse_grade("4") == 0.8
-    assert rl.parse_grade("Grade: 5/5") == 1.0
-    assert rl.parse_grade("no idea") is None
-    assert rl.parse_grade("7") is None  # out of range is not a grade
+    assert parse_grade("4") == 0.8
+    assert parse_grade("Grade: 5/5") == 1.0
+    assert parse_grade("no idea") is None
+    assert parse_grade("7") is None  # out of range is not a grade
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,13 +110,13 @@ def test_one_policy_gradient_step_raises_good_answers_and_lowers_bad_ones(tmp_pa
     answers = np.asarray([(good if label > 0 else bad) + [0] * (NEW_TOKENS - 4) for label in labels], np.int32)
     output = gen.GenerationOutput(answers, np.zeros(answers.shape, np.float32), np.full(32, 4, np.int32),
                                   np.zeros(32, bool))
-    rows = rl.build_rows(prompts, output, 6 + NEW_TOKENS)
+    rows = update.build_rows(prompts, output, 6 + NEW_TOKENS)
     with jax.set_mesh(context.mesh):
         placed = sharding_lib.place_batch(rows, context.mesh)
-        scores = jax.device_get(rl._rollout_scores_jit(graphdef, context.state.params, context.reference_params,
+        scores = jax.device_get(update._rollout_scores_jit(graphdef, context.state.params, context.reference_params,
                                                        placed, with_values=False))
         step = train_lib.jit_step(context, steps_lib.build_train_step(config, graphdef, context.optimizer,
-                                                                      loss_fn=rl.rl_loss_fn(config, graphdef)))
+                                                                      loss_fn=update.rl_loss_fn(config, graphdef)))
         batch = sharding_lib.place_batch({**rows, **scores, "advantages": labels}, context.mesh)
         new_state, metrics = step(context.state, batch, context.reference_params, np.float32(np.inf))
     assert float(metrics["skipped"]) == 0.0 and float(metrics["clipped_fraction"]) == 0.0
@@ -166,11 +167,11 @@ def test_rloo_and_ppo_run_a_few_steps(tmp_path, algorithm):
 
 
 def test_rollout_time_split_reports_shares_of_the_measured_time():
-    split = rl.RolloutTimeSplit(rollout=3.0, reward=0.5, score=0.5, update=4.0, steps=7)
+    split = rollouts.RolloutTimeSplit(rollout=3.0, reward=0.5, score=0.5, update=4.0, steps=7)
     assert split.fractions() == {"rollout": 0.375, "reward": 0.0625, "score": 0.0625, "update": 0.5}
     assert split.metrics()["time_rollout_seconds_total"] == 3.0
     assert "rollout 3.0s (38%)" in split.describe() and "7 updates" in split.describe()
-    assert "nothing measured" in rl.RolloutTimeSplit().describe()
+    assert "nothing measured" in rollouts.RolloutTimeSplit().describe()
 
 
 def test_rl_resumes_to_the_same_rewards_as_a_straight_run(tmp_path):
@@ -230,9 +231,9 @@ def test_biography_rollouts_are_rewarded_by_exact_match_and_by_the_model_judging
     config = tiny_config(*BIO, "train.stage=rl", "data.source=default:rl_prompts", "train.batch_size=4",
                          "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=4",
                          "rl.reward=exact_match+0.5*self_judge")
-    rl.check_rl_config(config)
+    rollouts.check_rl_config(config)
     context = train_lib.setup(config, tmp_path, **QUIET)
-    stage = rl.RLStage(context, rl.Rewards(config, context.graphdef, context.tokenizer, context.mesh), [], **QUIET)
+    stage = rollouts.RLStage(context, Rewards(config, context.graphdef, context.tokenizer, context.mesh), [], **QUIET)
     prompts = make_batch_iterator(config, context.tokenizer, prefetch=0)
     with jax.set_mesh(context.mesh):
         batch, metrics = stage.prepare_batch(context, dict(prompts.batch_at(0), rollout_index=0))
@@ -242,7 +243,7 @@ def test_biography_rollouts_are_rewarded_by_exact_match_and_by_the_model_judging
     sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|user|>") and sample["reference"]
     judge_prompt = context.tokenizer.decode(stage.rewards.terms[1][2].judge_prompts(
-        [rl.Sample([], [], completion="Vilnius", messages=[{"role": "user", "content": "Where?"}])])[0])
+        [Sample([], [], completion="Vilnius", messages=[{"role": "user", "content": "Where?"}])])[0])
     assert "Question: Where?" in judge_prompt and "Answer: Vilnius" in judge_prompt
 
 
@@ -281,14 +282,14 @@ def test_score_cli_scores_answers_and_preference_pairs(reward_model, tmp_path, c
 def test_reward_model_rewards_score_rollout_rows(reward_model):
     path, _ = reward_model
     policy = tiny_config(*BIO, "train.stage=rl", f"rl.reward_model={path}", "rl.reward=reward_model")
-    rewards = rl.Rewards(policy, None, None, one_device())
+    rewards = Rewards(policy, None, None, one_device())
     prompts = [[2, 5, 6, 7], [2, 8]]
     output = gen.GenerationOutput(np.asarray([[9, 10, 3], [11, 3, 0]], np.int32), np.zeros((2, 3), np.float32),
                                   np.asarray([3, 2], np.int32), np.ones(2, bool))
-    rows = rl.build_rows(prompts, output, 16)
-    values, _ = rewards([rl.Sample(p, []) for p in prompts], rows, None)
+    rows = update.build_rows(prompts, output, 16)
+    values, _ = rewards([Sample(p, []) for p in prompts], rows, None)
     config, graphdef, params, _ = gen.load_model_for_inference(path, load_tokenizer=False)
-    expected = rl.score_rows(config, graphdef, params, [(p + output.completion(i, keep_stop=True),
+    expected = scoring.score_rows(config, graphdef, params, [(p + output.completion(i, keep_stop=True),
                                                          [0] * len(p) + [1] * int(output.lengths[i]))
                                                         for i, p in enumerate(prompts)], batch_size=2)
     np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-5)

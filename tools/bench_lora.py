@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench_lora.py --preset small --rank 8 --steps 6 --out lora_bench.json
     .venv/bin/python tools/bench_lora.py --preset 25m --stage dpo --rank 16 model.dtype=bfloat16
 
-Both variants run the step `jaxllm train` runs (`stages.build_train_step`, donated state, one device) on
+Both variants run the step `jaxllm train` runs (built by `jaxllm.step_builder`, donated state, one device) on
 one fixed synthetic batch of the stage; full fine-tuning differentiates every parameter, LoRA only the
 adapters (the base is the step's reference_params, as in `jaxllm.train`). Timing: the median of
 `--steps` steps after one warm-up step, the two variants interleaved step by step so other load on the
@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxllm import lora  # noqa: E402
 from jaxllm import model as model_lib  # noqa: E402
-from jaxllm import stages  # noqa: E402
+from jaxllm import sharding as sharding_lib  # noqa: E402
 from jaxllm import state as state_lib  # noqa: E402
-from jaxllm.config import load_config  # noqa: E402
+from jaxllm import step_builder  # noqa: E402
+from jaxllm.config import MeshConfig, load_config  # noqa: E402
 
 
 def synthetic_batch(stage: str, batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -52,19 +53,19 @@ def nbytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
-def build(config, stage: str, batch: dict, base):
-    """(jitted step, state, reference) of one variant."""
-    graphdef, _ = model_lib.abstract_model(config.model)
-    optimizer = state_lib.make_optimizer(config.optimizer, config.train.steps)
-    if config.model.lora_rank:
-        trainable = jax.jit(lambda: lora.init_adapters(config.model, 0))()
-        reference = base
-    else:
-        trainable = jax.tree.map(jnp.copy, base)
-        reference = base if stages.get(stage).needs_reference else None
-    state = jax.jit(lambda p: state_lib.create_state(p, optimizer, 0))(trainable)
-    step = jax.jit(stages.build_train_step(config, graphdef, optimizer), donate_argnums=(0,))
-    compiled = step.lower(state, batch, reference, np.float32(np.inf)).compile()
+def build(config, batch: dict, base, mesh):
+    """(compiled step, state, reference) of one variant: the step, optimizer and layouts come from
+    `jaxllm.step_builder`, as in `jaxllm train`; LoRA trains fresh adapters on `base`, its reference."""
+    built = step_builder.build(config, mesh)
+    with jax.set_mesh(mesh):
+        if built.base_abstract is not None:
+            trainable = jax.jit(lambda: lora.init_adapters(config.model, 0))()
+        else:
+            trainable = jax.tree.map(jnp.copy, base)
+        reference = base if built.reference_abstract is not None else None
+        state = jax.jit(lambda p: state_lib.create_state(p, built.optimizer, 0),
+                        out_shardings=built.state_shardings)(trainable)
+        compiled = built.jit_train_step().lower(state, batch, reference, np.float32(np.inf)).compile()
     return compiled, state, reference
 
 
@@ -86,12 +87,14 @@ def main(argv: list[str]) -> int:
     full_config = load_config(None, common)
     lora_config = load_config(None, common + [f"model.lora_rank={args.rank}", f"model.lora_alpha={args.alpha}",
                                               f"model.lora_targets={args.targets}"])
-    batch = synthetic_batch(args.stage, args.batch_size, args.seq_len, full_config.model.vocab_size)
+    mesh = sharding_lib.make_mesh(MeshConfig(data=1, num_devices=1))
+    batch = sharding_lib.place_batch(synthetic_batch(args.stage, args.batch_size, args.seq_len,
+                                                     full_config.model.vocab_size), mesh)
     base = jax.jit(lambda: model_lib.init_model(full_config.model, 0)[1])()
     variants = {}
     for name, config in (("full", full_config), ("lora", lora_config)):
         began = time.perf_counter()
-        compiled, state, reference = build(config, args.stage, batch, base)
+        compiled, state, reference = build(config, batch, base, mesh)
         memory = compiled.memory_analysis()
         variants[name] = {"compiled": compiled, "state": state, "reference": reference, "times": [],
                           "result": {
@@ -105,8 +108,9 @@ def main(argv: list[str]) -> int:
     for round_number in range(args.steps + 1):  # round 0 warms up
         for variant in variants.values():
             began = time.perf_counter()
-            variant["state"], metrics = variant["compiled"](variant["state"], batch, variant["reference"],
-                                                            np.float32(np.inf))
+            with jax.set_mesh(mesh):
+                variant["state"], metrics = variant["compiled"](variant["state"], batch, variant["reference"],
+                                                                np.float32(np.inf))
             jax.block_until_ready(metrics["loss"])
             if round_number:
                 variant["times"].append(time.perf_counter() - began)

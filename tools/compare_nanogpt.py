@@ -100,7 +100,7 @@ class NanoGPTCase:
 
 def jaxllm_case(size: dict, overrides: list[str]):
     """jaxllm's train step as `jaxllm train` builds it, at this size (default config + overrides)."""
-    from jaxllm.bench import TrainCase
+    from jaxllm.bench.cases import TrainCase
     from jaxllm.config import load_config
     from jaxllm import sharding as sharding_lib
 

@@ -25,7 +25,7 @@ BEST=${BEST:-"model.attention=cudnn model.loss_chunk_size=1024 model.scan_layers
 bench() {  # bench NAME STAGE [overrides...]
   local name=$1 stage=$2; shift 2
   echo "=== $name ($stage): $*" | tee -a "$OUT/log.txt"
-  $PY -m jaxllm.bench --preset "$PRESET" --stage "$stage" --batch-size "$BATCH" --steps "$STEPS" --warmup 3 \
+  $PY -m jaxllm.cli bench --preset "$PRESET" --stage "$stage" --batch-size "$BATCH" --steps "$STEPS" --warmup 3 \
       --json "$OUT/$name.json" --history "$OUT/history.jsonl" --variant "$name:$*" $EXTRA 2>&1 \
       | grep -v "^  round" | tee -a "$OUT/log.txt"
 }
@@ -52,7 +52,7 @@ fi
 if [[ " $PHASES " == *" final "* ]]; then  # the headline numbers
   bench best pretrain $BF16 $BEST
   bench best_batch16 pretrain $BF16 $BEST train.batch_size=16
-  $PY -m jaxllm.bench --preset "$PRESET" --stage generate --batch-size "$BATCH" --steps 5 --warmup 1 \
+  $PY -m jaxllm.cli bench --preset "$PRESET" --stage generate --batch-size "$BATCH" --steps 5 --warmup 1 \
       --prompt-len 512 --new-tokens 256 --json "$OUT/generate.json" --history "$OUT/history.jsonl" \
       --variant "generate:$BF16" $EXTRA 2>&1 | grep -v "^  round" | tee -a "$OUT/log.txt"
 fi
@@ -62,12 +62,12 @@ fi
 if [[ " $PHASES " == *" stages "* ]]; then
   bench sft sft $BF16 $BEST
   bench dpo dpo $BF16 $BEST train.batch_size=$((BATCH / 2))  # pairs: 2x the rows
-  $PY -m jaxllm.bench --preset "$PRESET" --stage generate --batch-size "$BATCH" --steps 5 --warmup 1 \
+  $PY -m jaxllm.cli bench --preset "$PRESET" --stage generate --batch-size "$BATCH" --steps 5 --warmup 1 \
       --prompt-len 512 --new-tokens 256 --json "$OUT/generate.json" --history "$OUT/history.jsonl" \
       --variant "generate:$BF16" $EXTRA 2>&1 | grep -v "^  round" | tee -a "$OUT/log.txt"
 fi
 if [[ " $PHASES " == *" profile "* ]]; then
-  $PY -m jaxllm.bench --preset "$PRESET" --batch-size "$BATCH" --steps 3 --warmup 2 --profile "$OUT/trace" \
+  $PY -m jaxllm.cli bench --preset "$PRESET" --batch-size "$BATCH" --steps 3 --warmup 2 --profile "$OUT/trace" \
       --no-history --json "$OUT/profile.json" --variant "profile:$BF16 $BEST" $EXTRA 2>&1 \
       | grep -v "^  round" | tee -a "$OUT/log.txt"
   # Keep only the perfetto trace's summary (the raw trace is large).
@@ -77,7 +77,7 @@ echo "=== summary" | tee -a "$OUT/log.txt"
 $PY - "$OUT" <<'PYEOF' | tee -a "$OUT/log.txt"
 import json, sys
 from pathlib import Path
-from jaxllm.bench import format_table
+from jaxllm.bench.report import format_table
 records = [r for f in sorted(Path(sys.argv[1]).glob("*.json")) for r in json.loads(f.read_text())["results"]]
 print(format_table(records))
 PYEOF

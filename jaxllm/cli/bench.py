@@ -1,5 +1,5 @@
 """`jaxllm bench`: how fast a stage's step runs and how close it comes to the hardware's limit; with
-`--levers`, every CPU speed lever measured A/B on this CPU (jaxllm.bench_levers)."""
+`--levers`, every CPU speed lever measured A/B on this CPU (jaxllm.bench.levers)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from jaxllm import bench
-from jaxllm.bench import (STAGES, BenchSettings, append_history, describe, format_profile, format_table,
-                          process_index, run_bench)
-from jaxllm.bench_levers import format_study, run_study
+from jaxllm.bench.cases import STAGES, BenchSettings
+from jaxllm.bench.levers import format_study, run_study
+from jaxllm.bench.profile import format_profile
+from jaxllm.bench.report import append_history, describe, format_table, process_index
+from jaxllm.bench.run import run_bench
 
 
 def build_parser() -> argparse.ArgumentParser:

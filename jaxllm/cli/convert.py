@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from jaxllm.convert import SUPPORTED_FAMILIES, from_hf, merge_lora, to_hf
+from jaxllm.convert.hf_config import SUPPORTED_FAMILIES
+from jaxllm.convert.hf_export import merge_lora, to_hf
+from jaxllm.convert.hf_import import from_hf
 
 
 def from_hf_command(argv: list[str]) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 from jaxllm import checkpoint as ckpt
 from jaxllm.cli.sampling import sampling_settings
 from jaxllm.errors import UsageError
-from jaxllm.evaluate import EvalModel, RunSettings, configure_tasks, format_table, run_task, write_samples
+from jaxllm.evaluate.runner import RunSettings, configure_tasks, format_table, run_task, write_samples
+from jaxllm.evaluate.scoring import EvalModel
 from jaxllm.tasks import list_tasks
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import jax
 
 from jaxllm.cli.sampling import add_sampling_arguments, settings_from_args
+from jaxllm.completions import complete_prompts, read_prompt_records
 from jaxllm.data.chat import prompt_ids
 from jaxllm.errors import UsageError
-from jaxllm.generate import complete_prompts, load_model_for_inference, read_prompt_records, stream
+from jaxllm.generate import load_model_for_inference, stream
 
 
 def generate_command(argv: list[str]) -> int:

@@ -9,12 +9,13 @@ from typing import Any
 
 import yaml
 
+from jaxllm.data.sources import TEXT_UNITS
 from jaxllm.errors import UsageError
 from jaxllm.quality.classifier import TrainOptions, train_quality_classifier
 from jaxllm.quality.dedup import MinHashConfig
 from jaxllm.quality.pipeline import FilterOptions, filter_documents, format_report, heuristic_settings
-from jaxllm.quality.rules import PROFILES, RULES, HeuristicConfig, describe_profiles, describe_rules
-from jaxllm.quality.sources import TEXT_UNITS
+from jaxllm.quality.profiles import PROFILES, describe_profiles, describe_rules
+from jaxllm.quality.rules import RULES, HeuristicConfig
 
 
 def parse_setting(text: str) -> tuple[str, Any]:

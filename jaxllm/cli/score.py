@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.rl import score_file
+from jaxllm.rl.scoring import score_file
 
 
 def score_summary(records: list[dict], scores: list[float]) -> str:

@@ -11,7 +11,8 @@ _EXPORTS = {
     "report": ("DataError", "DataReport", "format_report"),
     "tokenizer": ("Tokenizer", "check_vocab", "train_tokenizer", "train_tokenizer_from_inputs"),
     "chat": ("prompt_ids", "record_to_messages", "render_chat", "render_chats", "render_text"),
-    "sources": ("build_tfds_from_jsonl", "list_default_sets", "lookup_records", "read_records"),
+    "sources": ("list_default_sets", "lookup_records", "read_records"),
+    "tfds_writer": ("build_tfds_from_jsonl",),
     "pipeline": ("data_report", "data_stats", "infer_format", "load_prompts", "make_batch_iterator",
                  "make_eval_batches"),
 }

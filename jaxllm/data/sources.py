@@ -14,7 +14,11 @@ Source specs (the value of `data.source` / `data.eval_source`):
                    Text comes back as bytes and is decoded as UTF-8; a Sequence of dicts (e.g. messages)
                    comes back as a list of dicts.
 
-`build_tfds_from_jsonl` turns local JSONL into such a TFDS dataset (offline), e.g. for tests.
+`jaxllm.data.tfds_writer.build_tfds_from_jsonl` turns local JSONL into such a TFDS dataset (offline).
+
+`iter_documents(paths, text_unit)` streams documents from files and directories given as plain paths
+(JSONL by suffix, optionally .gz; other files are plain text split by TEXT_UNITS), for `jaxllm data filter`
+and the quality classifier: memory stays flat whatever the input size.
 
 Record ids: the 0-based ordinal of the record in its source (JSONL: the n-th non-blank line; text:
 the n-th document; tfds: the index in the split). Batches carry them as `example_ids`.
@@ -23,13 +27,13 @@ the n-th document; tfds: the index in the split). Batches carry them as `example
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
-import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -52,6 +56,8 @@ class Record:
     index: int  # the record id (see the module docstring)
     data: dict[str, Any]
     where: str  # "file.jsonl:17" style, for messages
+    raw: str | None = None  # the JSON line as read (iter_documents), to write a kept record back unchanged
+    size: int = 0  # bytes read for this record (iter_documents)
 
 
 def _fail(reason: str, message: str) -> None:
@@ -107,24 +113,29 @@ def _jsonl_records(data: bytes, name: str, start_index: int, on_bad: BadRecord) 
         where = f"{name}:{line_number}"
         record_index, index = index, index + 1
         line = _decode_line(raw, where, on_bad)
-        if line is None:
-            continue
+        value = None if line is None else _json_object(line, where, on_bad)
+        if value is not None:
+            yield Record(record_index, value, where)
+
+
+def _json_object(line: str, where: str, on_bad: BadRecord) -> dict[str, Any] | None:
+    """One JSONL line as a dict; None (after `on_bad`) when it is not a JSON object of text."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        on_bad("malformed_json", f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+        return None
+    if not isinstance(value, dict):
+        on_bad("wrong_type", f"{where}: each line must be a JSON object, got {type(value).__name__}")
+        return None
+    if "\\u" in line:  # escapes like "\ud800" decode to lone surrogates, which are not text
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            on_bad("malformed_json", f"{where}: not valid JSON ({error.msg} at column {error.colno})")
-            continue
-        if not isinstance(value, dict):
-            on_bad("wrong_type", f"{where}: each line must be a JSON object, got {type(value).__name__}")
-            continue
-        if "\\u" in line:  # escapes like "\ud800" decode to lone surrogates, which are not text
-            try:
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                on_bad("not_utf8", f"{where}: a string holds a lone surrogate escape (like \\ud800), which is "
-                                   "not text; fix or drop the line")
-                continue
-        yield Record(record_index, value, where)
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            on_bad("not_utf8", f"{where}: a string holds a lone surrogate escape (like \\ud800), which is "
+                               "not text; fix or drop the line")
+            return None
+    return value
 
 
 def _data_files(path: Path, kind: str) -> list[Path]:
@@ -211,6 +222,116 @@ def _text_dir_records(files: list[Path], text_field: str, on_bad: BadRecord) -> 
                                "re-encode the file as UTF-8")
             continue
         yield Record(index, {text_field: text}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents from plain paths, streamed (`jaxllm data filter`, the quality classifier)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TEXT_UNITS = ("file", "paragraph", "line")  # how a plain text file splits into documents
+
+
+def is_jsonl(path: Path) -> bool:
+    """JSONL by its suffix (.jsonl / .ndjson / .json, optionally .gz); anything else is plain text."""
+    return path.name.lower().removesuffix(".gz").endswith(JSONL_SUFFIXES)
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files given and files inside directories given (sorted, recursive, hidden files skipped)."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            inside = _text_files(path)
+            if not inside:
+                raise DataError(f"input directory {path} holds no files")
+            files.extend(inside)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {path} does not exist (give JSONL or text files, or directories of them)")
+    return files
+
+
+def _open_stream(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _stream_jsonl(path: Path, handle: IO[bytes], on_bad: BadRecord) -> Iterator[tuple[str, str, int, dict | None]]:
+    for number, data in enumerate(handle, 1):
+        if data.strip():
+            where = f"{path}:{number}"
+            line = _decode_line(data, where, on_bad)
+            if line is not None:
+                yield where, line, len(data), _json_object(line, where, on_bad)
+
+
+def _stream_paragraphs(path: Path, handle: IO[bytes], on_bad: BadRecord) -> Iterator[tuple[str, str, int]]:
+    lines: list[str] = []
+    first = size = 0
+    for number, data in enumerate(handle, 1):
+        line = _decode_line(data, f"{path}:{number}", on_bad)
+        if line is None:
+            continue
+        if line.strip():
+            if not lines:
+                first = number
+            lines.append(line)
+            size += len(data)
+        elif lines:
+            yield f"{path}:{first}", "".join(lines).strip(), size
+            lines, size = [], 0
+    if lines:
+        yield f"{path}:{first}", "".join(lines).strip(), size
+
+
+def _stream_file(path: Path, handle: IO[bytes], text_unit: str,
+                 on_bad: BadRecord) -> Iterator[tuple[str, str | None, int, dict | str | None]]:
+    """(where, raw JSON line or None, bytes, parsed object or document text) of one file."""
+    if is_jsonl(path):
+        yield from _stream_jsonl(path, handle, on_bad)
+    elif text_unit == "file":
+        data = handle.read()
+        text = _decode_line(data, str(path), on_bad)
+        if text is not None:
+            yield str(path), None, len(data), text
+    elif text_unit == "line":
+        for number, data in enumerate(handle, 1):
+            text = _decode_line(data, f"{path}:{number}", on_bad)
+            if text is not None and text.strip():
+                yield f"{path}:{number}", None, len(data), text.strip()
+    else:
+        for where, text, size in _stream_paragraphs(path, handle, on_bad):
+            yield where, None, size, text
+
+
+def iter_documents(paths: Sequence[str | Path], text_unit: str = "file", text_field: str = "text",
+                   on_bad: BadRecord = _fail) -> Iterator[Record]:
+    """Records of files and directories in input order, read line by line (gzip too). A JSONL line keeps its
+    `raw` text; a plain text document (a whole file, a blank-line-separated paragraph or a line, by
+    `text_unit`) becomes {text_field: text}. Bad lines go to `on_bad(reason, message)` (default: raise)."""
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text unit '{text_unit}' is not one of {', '.join(TEXT_UNITS)}")
+    index = 0
+    for path in expand_paths(paths):
+        with _open_stream(path) as handle:
+            for where, raw, size, value in _stream_file(path, handle, text_unit, on_bad):
+                if value is not None:
+                    data = value if isinstance(value, dict) else {text_field: value}
+                    yield Record(index, data, where, raw, size)
+                    index += 1
+
+
+def record_text(record: Record, text_field: str = "text") -> str:
+    """The document text of a record; DataError (naming the record) when the field is missing or not text."""
+    text = record.data.get(text_field)
+    if not isinstance(text, str):
+        present = ", ".join(sorted(record.data)) or "none"
+        missing = text_field not in record.data
+        problem = "is missing" if missing else f"is a {type(text).__name__}, not a string"
+        raise DataError(f"{record.where}: the text field '{text_field}' {problem} (fields: {present}); "
+                        "pick the field with --text-field", "missing_field" if missing else "wrong_type")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,81 +492,6 @@ def default_eval_source(spec: str) -> str | None:
     if kind == "default" and rest in DEFAULT_EVAL_PAIRS:
         return f"default:{DEFAULT_EVAL_PAIRS[rest]}"
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Building a TFDS dataset from local JSONL (offline)
-
-
-def _feature_for(value: Any, field: str):
-    import tensorflow_datasets as tfds
-
-    if isinstance(value, str):
-        return tfds.features.Text()
-    if isinstance(value, bool):
-        return tfds.features.Scalar(np.bool_)
-    if isinstance(value, int):
-        return tfds.features.Scalar(np.int64)
-    if isinstance(value, float):
-        return tfds.features.Scalar(np.float32)
-    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-        keys = sorted({key for item in value for key in item})
-        return tfds.features.Sequence({key: tfds.features.Text() for key in keys})
-    raise DataError(f"build_tfds_from_jsonl: field '{field}' has a value of type {type(value).__name__} that has no "
-                    "TFDS feature here (strings, numbers, booleans and lists of string dicts are supported)")
-
-
-def _camel(name: str) -> str:
-    return "".join(part.capitalize() for part in name.split("_"))
-
-
-def build_tfds_from_jsonl(splits: dict[str, str | os.PathLike] | str | os.PathLike, data_dir: str | os.PathLike,
-                          name: str = "jaxllm_jsonl", version: str = "1.0.0") -> Path:
-    """Writes local JSONL files as a TFDS dataset in array_record format; returns the dataset directory.
-
-    `splits` maps a split name to a JSONL file (a single path means {"train": path}). Features are
-    inferred from the first record (all records must have the same fields); record order is kept
-    (`disable_shuffling`). Read it back with `tfds:NAME:SPLIT` and TFDS_DATA_DIR=data_dir, or with
-    `tfds:<returned dir>:SPLIT`.
-    """
-    import tensorflow_datasets as tfds
-
-    if not isinstance(splits, dict):
-        splits = {"train": splits}
-    if name != name.lower() or not name.replace("_", "").isalnum() or not name[0].isalpha():
-        raise DataError(f"TFDS dataset name '{name}' must be snake_case letters and digits, e.g. my_corpus")
-    rows = {split: [record.data for record in read_records(f"jsonl:{path}")] for split, path in splits.items()}
-    first = next(iter(rows.values()))[0]
-    features = {field: _feature_for(value, field) for field, value in first.items()}
-    for split, records in rows.items():
-        for number, record in enumerate(records):
-            if set(record) != set(features):
-                raise DataError(f"{splits[split]}: record {number} has fields {sorted(record)} but the first record "
-                                f"has {sorted(features)}; every record must have the same fields")
-
-    def info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                     disable_shuffling=True, description=f"Built by jaxllm from {dict(splits)}")
-
-    def split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in rows}
-
-    def generate_examples(self, split):
-        for index, record in enumerate(rows[split]):
-            yield index, record
-
-    def body(namespace):
-        namespace.update(VERSION=tfds.core.Version(version), _info=info, _split_generators=split_generators,
-                         _generate_examples=generate_examples)
-
-    builder_class = types.new_class(_camel(name), (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True},
-                                    body)
-    builder = builder_class(data_dir=str(data_dir), file_format="array_record")
-    if builder.name != name:
-        raise DataError(f"TFDS dataset name '{name}' does not survive TFDS's CamelCase round trip "
-                        f"(it became '{builder.name}'); use lower-case words separated by underscores")
-    builder.download_and_prepare()
-    return Path(builder.data_dir)
 
 
 def lookup_records(spec: str, example_ids: Sequence[int], text_field: str = "text") -> dict[int, Record]:

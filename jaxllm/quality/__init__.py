@@ -4,9 +4,10 @@
     report = filter_documents(["crawl.jsonl"], "clean.jsonl", FilterOptions(classifier="quality_model"))
     print(report["funnel"])   # 100% input -> 21% heuristics -> 14% exact_dedup -> ...
 
-Modules: `rules` (heuristic rules, one pure function each), `dedup` (exact hashes, MinHash LSH),
-`classifier` (hashed n-gram logistic regression), `sources` (streaming JSONL/text input),
-`pipeline` (the ordered chain, worker pool and report; the commands are in `jaxllm.cli.quality`).
+Modules: `rules` (heuristic rules, one pure function each), `profiles` (settings and profiles), `dedup`
+(exact hashes, MinHash LSH), `classifier` (hashed n-gram logistic regression), `pipeline` (the ordered chain,
+worker pool and report; the commands are in `jaxllm.cli.quality`).
+Input is read by `jaxllm.data.sources.iter_documents` (streaming JSONL/text); bad input is a DataError.
 """
 
 from jaxllm.quality.classifier import (QualityClassifier, TrainOptions, hashed_features,
@@ -14,14 +15,13 @@ from jaxllm.quality.classifier import (QualityClassifier, TrainOptions, hashed_f
 from jaxllm.quality.dedup import (ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator,
                                   estimated_jaccard, exact_hash)
 from jaxllm.quality.pipeline import STEPS, FilterOptions, filter_documents, format_report, heuristic_settings
-from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, check_all_rules, first_failing_rule,
-                                  heuristic_config_from, normalise)
-from jaxllm.quality.sources import InputError, iter_records, iter_texts
+from jaxllm.quality.profiles import heuristic_config_from
+from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, check_all_rules, first_failing_rule, normalise
 
 __all__ = [
     "QualityClassifier", "TrainOptions", "hashed_features", "train_quality_classifier",
     "ExactDeduplicator", "MinHashConfig", "MinHasher", "NearDeduplicator", "estimated_jaccard", "exact_hash",
     "STEPS", "FilterOptions", "filter_documents", "format_report", "heuristic_settings",
     "RULES", "HeuristicConfig", "TextView", "check_all_rules", "first_failing_rule", "heuristic_config_from",
-    "normalise", "InputError", "iter_records", "iter_texts",
+    "normalise",
 ]

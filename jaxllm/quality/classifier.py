@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm.data.sources import iter_documents, record_text
+
 FORMAT_VERSION = 1
 DEFAULT_BUCKETS = 2**18
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -196,6 +198,11 @@ def fit_logistic(features: Sequence[tuple[np.ndarray, np.ndarray]], labels: np.n
     return np.asarray(params["w"]), float(params["b"]), epoch_losses
 
 
+def document_texts(paths: Sequence[str | Path], text_field: str = "text", text_unit: str = "file") -> list[str]:
+    """Every document's text, read like `jaxllm data filter` reads them (JSONL records or plain text)."""
+    return [record_text(record, text_field) for record in iter_documents(paths, text_unit, text_field)]
+
+
 def train_quality_classifier(good_files: Sequence[str | Path], bad_files: Sequence[str | Path],
                              out_path: str | Path, *, options: TrainOptions = TrainOptions(),
                              text_field: str = "text", text_unit: str = "file") -> QualityClassifier:
@@ -204,11 +211,9 @@ def train_quality_classifier(good_files: Sequence[str | Path], bad_files: Sequen
     Documents are read like `jaxllm data filter` reads them (JSONL records or plain text). Training
     holds all documents' sparse features in memory (a few KB each).
     """
-    from jaxllm.quality.sources import iter_texts
-
     started = time.time()
-    good = list(iter_texts(good_files, text_field=text_field, text_unit=text_unit))
-    bad = list(iter_texts(bad_files, text_field=text_field, text_unit=text_unit))
+    good = document_texts(good_files, text_field, text_unit)
+    bad = document_texts(bad_files, text_field, text_unit)
     if not good or not bad:
         which = "good" if not good else "bad"
         raise ValueError(f"no {which} documents found in {', '.join(map(str, good_files if not good else bad_files))}; "

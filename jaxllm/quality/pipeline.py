@@ -1,7 +1,8 @@
 """The filter chain: heuristics -> exact dedup -> near dedup -> quality classifier, streamed.
 
-Documents are read in chunks; a pool of worker processes computes everything that needs only the
-document itself (JSON parsing, the heuristic rules, the normalised-text hash, the MinHash band keys,
+Documents are streamed by jaxllm.data.sources.iter_documents (the main process parses each JSONL line
+and takes its text field) and grouped in chunks; a pool of worker processes computes everything that
+needs only the document's text (the heuristic rules, the normalised-text hash, the MinHash band keys,
 the classifier score), and the main process applies the steps in order, keeping only hashes for
 dedup, writing kept documents as they come and counting, per step, documents and words in and kept
 and the rejections per reason (DataComp-LM's funnel: 100% -> 20% -> 13% -> 1.4%).
@@ -25,11 +26,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jaxllm.data.sources import TEXT_UNITS, Record, expand_paths, iter_documents, record_text
+from jaxllm.errors import DataError
 from jaxllm.quality.classifier import QualityClassifier
 from jaxllm.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
-from jaxllm.quality.rules import (RULES, HeuristicConfig, TextView, first_failing_rule, heuristic_config_from,
-                                  profile_config)
-from jaxllm.quality.sources import TEXT_UNITS, InputError, Record, expand_paths, iter_records, parse_json_text
+from jaxllm.quality.profiles import heuristic_config_from, profile_config
+from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule
 
 STEPS = ("heuristics", "exact_dedup", "near_dedup", "quality_classifier")
 
@@ -59,7 +61,6 @@ class FilterOptions:
 
 @dataclasses.dataclass
 class ChunkResult:
-    errors: list[str | None]  # malformed record message, per document
     words: list[int]
     failed_rule: list[str | None]  # first heuristic rule that rejected the document
     reasons: list[str]
@@ -74,21 +75,15 @@ class ChunkProcessor:
         self.hasher = MinHasher(options.minhash) if options.near_dedup else None
         self.classifier = QualityClassifier.load(options.classifier) if options.classifier else None
 
-    def __call__(self, items: list[tuple[str, str | None, str | None]]) -> ChunkResult:
+    def __call__(self, texts: list[str]) -> ChunkResult:
         options = self.options
-        n = len(items)
-        result = ChunkResult([None] * n, [0] * n, [None] * n, [""] * n, [None] * n,
+        n = len(texts)
+        result = ChunkResult([0] * n, [None] * n, [""] * n, [None] * n,
                              np.zeros((n, options.minhash.bands if self.hasher else 0), np.uint64), [None] * n)
         survivors: list[int] = []
         survivor_words: list[list[str]] = []
         survivor_texts: list[str] = []
-        for i, (source, raw, text) in enumerate(items):
-            if raw is not None:
-                try:
-                    text = parse_json_text(raw, options.text_field, source)
-                except InputError as error:
-                    result.errors[i] = str(error)
-                    continue
+        for i, text in enumerate(texts):
             view = TextView(text)
             result.words[i] = len(view.words)
             if options.heuristics is not None:
@@ -119,9 +114,9 @@ def _init_worker(options: FilterOptions) -> None:
     _WORKER = ChunkProcessor(options)
 
 
-def _run_chunk(items: list[tuple[str, str | None, str | None]]) -> ChunkResult:
+def _run_chunk(texts: list[str]) -> ChunkResult:
     assert _WORKER is not None
-    return _WORKER(items)
+    return _WORKER(texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +155,21 @@ def start_method() -> str:
     return "spawn"
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
+def _documents(files: Sequence[Path], options: FilterOptions, totals: dict[str, int]) -> Iterable[tuple[Record, str]]:
+    """(record, text) of every document; a malformed one raises, or is counted and skipped with skip_malformed."""
+    def on_bad(reason: str, message: str) -> None:
+        if not options.skip_malformed:
+            raise DataError(f"{message} (or pass --skip-malformed to skip such lines)", reason)
+        totals["malformed_skipped"] += 1
+
+    for record in iter_documents(files, options.text_unit, options.text_field, on_bad):
+        try:
+            yield record, record_text(record, options.text_field)
+        except DataError as error:
+            on_bad(error.reason, str(error))
+
+
+def _chunks(records: Iterable[tuple[Record, str]], size: int) -> Iterable[list[tuple[Record, str]]]:
     iterator = iter(records)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
@@ -180,16 +189,16 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
 
     JSONL inputs are written back line for line; plain-text documents become {"text", "source"}.
     rejected_path, if given, gets one JSON line per rejected document: its number (0-based, in input
-    order), source, step, rule, reason, duplicate_of (dedup steps) and text. Raises InputError for
+    order), source, step, rule, reason, duplicate_of (dedup steps) and text. Raises DataError for
     missing, empty or malformed input (malformed JSONL lines unless options.skip_malformed).
     """
     started = time.perf_counter()
     files = expand_paths(inputs)  # fails early on a missing input
     output = Path(output)
     if any(output.resolve() == f.resolve() for f in files):
-        raise InputError(f"the output {output} is also an input; write it somewhere else")
+        raise DataError(f"the output {output} is also an input; write it somewhere else")
     if options.text_unit not in TEXT_UNITS:
-        raise InputError(f"text unit '{options.text_unit}' is not one of {', '.join(TEXT_UNITS)}")
+        raise DataError(f"text unit '{options.text_unit}' is not one of {', '.join(TEXT_UNITS)}")
     if options.chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {options.chunk_size}")
     if options.classifier:
@@ -208,13 +217,8 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
         with _open_text_out(temporary, output.name.endswith(".gz")) as out, \
                 (_open_text_out(rejected_temporary, str(rejected_path).endswith(".gz")) if rejected_temporary
                  else open(os.devnull, "w")) as rejected_out:
-            def handle(chunk: list[Record], result: ChunkResult) -> None:
-                for i, record in enumerate(chunk):
-                    if result.errors[i] is not None:
-                        if not options.skip_malformed:
-                            raise InputError(f"{result.errors[i]} (or pass --skip-malformed to skip such lines)")
-                        totals["malformed_skipped"] += 1
-                        continue
+            def handle(chunk: list[tuple[Record, str]], result: ChunkResult) -> None:
+                for i, (record, text) in enumerate(chunk):
                     number = totals["documents"]
                     words = result.words[i]
                     totals["documents"] += 1
@@ -246,13 +250,11 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
                         counts.words_kept += words
                     if verdict is None:
                         out.write(record.raw.rstrip("\r\n") + "\n" if record.raw is not None else
-                                  json.dumps({"text": record.text, "source": record.source}, ensure_ascii=False)
+                                  json.dumps({"text": text, "source": record.where}, ensure_ascii=False)
                                   + "\n")
                     elif rejected_temporary:
-                        text = record.text if record.raw is None else parse_json_text(
-                            record.raw, options.text_field, record.source)
                         step, rule, reason, duplicate_of = verdict
-                        entry = {"document": number, "source": record.source, "step": step, "rule": rule,
+                        entry = {"document": number, "source": record.where, "step": step, "rule": rule,
                                  "reason": reason}
                         if duplicate_of is not None:
                             entry["duplicate_of"] = duplicate_of
@@ -261,10 +263,10 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
                         entry["text"] = text
                         rejected_out.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-            def payload(chunk: list[Record]) -> list[tuple[str, str | None, str | None]]:
-                return [(r.source, r.raw, r.text) for r in chunk]
+            def payload(chunk: list[tuple[Record, str]]) -> list[str]:
+                return [text for _, text in chunk]
 
-            chunks = _chunks(iter_records(files, options.text_unit), options.chunk_size)
+            chunks = _chunks(_documents(files, options, totals), options.chunk_size)
             if workers <= 1:
                 processor = ChunkProcessor(options)
                 for chunk in chunks:
@@ -282,7 +284,7 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
                     handle(done, task.get())
         if totals["documents"] == 0:
             skipped = f" ({totals['malformed_skipped']} malformed lines skipped)" if totals["malformed_skipped"] else ""
-            raise InputError(f"no documents in {', '.join(map(str, inputs))}{skipped}; "
+            raise DataError(f"no documents in {', '.join(map(str, inputs))}{skipped}; "
                              "nothing to filter (are the files empty?)")
         os.replace(temporary, output)
         if rejected_temporary:
@@ -358,10 +360,10 @@ def heuristic_settings(profile: str = "web", rules_file: str | Path | None = Non
     if rules_file:
         path = Path(rules_file)
         if not path.is_file():
-            raise InputError(f"rules file {path} does not exist")
+            raise DataError(f"rules file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise InputError(f"{path}: expected a mapping of heuristic settings, e.g. 'min_words: 20'")
+            raise DataError(f"{path}: expected a mapping of heuristic settings, e.g. 'min_words: 20'")
         merged.update(loaded)
     merged.update(settings or {})
     if disabled_rules:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from jaxllm import cpu_levers
 from jaxllm import sharding as sharding_lib
-from jaxllm.bench import BenchSettings, MatmulProbe, TrainCase, bench_config
+from jaxllm.bench.cases import BenchSettings, MatmulProbe, TrainCase, bench_config
 from jaxllm.errors import UsageError
 
 
@@ -165,7 +165,7 @@ class _Process:
                 env[key] = value
         self.tag = tag
         spec = json.dumps({"settings": dataclasses.asdict(settings), "variants": variants})
-        self.process = subprocess.Popen([sys.executable, "-m", "jaxllm.bench_levers", "--worker", spec], env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "jaxllm.bench.levers", "--worker", spec], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
         self.rounds: list[dict] = []
