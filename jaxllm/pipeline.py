@@ -293,7 +293,7 @@ def completion_probe(model: tuple, people_source: str, count: int) -> float:
     params, tokenizer); people_source: records with a "split" and the six attributes."""
     from jaxllm.data import biographies as bio
     from jaxllm.evaluate import read_records
-    from jaxllm.knowledge_experiment import completion_probe as probe
+    from jaxllm.lecture.knowledge_experiment import completion_probe as probe
 
     fields = [field.name for field in dataclasses.fields(bio.Person)]
     people = [bio.Person(**{name: record[name] for name in fields})

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import train_memorised_qa, write_jsonl
 
-from jaxllm.analysis import KnowledgeSettings, categorize, knowledge_categories, load_qa, token_shift
+from jaxllm.lecture.analysis import KnowledgeSettings, categorize, knowledge_categories, load_qa, token_shift
 from jaxllm.cli.analyze import knowledge_command, shift_command
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
@@ -66,7 +66,7 @@ def test_any_accepted_reference_counts_as_right(model):
 
 
 def load_qa_records(records):
-    from jaxllm.analysis import QA
+    from jaxllm.lecture.analysis import QA
 
     return [QA(i, f"t:{i}", r["prompt"], r["reference"] if isinstance(r["reference"], list) else [r["reference"]])
             for i, r in enumerate(records)]

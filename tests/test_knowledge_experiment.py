@@ -3,7 +3,7 @@ import json
 import pytest
 
 from jaxllm.config import ConfigError
-from jaxllm.knowledge_experiment import load_settings, run_experiment
+from jaxllm.lecture.knowledge_experiment import load_settings, run_experiment
 
 
 def test_experiment_runs_both_stages_and_writes_the_table(tmp_path):
@@ -42,7 +42,7 @@ def test_completion_probe_scores_the_right_value_against_its_pool(monkeypatch):
 
     from jaxllm.data import biographies as bio
     from jaxllm.evaluate import scoring
-    from jaxllm.knowledge_experiment import completion_probe
+    from jaxllm.lecture.knowledge_experiment import completion_probe
 
     people = bio.make_people(5, seed=2)
 

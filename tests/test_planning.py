@@ -10,9 +10,9 @@ import pytest
 
 from jaxllm.cli import main
 from jaxllm.config import MODEL_PRESETS
-from jaxllm.planning import (CHINCHILLA_FLOPS, CHINCHILLA_PUBLISHED, CHINCHILLA_REFIT, LossLaw, count_params,
-                             default_sweep_sizes, fit_isoflop, flops_per_token, nearest_preset, param_breakdown,
-                             plan, plot_isoflop, sweep_grid)
+from jaxllm.lecture.planning import (CHINCHILLA_FLOPS, CHINCHILLA_PUBLISHED, CHINCHILLA_REFIT, LossLaw, count_params,
+                                     default_sweep_sizes, fit_isoflop, flops_per_token, nearest_preset, param_breakdown,
+                                     plan, plot_isoflop, sweep_grid)
 
 
 

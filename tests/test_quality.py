@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from jaxllm.cli import main
-from jaxllm.quality import (RULES, FilterOptions, HeuristicConfig, MinHashConfig, MinHasher, QualityClassifier,
-                            TrainOptions, estimated_jaccard, filter_documents, first_failing_rule,
-                            TextView, heuristic_config_from, normalise, train_quality_classifier)
+from jaxllm.lecture.quality import (RULES, FilterOptions, HeuristicConfig, MinHashConfig, MinHasher, QualityClassifier,
+                                    TrainOptions, estimated_jaccard, filter_documents, first_failing_rule, TextView,
+                                    heuristic_config_from, normalise, train_quality_classifier)
 
 ADJECTIVES = ("quiet bright ancient narrow heavy gentle rapid careful distant honest curious modern rural broken "
               "silent golden eager fragile humble massive clever bitter frozen hollow loyal noble").split()

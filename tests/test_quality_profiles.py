@@ -6,8 +6,8 @@ from pathlib import Path
 
 from jaxllm.cli import main
 from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache
-from jaxllm.quality.profiles import PROFILES, describe_rules, profile_config
-from jaxllm.quality.rules import RULES, first_failing_rule
+from jaxllm.lecture.quality.profiles import PROFILES, describe_rules, profile_config
+from jaxllm.lecture.quality.rules import RULES, first_failing_rule
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GLOSSARY_ENTRY = ("kludge: n. A clever programming trick intended to solve a particular nasty case in an "

@@ -12,8 +12,8 @@ from jaxllm.cli.data import select_command
 from jaxllm.data import DataError
 from jaxllm.data.chat import render_chat
 from jaxllm.errors import UsageError
-from jaxllm.selection import (Example, ModelScorer, SelectionOptions, ifd_scores, k_center_greedy, load_examples,
-                              select_examples)
+from jaxllm.lecture.selection import (Example, ModelScorer, SelectionOptions, ifd_scores, k_center_greedy,
+                                      load_examples, select_examples)
 
 
 @pytest.fixture(scope="module")

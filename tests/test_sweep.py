@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm.errors import UsageError
 from jaxllm.cli.sweep import sweep_command
-from jaxllm.sweep import SweepSettings, plan_runs, run_name, run_sweep
+from jaxllm.lecture.sweep import SweepSettings, plan_runs, run_name, run_sweep
 
 
 def _synthetic_train(calls: list):

@@ -11,7 +11,7 @@ from helpers import train_memorised_qa, write_jsonl
 from jaxllm.cli.data import generate_command
 from jaxllm.data import DataError
 from jaxllm.errors import UsageError
-from jaxllm.teacher import build_request, split_in_half
+from jaxllm.lecture.teacher import build_request, split_in_half
 
 ANSWER = "Quxville"
 
@@ -91,7 +91,7 @@ def test_continue_cuts_documents_in_half_and_continues_the_plain_text(checkpoint
 def test_rephrase_asks_through_the_chat_template_and_writes_pretraining_text(checkpoint, model, tmp_path):
     from jaxllm.data.chat import render_text
     from jaxllm.data.sources import Record
-    from jaxllm.teacher import REPHRASE_STYLES
+    from jaxllm.lecture.teacher import REPHRASE_STYLES
 
     tokenizer = model[3]
     document = "zorbia capital quxville. fish farm river."

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxllm.analysis import (CATEGORIES, KnowledgeSettings, knowledge_categories, load_qa, shift_between,
-                             summarize_knowledge, write_knowledge, write_shift)
+from jaxllm.lecture.analysis import (CATEGORIES, KnowledgeSettings, knowledge_categories, load_qa, shift_between,
+                                     summarize_knowledge, write_knowledge, write_shift)
 from jaxllm.generate import load_model_for_inference
 
 

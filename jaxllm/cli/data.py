@@ -13,8 +13,8 @@ from jaxllm.cli.sampling import add_sampling_arguments, settings_from_args
 from jaxllm.config import load_config
 from jaxllm.data import format_report
 from jaxllm.generate import load_model_for_inference
-from jaxllm.selection import SCORES, SelectionOptions, run_selection
-from jaxllm.teacher import MODES, REPHRASE_STYLES, TeacherSettings, generate_data, read_inputs, stop_ids_for
+from jaxllm.lecture.selection import SCORES, SelectionOptions, run_selection
+from jaxllm.lecture.teacher import MODES, REPHRASE_STYLES, TeacherSettings, generate_data, read_inputs, stop_ids_for
 
 
 def stats_overrides(args: argparse.Namespace) -> list[str]:

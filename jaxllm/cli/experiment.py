@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxllm.knowledge_experiment import load_settings, run_experiment
+from jaxllm.lecture.knowledge_experiment import load_settings, run_experiment
 
 
 def knowledge_command(argv: list[str]) -> int:

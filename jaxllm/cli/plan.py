@@ -7,7 +7,7 @@ import json
 import math
 
 from jaxllm.errors import UsageError
-from jaxllm.planning import TOKENS_PER_PARAM_RULE, format_plan, plan
+from jaxllm.lecture.planning import TOKENS_PER_PARAM_RULE, format_plan, plan
 
 NUMBER_FLAGS = ("--flops", "--params", "--tokens", "--tokens-per-param")
 

@@ -11,11 +11,11 @@ import yaml
 
 from jaxllm.data.sources import TEXT_UNITS
 from jaxllm.errors import UsageError
-from jaxllm.quality.classifier import TrainOptions, train_quality_classifier
-from jaxllm.quality.dedup import MinHashConfig
-from jaxllm.quality.pipeline import FilterOptions, filter_documents, format_report, heuristic_settings
-from jaxllm.quality.profiles import PROFILES, describe_profiles, describe_rules
-from jaxllm.quality.rules import RULES, HeuristicConfig
+from jaxllm.lecture.quality.classifier import TrainOptions, train_quality_classifier
+from jaxllm.lecture.quality.dedup import MinHashConfig
+from jaxllm.lecture.quality.pipeline import FilterOptions, filter_documents, format_report, heuristic_settings
+from jaxllm.lecture.quality.profiles import PROFILES, describe_profiles, describe_rules
+from jaxllm.lecture.quality.rules import RULES, HeuristicConfig
 
 
 def parse_setting(text: str) -> tuple[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jaxllm.errors import UsageError
-from jaxllm.sweep import SweepSettings, format_sweep, plan_runs, run_name, run_sweep
+from jaxllm.lecture.sweep import SweepSettings, format_sweep, plan_runs, run_name, run_sweep
 
 
 def number_list(text: str, kind: type, what: str) -> tuple:

@@ -54,7 +54,7 @@ from jaxllm.tasks.metrics import exact_match
 
 
 # ----------------------------------------------------------------------------------------------
-# The pipeline's evaluation (signatures kept: pipeline.py and knowledge_experiment.py call these)
+# The pipeline's evaluation (signatures kept: pipeline.py and lecture/knowledge_experiment.py call these)
 
 
 def _with(config: Config, **sections: dict[str, Any]) -> Config:

@@ -1,8 +1,8 @@
 """`jaxllm sweep`: train a grid of model sizes at a few fixed FLOP budgets and fit the compute-optimal law.
 
 Chinchilla's approach 2 at CPU scale. For every budget C and every size N in the grid, one pretraining
-run on D = C / (6·N) tokens (`jaxllm.planning.sweep_grid`); each run's final eval loss goes into
-`jaxllm.planning.fit_isoflop` (a parabola in ln N per budget, then N_opt ∝ C^a and D_opt ∝ C^b), and
+run on D = C / (6·N) tokens (`jaxllm.lecture.planning.sweep_grid`); each run's final eval loss goes into
+`jaxllm.lecture.planning.fit_isoflop` (a parabola in ln N per budget, then N_opt ∝ C^a and D_opt ∝ C^b), and
 `plot_isoflop` draws the iso-FLOP curves. Outputs in the workdir:
 
     runs/C3e10-d16-l1/    one ordinary training workdir per run (resumable, inspectable)
@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxllm import planning
+from jaxllm.lecture import planning
 from jaxllm.config import ConfigError, load_config
 from jaxllm.errors import UsageError
 from jaxllm.train import train

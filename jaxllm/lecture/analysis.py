@@ -40,8 +40,8 @@ from jaxllm.data.chat import prompt_ids, render_text
 from jaxllm.data.sources import read_records
 from jaxllm.errors import UsageError
 from jaxllm.generate import SamplingSettings, host_rows, load_model_for_inference, mesh_of, place_rows
-from jaxllm.selection import padded_batches, source_spec
-from jaxllm.teacher import batched_generate, read_inputs, request_messages
+from jaxllm.lecture.selection import padded_batches, source_spec
+from jaxllm.lecture.teacher import batched_generate, read_inputs, request_messages
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 SHIFT_CATEGORIES = ("unshifted", "marginal", "shifted")

@@ -28,10 +28,10 @@ import yaml
 
 from jaxllm.data.sources import TEXT_UNITS, Record, expand_paths, iter_documents, record_text
 from jaxllm.errors import DataError
-from jaxllm.quality.classifier import QualityClassifier
-from jaxllm.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
-from jaxllm.quality.profiles import heuristic_config_from, profile_config
-from jaxllm.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule
+from jaxllm.lecture.quality.classifier import QualityClassifier
+from jaxllm.lecture.quality.dedup import ExactDeduplicator, MinHashConfig, MinHasher, NearDeduplicator, exact_hash
+from jaxllm.lecture.quality.profiles import heuristic_config_from, profile_config
+from jaxllm.lecture.quality.rules import RULES, HeuristicConfig, TextView, first_failing_rule
 
 STEPS = ("heuristics", "exact_dedup", "near_dedup", "quality_classifier")
 

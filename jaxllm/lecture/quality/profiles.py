@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from jaxllm import settings
-from jaxllm.quality.rules import RULES, HeuristicConfig
+from jaxllm.lecture.quality.rules import RULES, HeuristicConfig
 
 _TUPLE_SETTINGS = ("allowed_scripts", "disabled_rules", "max_top_ngram_char_fraction",
                    "max_duplicate_ngram_char_fraction")

@@ -35,7 +35,7 @@ from jaxllm.data.chat import prompt_ids, prompt_messages
 from jaxllm.data.sources import iter_records
 from jaxllm.errors import UsageError
 from jaxllm.generate import generate, load_model_for_inference
-from jaxllm.selection import source_spec
+from jaxllm.lecture.selection import source_spec
 
 MODES = ("distill", "continue", "rephrase")
 
@@ -52,7 +52,7 @@ REPHRASE_STYLES = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched generation with any loaded model (also used by jaxllm.analysis).
+# Batched generation with any loaded model (also used by jaxllm.lecture.analysis).
 
 
 @dataclasses.dataclass
