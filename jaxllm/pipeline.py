@@ -28,11 +28,19 @@ from typing import Any, Callable
 import yaml
 
 from jaxllm import checkpoint as ckpt
-from jaxllm.compile_time import CompileClock
+from jaxllm import evaluate
 from jaxllm import settings
 from jaxllm import stages as stages_lib
-from jaxllm.config import ConfigError, load_config, resolve_recipe
+from jaxllm.compile_time import CompileClock
+from jaxllm.config import ConfigError, load_config, resolve_recipe, to_dict
+from jaxllm.data import biographies as bio
+from jaxllm.data.sources import iter_records, source_fingerprint
+from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
+from jaxllm.generate import load_model_for_inference
+from jaxllm.lecture.knowledge_experiment import completion_probe as probe_people
+from jaxllm.report import write_report
+from jaxllm.train import train
 
 DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -124,8 +132,6 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
     if not spec.train:
         return "default"
     directory = workdir / "tokenizer"
-    from jaxllm.data.sources import iter_records, source_fingerprint
-    from jaxllm.data.tokenizer import train_tokenizer
 
     sources = [spec.input] if isinstance(spec.input, str) else list(spec.input)
     if not sources or not all(isinstance(source, str) for source in sources):
@@ -196,9 +202,6 @@ def stage_fingerprint(config, workdir: Path, upstream: str) -> str:
     """A hash of everything a stage's results depend on: its resolved config (paths inside the pipeline's
     workdir made relative, so a moved workdir keeps its results), the tokenizer's content, the data's
     content, and the previous stage's fingerprint (so a change reruns every later stage too)."""
-    from jaxllm.config import to_dict
-    from jaxllm.data.sources import source_fingerprint
-    from jaxllm.data.tokenizer import Tokenizer
 
     resolved = to_dict(config)
     for section, key in IGNORED_FOR_FINGERPRINT:
@@ -262,8 +265,6 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
     cached = stage_dir / "eval.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    from jaxllm import evaluate
-    from jaxllm.generate import load_model_for_inference
 
     config, graphdef, params, tokenizer = load_model_for_inference(stage_dir)
     model = (config, graphdef, params, tokenizer)
@@ -291,16 +292,13 @@ def completion_probe(model: tuple, people_source: str, count: int) -> float:
     """Is the pretrained knowledge stored? Accuracy of picking each held-out person's attribute value from its
     pool after "<name> was born in" (and three more attributes; chance 2.5-5%). model: (config, graphdef,
     params, tokenizer); people_source: records with a "split" and the six attributes."""
-    from jaxllm.data import biographies as bio
-    from jaxllm.evaluate import read_records
-    from jaxllm.lecture.knowledge_experiment import completion_probe as probe
 
     fields = [field.name for field in dataclasses.fields(bio.Person)]
     people = [bio.Person(**{name: record[name] for name in fields})
-              for record in read_records(people_source, None) if record.get("split") == "held_out"][:count]
+              for record in evaluate.read_records(people_source, None) if record.get("split") == "held_out"][:count]
     if not people:
         raise ConfigError(f"evaluation.probe_source={people_source} has no records with split 'held_out'")
-    return probe(*model, people)
+    return probe_people(*model, people)
 
 
 def _qa_record(record: dict) -> dict | None:
@@ -331,8 +329,6 @@ def run_pipeline(recipe_path: str | Path, workdir: str | Path, log: Callable[[st
 
 def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Callable[[str], None],
                   progress: bool) -> dict[str, Any]:
-    from jaxllm.report import write_report
-    from jaxllm.train import train
 
     started = time.perf_counter()
     tokenizer = prepare_tokenizer(recipe, workdir, log)

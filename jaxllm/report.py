@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxllm.files import write_atomic
+
 
 def read_metrics(workdir: str | Path, split: str = "train") -> list[dict]:
     """The records of one split in file order. After a resume, the steps since the last checkpoint appear
@@ -225,8 +227,6 @@ def write_report(report: dict[str, Any], workdir: str | Path) -> Path:
         plots["losses"] = _plot_losses(stages, workdir / "losses.png")
         plots["eval"] = _plot_eval(stages, workdir / "eval.png")
         plots["rewards"] = _plot_rewards(stages, workdir / "rewards.png")
-    from jaxllm.files import write_atomic
-
     write_atomic(workdir / "report.json", json.dumps(report, indent=2, default=str))
     path = workdir / "report.md"
     write_atomic(path, _markdown(report, plots))
