@@ -37,11 +37,14 @@ def test_generator_reproduces_the_shipped_files_from_seed_0(tmp_path):
         assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes(), shipped.name
 
 
-def test_sft_people_and_held_out_people_are_disjoint_and_all_are_in_pretraining():
+def test_sft_feedback_and_held_out_people_are_disjoint_and_all_are_in_pretraining():
     trained, held_out = _names_in(read_records("default:sft")), _names_in(read_records("default:qa_eval"))
-    assert len(trained) == 100 and len(held_out) == 100 and not trained & held_out
+    people = [r.data for r in read_records("default:people")]
+    judged = {p["name"] for p in people if p["split"] == "feedback"}
+    assert len(trained) == 100 and len(judged) == 50 and len(held_out) == 50
+    assert not trained & held_out and not judged & (trained | held_out)
     pretrain_text = " ".join(r.data["text"] for r in read_records("default:pretrain"))
-    assert all(name in pretrain_text for name in trained | held_out)
+    assert all(name in pretrain_text for name in trained | judged | held_out)
 
 
 def test_answers_are_short_and_references_are_exact_attributes():
@@ -112,16 +115,21 @@ def _all_text(record) -> str:
 def test_no_held_out_person_appears_in_any_sft_or_feedback_training_set():
     people = [r.data for r in read_records("default:people")]
     held_out = [p for p in people if p["split"] == "held_out"]
-    assert len(held_out) == len(people) // 2
-    trained_names = {p["name"] for p in people if p["split"] == "train"}
-    for name in ("sft", "preferences", "feedback", "rl_prompts"):
+    assert len(held_out) == len(people) // 4
+    names = {split: {p["name"] for p in people if p["split"] == split} for split in ("train", "feedback", "held_out")}
+    everyone = set().union(*names.values())
+    # SFT asks about the "train" people; the feedback stages judge answers about people SFT never asked
+    # about ("feedback") and, offline, about the SFT people too
+    both = names["train"] | names["feedback"]
+    for name, split in (("sft", names["train"]), ("preferences", both), ("feedback", both),
+                        ("rl_prompts", names["feedback"])):
         records = read_records(f"default:{name}")
         text = "\n".join(_all_text(r) for r in records)
         leaked = [p["name"] for p in held_out if p["name"] in text]
         assert not leaked, f"default:{name} mentions held-out people {leaked[:5]}"
         asked = _names_in(records) if name == "sft" else {
-            n for r in records for n in trained_names | {p["name"] for p in held_out} if n in r.data["prompt"]}
-        assert asked and asked <= trained_names, name
+            n for r in records for n in everyone if n in r.data["prompt"]}
+        assert asked == split, name
     # and every held-out question is about a held-out person, with the person's true value as the reference
     by_name = {p["name"]: p for p in held_out}
     for record in read_records("default:qa_eval"):

@@ -10,15 +10,17 @@ templated everyday prose. The sets (each `default:<name>`):
                     permuted sentences, + a little prose
   pretrain_eval     one fresh rephrasing for some people + held-out prose
   sft               QA conversations about the first half of the people (every question wording, short answers)
-  sft_eval          the same question types about the other half (held out)
-  qa_eval           {"prompt", "reference"} about the held-out half, for exact-match accuracy
-  preferences       {"prompt", "chosen", "rejected"}: correct answer vs a plausible mistake (mostly another
-                    person's value of the same attribute, the confusions a model makes; sometimes a rambling non-answer)
-  preferences_eval  the same about the held-out half
-  feedback          {"prompt", "completion", "label"} thumbs up/down for KTO
-  feedback_eval     the same about the held-out half
-  rl_prompts        {"prompt", "reference"} about the first half, exact-match verifiable
-  people            the people and their six attributes ("split": train | held_out)
+  sft_eval          the same question types about the last quarter (held out)
+  qa_eval           {"prompt", "reference"} about the held-out quarter, for exact-match accuracy
+  preferences       {"prompt", "chosen", "rejected"} about the SFT half and the third quarter (people whose QA
+                    SFT never saw: the feedback stage's new prompts): correct answer vs a plausible mistake (mostly
+                    another person's value of the same attribute, the confusions a model makes; sometimes a
+                    rambling non-answer)
+  preferences_eval  the same about the held-out quarter
+  feedback          {"prompt", "completion", "label"} thumbs up/down for KTO, about the same people as preferences
+  feedback_eval     the same about the held-out quarter
+  rl_prompts        {"prompt", "reference"} about the third quarter, exact-match verifiable
+  people            the people and their six attributes ("split": train | feedback | held_out)
 
 and tokenizer.model: BPE, 512 ids, trained on the training sets' text.
 
@@ -183,8 +185,8 @@ def build(seed: int, num_people: int, rephrasings: int, prose_paragraphs: int,
           name_once: bool = False) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     people = bio.make_people(num_people, seed=seed)
-    half = num_people // 2
-    train_people, held_out = people[:half], people[half:]
+    half, three_quarters = num_people // 2, num_people * 3 // 4
+    train_people, feedback_people, held_out = people[:half], people[half:three_quarters], people[three_quarters:]
 
     bios = [dict(record, kind="biography")
             for record in bio.biographies(people, rephrasings, seed=seed + 1, name_once=name_once)]
@@ -203,14 +205,15 @@ def build(seed: int, num_people: int, rephrasings: int, prose_paragraphs: int,
         "sft": qa_conversations(train_people, rng, seed + 5, system_fraction=0.1, two_turn_fraction=0.1,
                                 variants="all"),
         "sft_eval": qa_conversations(held_out, rng, seed + 6, system_fraction=0.0, two_turn_fraction=0.0),
-        "qa_eval": prompts(held_out, seed + 7, offset=half),
-        "preferences": preferences(train_people, rng, seed + 8),
-        "preferences_eval": preferences(held_out, rng, seed + 9)[:120],
-        "feedback": feedback(train_people, rng, seed + 10),
+        "qa_eval": prompts(held_out, seed + 7, offset=three_quarters),
+        "preferences": preferences(train_people + feedback_people, rng, seed + 8),
+        "preferences_eval": preferences(held_out, rng, seed + 9),
+        "feedback": feedback(train_people + feedback_people, rng, seed + 10),
         "feedback_eval": feedback(held_out, rng, seed + 11)[:120],
-        "rl_prompts": prompts(train_people, seed + 12),
+        "rl_prompts": prompts(feedback_people, seed + 12, offset=half),
         "people": [dict(name=p.name, **{a: p.attribute(a) for a in bio.ATTRIBUTES},
-                        split="train" if i < half else "held_out") for i, p in enumerate(people)],
+                        split="train" if i < half else "feedback" if i < three_quarters else "held_out")
+                   for i, p in enumerate(people)],
     }
     return sets
 
