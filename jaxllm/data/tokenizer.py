@@ -22,6 +22,7 @@ import sentencepiece as spm
 
 from jaxllm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from jaxllm.data.report import DataError
+from jaxllm.data.sources import SOURCE_KINDS, read_texts
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -231,8 +232,6 @@ def _strip_paths(model_file: Path) -> None:
 
 def _materialise_inputs(inputs: Sequence[str], directory: str) -> list[str]:
     """Files stay files; a source spec (default:pretrain, jsonl:..., tfds:...) is written out as text lines."""
-    from jaxllm.data.sources import SOURCE_KINDS, read_texts
-
     files = []
     for number, spec in enumerate(inputs):
         if Path(spec).is_file():
