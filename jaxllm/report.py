@@ -119,7 +119,7 @@ def _stage_compile_seconds(stage: dict) -> float | None:
 
 def compile_share(report: dict[str, Any]) -> tuple[float, float]:
     """(seconds spent compiling in this run, their share of the run's wall time)."""
-    total = sum(_stage_compile_seconds(stage) or 0.0 for stage in report["stages"])
+    total = sum(_stage_compile_seconds(run) or 0.0 for run in report["stages"])
     return total, total / report["wall_seconds"] if report["wall_seconds"] else 0.0
 
 
