@@ -132,7 +132,6 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
     if not spec.train:
         return "default"
     directory = workdir / "tokenizer"
-
     sources = [spec.input] if isinstance(spec.input, str) else list(spec.input)
     if not sources or not all(isinstance(source, str) for source in sources):
         raise ConfigError(f"tokenizer.input={spec.input!r} must be a data source or a list of them, "
@@ -202,7 +201,6 @@ def stage_fingerprint(config, workdir: Path, upstream: str) -> str:
     """A hash of everything a stage's results depend on: its resolved config (paths inside the pipeline's
     workdir made relative, so a moved workdir keeps its results), the tokenizer's content, the data's
     content, and the previous stage's fingerprint (so a change reruns every later stage too)."""
-
     resolved = to_dict(config)
     for section, key in IGNORED_FOR_FINGERPRINT:
         resolved[section].pop(key, None)
@@ -265,7 +263,6 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
     cached = stage_dir / "eval.json"
     if cached.exists():
         return json.loads(cached.read_text())
-
     config, graphdef, params, tokenizer = load_model_for_inference(stage_dir)
     model = (config, graphdef, params, tokenizer)
     started = time.perf_counter()
@@ -292,7 +289,6 @@ def completion_probe(model: tuple, people_source: str, count: int) -> float:
     """Is the pretrained knowledge stored? Accuracy of picking each held-out person's attribute value from its
     pool after "<name> was born in" (and three more attributes; chance 2.5-5%). model: (config, graphdef,
     params, tokenizer); people_source: records with a "split" and the six attributes."""
-
     fields = [field.name for field in dataclasses.fields(bio.Person)]
     people = [bio.Person(**{name: record[name] for name in fields})
               for record in evaluate.read_records(people_source, None) if record.get("split") == "held_out"][:count]
@@ -329,7 +325,6 @@ def run_pipeline(recipe_path: str | Path, workdir: str | Path, log: Callable[[st
 
 def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Callable[[str], None],
                   progress: bool) -> dict[str, Any]:
-
     started = time.perf_counter()
     tokenizer = prepare_tokenizer(recipe, workdir, log)
     stages = stage_configs(recipe, workdir, tokenizer)

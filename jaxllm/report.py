@@ -123,6 +123,11 @@ def compile_share(report: dict[str, Any]) -> tuple[float, float]:
     return total, total / report["wall_seconds"] if report["wall_seconds"] else 0.0
 
 
+def _compile_line(report: dict[str, Any]) -> str:
+    seconds, share = compile_share(report)
+    return f"Compiling took {seconds:.0f} s of the {report['wall_seconds']:.0f} s wall time ({share:.1%})."
+
+
 def _row(stage: dict) -> str:
     e = stage["evaluation"]
     qa, text = e["qa_heldout"], e["text"]
@@ -190,8 +195,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
               "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Train s: the stage's "
               "wall time (compile included); compile s: tracing, lowering and compiling the stage's programs "
               "(train and eval steps, generation) in this run, from JAX's compile events.", "",
-              "Compiling took {:.0f} s of the {:.0f} s wall time ({:.1%}).".format(
-                  *compile_share(report)[:1], report["wall_seconds"], compile_share(report)[1]), "",
+              _compile_line(report), "",
               "## What each stage shows", ""]
     lines += [story_line(stage, previous) for stage, previous in zip(stages, [None, *stages[:-1]])]
     lines += [""]
@@ -215,7 +219,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
         lines.append(f"- **{run['name']}** (`{run['workdir']}`): {run['steps']} steps, "
                      f"init from `{run['init_from'] or 'scratch'}`, final train loss "
                      f"{summary['train'].get('loss', float('nan')):.4f}, "
-                     f"{summary.get('tokens_per_second', 0):.0f} tokens/s, first step (compiling included) {summary.get('compile_seconds', 0):.1f} s")
+                     f"{summary.get('tokens_per_second', 0):.0f} tokens/s, "
+                     f"first step (compiling included) {summary.get('compile_seconds', 0):.1f} s")
     return "\n".join(lines) + "\n"
 
 
