@@ -34,11 +34,13 @@ from jaxllm import stages as stages_lib
 from jaxllm.compile_time import CompileClock
 from jaxllm.config import ConfigError, load_config, resolve_recipe, to_dict
 from jaxllm.data import biographies as bio
-from jaxllm.data.sources import iter_records, source_fingerprint
+from jaxllm.data.sources import file_content_digest, iter_records, parse_source, source_fingerprint
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 from jaxllm.generate import load_model_for_inference
+from jaxllm.evaluate.scoring import EvalModel
 from jaxllm.lecture.knowledge_experiment import completion_probe as probe_people
+from jaxllm.lecture.own_pairs import OwnPairsSettings, own_mistake_pairs, question_records, write_pairs
 from jaxllm.report import write_report
 from jaxllm.train import train
 
@@ -47,10 +49,25 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass
+class OwnPairsSpec:
+    """Preference pairs from the stage's starting model's own wrong answers (jaxllm.lecture.own_pairs), made just
+    before the stage trains; they and the `mix` sources become its data.source (`WORKDIR/<stage>.pairs/`)."""
+    prompts: str = "default:rl_prompts"  # {"prompt", "reference"} records the model answers
+    questions: int = 0  # the first this many of them (0: all)
+    samples: int = 4  # answers per prompt: greedy + samples - 1 sampled at `temperature`
+    temperature: float = 1.0
+    max_pairs_per_prompt: int = 2
+    max_new_tokens: int = 16
+    keep_unfinished: bool = False  # also answers that never stopped (within max_new_tokens)
+    mix: list[str] = dataclasses.field(default_factory=list)  # pair sources trained on as well
+
+
+@dataclasses.dataclass
 class StageSpec:
     name: str
     recipe: str
     overrides: list[str] = dataclasses.field(default_factory=list)
+    own_pairs: OwnPairsSpec | None = None
 
 
 @dataclasses.dataclass
@@ -69,6 +86,9 @@ class EvaluationSpec:
     # first probe_people held-out people of probe_source (records with the six attributes and "split").
     probe_source: str = "default:people"
     probe_people: int = 50
+    # After the stage named here, its wrong greedy answers to the held-out questions (qa_source, qa_examples)
+    # become pairs (reference vs that answer) scored for it and every later stage: the "own mistakes" column.
+    own_mistakes_after: str = ""
 
 
 @dataclasses.dataclass
@@ -118,9 +138,26 @@ def load_recipe(path: str | Path) -> PipelineRecipe:
         evaluation=settings.build(EvaluationSpec, raw.pop("evaluation", {}) or {}, f"{path}: evaluation"),
     )
     settings.check_keys(raw, ("stages", "common", "tokenizer", "evaluation"), str(path))
+    if recipe.evaluation.own_mistakes_after and recipe.evaluation.own_mistakes_after not in names:
+        raise ConfigError(f"{path}: evaluation.own_mistakes_after={recipe.evaluation.own_mistakes_after!r} "
+                          f"names no stage; the stages are {', '.join(names)}")
     for spec in recipe.stages:
         stages_lib.of(load_config(resolve_path(spec.recipe), recipe.common + spec.overrides))  # fail early
+        if spec.own_pairs is not None:
+            check_held_out(spec, recipe.evaluation.qa_source)
     return recipe
+
+
+def check_held_out(spec: StageSpec, qa_source: str) -> None:
+    """A stage's own pairs must not ask the held-out questions the report scores (that would train on them)."""
+    own = spec.own_pairs
+    held_out = {r["prompt"] for r in map(_qa_record, evaluate.read_records(qa_source)) if r}
+    asked = [r.get("prompt") for r in evaluate.read_records(own.prompts, own.questions or None)]
+    leaked = [prompt for prompt in asked if prompt in held_out]
+    if leaked:
+        raise ConfigError(f"stage {spec.name}: {len(leaked)} of own_pairs.prompts={own.prompts} are held-out "
+                          f"questions of evaluation.qa_source={qa_source} (e.g. {leaked[0]!r}); training on them "
+                          "would make the held-out numbers meaningless: use other prompts")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +211,12 @@ def stage_configs(recipe: PipelineRecipe, workdir: Path, tokenizer: str) -> list
         overrides = list(recipe.common) + [f"data.tokenizer={tokenizer}"] + list(spec.overrides)
         if previous is not None and not any(o.startswith(("init_from=", "train.init_from=")) for o in spec.overrides):
             overrides.append(f"train.init_from={previous}")
+        if spec.own_pairs is not None:
+            overrides.append(f"data.source=jsonl:{own_pairs_dir(workdir, spec.name)}")
         config = load_config(resolve_path(spec.recipe), overrides)
+        if spec.own_pairs is not None and not config.train.init_from:
+            raise ConfigError(f"stage {spec.name}: own_pairs are the answers of the model the stage starts from; "
+                              "give it train.init_from or put an earlier stage before it")
         stage_dir = workdir / spec.name
         out.append((spec, config, stage_dir))
         previous = stage_dir
@@ -206,11 +248,23 @@ def stage_fingerprint(config, workdir: Path, upstream: str) -> str:
         resolved[section].pop(key, None)
     prefix = str(workdir) + "/"
     text = json.dumps(resolved, sort_keys=True, default=str).replace(prefix, "WORKDIR/")
-    data = {name: source_fingerprint(getattr(config.data, name)) for name in ("source", "eval_source")
+    data = {name: _data_fingerprint(getattr(config.data, name), workdir) for name in ("source", "eval_source")
             if getattr(config.data, name)}
     parts = {"config": text, "tokenizer": Tokenizer.load(config.data.tokenizer).fingerprint, "data": data,
              "upstream": upstream}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _data_fingerprint(source: str, workdir: Path) -> str:
+    """`source_fingerprint`, but a JSONL source inside the workdir (a stage's own pairs) is hashed by its paths
+    relative to the workdir, so a moved workdir keeps its results."""
+    kind, rest = parse_source(source)
+    path = Path(rest)
+    if kind != "jsonl" or not path.is_relative_to(workdir):
+        return source_fingerprint(source)
+    files = sorted(p for p in path.rglob("*.jsonl") if not p.name.startswith(".")) if path.is_dir() else [path]
+    text = "\n".join(f"{file.relative_to(workdir)}:{file_content_digest(file)}" for file in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def stage_finished(config, stage_dir: Path, fingerprint: str | None = None,
@@ -241,11 +295,82 @@ def set_aside_stale_stage(stage_dir: Path, fingerprint: str, log: Callable[[str]
         f"(the old results are in {stale})")
 
 
+def own_pairs_dir(workdir: Path, stage_name: str) -> Path:
+    return workdir / f"{stage_name}.pairs"
+
+
+OWN_PAIRS_RECORD = "pairs.json"  # {"key", "report"}: written last, so its presence says the pairs are complete
+
+
+def _pairs_current(record_path: Path, key: str, log: Callable[[str], None]) -> bool:
+    record = _read_record(record_path, log)
+    return isinstance(record, dict) and record.get("key") == key
+
+
+def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log: Callable[[str], None],
+                      header: str) -> None:
+    """Writes `WORKDIR/<stage>.pairs/`: own.jsonl (the starting model's wrong answers to `own_pairs.prompts` as
+    pairs) and mix-<i>.jsonl (the `mix` sources' records); reused while the starting stage and the settings
+    are the same (the key records both)."""
+    own = spec.own_pairs
+    directory = own_pairs_dir(workdir, spec.name)
+    key = hashlib.sha256(json.dumps([upstream, dataclasses.asdict(own),
+                                     [source_fingerprint(s) for s in [own.prompts, *own.mix]]],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    if _pairs_current(directory / OWN_PAIRS_RECORD, key, log):
+        return
+    started = time.perf_counter()
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    model = EvalModel.load(config.train.init_from)
+    questions = question_records(evaluate.read_records(own.prompts, own.questions or None), own.prompts)
+    pairs, report = own_mistake_pairs(model, questions, OwnPairsSettings(
+        samples=own.samples, temperature=own.temperature, max_pairs_per_prompt=own.max_pairs_per_prompt,
+        max_new_tokens=own.max_new_tokens, keep_unfinished=own.keep_unfinished))
+    write_pairs(directory / "own.jsonl", pairs)
+    for number, source in enumerate(own.mix):
+        write_pairs(directory / f"mix-{number}.jsonl", evaluate.read_records(source))
+    write_json_atomic(directory / OWN_PAIRS_RECORD, {"key": key, "report": report})
+    log(f"{header} own pairs: {report['pairs']} wrong answers of {config.train.init_from} to "
+        f"{report['questions']} questions of {own.prompts} (greedy right {report['greedy_correct']:.1%}, "
+        f"any of {own.samples} right {report['any_correct']:.1%}) + {', '.join(own.mix) or 'nothing else'} "
+        f"({time.perf_counter() - started:.0f}s)")
+
+
+OWN_MISTAKES_EVAL = "own_mistakes_eval.jsonl"
+
+
+def prepare_own_mistakes(stage_dir: Path, spec: EvaluationSpec, workdir: Path, fingerprint: str,
+                         log: Callable[[str], None], header: str) -> None:
+    """`WORKDIR/own_mistakes_eval.jsonl`: the finished stage's wrong greedy answers to the held-out questions as
+    pairs (reference vs answer); remade when that stage changed."""
+    path, record_path = workdir / OWN_MISTAKES_EVAL, workdir / "own_mistakes_eval.json"
+    key = hashlib.sha256(json.dumps([fingerprint, spec.qa_source, spec.qa_examples, spec.max_new_tokens,
+                                     source_fingerprint(spec.qa_source)]).encode()).hexdigest()[:24]
+    if path.exists() and _pairs_current(record_path, key, log):
+        return
+    record_path.unlink(missing_ok=True)
+    records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
+    pairs, report = own_mistake_pairs(EvalModel.load(stage_dir), question_records(records, spec.qa_source),
+                                      OwnPairsSettings(samples=1, max_new_tokens=spec.max_new_tokens,
+                                                       keep_unfinished=True))
+    if not pairs:
+        raise ConfigError(f"evaluation.own_mistakes_after: the {stage_dir.name} model answers every held-out "
+                          "question right, so there are no mistakes to score; turn it off")
+    write_pairs(path, pairs)
+    write_json_atomic(record_path, {"key": key, "report": report})
+    log(f"{header} own-mistakes eval set: {len(pairs)} held-out questions it answers wrong -> {path}")
+
+
 def cached_evaluation(stage_dir: Path, spec: EvaluationSpec, fingerprint: str,
-                      log: Callable[[str], None]) -> dict[str, Any]:
-    """`evaluate_stage`, reused only when eval.json was computed for this stage fingerprint and evaluation
-    spec (recorded in eval.key) and is readable; otherwise recomputed."""
-    key = hashlib.sha256(json.dumps([fingerprint, dataclasses.asdict(spec)], sort_keys=True).encode()).hexdigest()
+                      log: Callable[[str], None], extra_preferences: dict[str, str] | None = None) -> dict[str, Any]:
+    """`evaluate_stage`, reused only when eval.json was computed for this stage fingerprint, evaluation spec
+    and extra preference sets (recorded in eval.key) and is readable; otherwise recomputed."""
+    extra_preferences = extra_preferences or {}
+    extras = {name: source_fingerprint(source) for name, source in extra_preferences.items()}
+    key = hashlib.sha256(json.dumps([fingerprint, dataclasses.asdict(spec)] + ([extras] if extras else []),
+                                    sort_keys=True).encode()).hexdigest()
     key_path, cached = stage_dir / "eval.key", stage_dir / "eval.json"
     if key_path.exists() and key_path.read_text().strip() == key:
         result = _read_record(cached, log)
@@ -253,13 +378,15 @@ def cached_evaluation(stage_dir: Path, spec: EvaluationSpec, fingerprint: str,
             return result
     cached.unlink(missing_ok=True)
     key_path.unlink(missing_ok=True)
-    result = evaluate_stage(stage_dir, spec)
+    result = evaluate_stage(stage_dir, spec, extra_preferences)
     write_atomic(key_path, key)
     return result
 
 
-def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
-    """Evaluation of one finished stage (cached in the stage's eval.json)."""
+def evaluate_stage(stage_dir: Path, spec: EvaluationSpec,
+                   extra_preferences: dict[str, str] | None = None) -> dict[str, Any]:
+    """Evaluation of one finished stage (cached in the stage's eval.json). extra_preferences: {result name:
+    pair source} scored like `preference_source` (e.g. "own_mistakes")."""
     cached = stage_dir / "eval.json"
     if cached.exists():
         return json.loads(cached.read_text())
@@ -275,6 +402,8 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec) -> dict[str, Any]:
         result["qa_trained"] = evaluate.qa_accuracy(*model, [r for r in trained if r], spec.max_new_tokens)
     if spec.preference_source:
         result["preferences"] = evaluate.preference_accuracy(*model, spec.preference_source, spec.preference_pairs)
+    for name, source in (extra_preferences or {}).items():
+        result[name] = evaluate.preference_accuracy(*model, source, max_pairs=10**9)
     if spec.probe_source and spec.probe_people:
         result["completion_probe"] = completion_probe(model, spec.probe_source, spec.probe_people)
     if spec.prompts:
@@ -330,9 +459,13 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
     stages = stage_configs(recipe, workdir, tokenizer)
     results = []
     upstream = ""
+    own_mistakes: dict[str, str] = {}  # {"own_mistakes": source} once the stage that makes them has run
     for index, (stage, config, stage_dir) in enumerate(stages, 1):
         header = f"[{index}/{len(stages)} {stage.name}]"
         train_seconds, train_compile = None, None
+        with CompileClock() as pairs_compile:
+            if stage.own_pairs is not None:
+                prepare_own_pairs(stage, config, workdir, upstream, log, header)
         fingerprint = stage_fingerprint(config, workdir, upstream)
         upstream = fingerprint
         set_aside_stale_stage(stage_dir, fingerprint, log, header)
@@ -358,7 +491,10 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
             log(f"{header} done in {train_seconds:.0f}s "
                 f"(final loss {result.last_metrics.get('loss', float('nan')):.3f})")
         with CompileClock() as eval_compile:
-            evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log)
+            if stage.name == recipe.evaluation.own_mistakes_after:
+                prepare_own_mistakes(stage_dir, recipe.evaluation, workdir, fingerprint, log, header)
+                own_mistakes = {"own_mistakes": f"jsonl:{workdir / OWN_MISTAKES_EVAL}"}
+            evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log, own_mistakes)
         qa = evaluation["qa_heldout"]
         probe = evaluation.get("completion_probe")
         log(f"{header} eval: held-out QA {qa['exact_match']:.1%}, EOS rate {qa['eos_rate']:.1%}, "
@@ -369,7 +505,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                         "init_from": config.train.init_from, "steps": config.train.steps,
                         "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation,
                         "compile_seconds": {"train": train_compile.seconds if train_compile else None,
-                                            "evaluation": eval_compile.seconds}})
+                                            "evaluation": eval_compile.seconds,
+                                            **({"own_pairs": pairs_compile.seconds} if stage.own_pairs else {})}})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

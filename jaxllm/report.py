@@ -63,6 +63,9 @@ def _plot_eval(stages: list[dict], path: Path) -> bool:
         "answers ending with EOS": [s["evaluation"]["qa_heldout"]["eos_rate"] for s in stages],
         "preference accuracy": [s["evaluation"].get("preferences", {}).get("preference_accuracy", 0) for s in stages],
     }
+    if any("own_mistakes" in s["evaluation"] for s in stages):
+        series["own-mistakes accuracy"] = [s["evaluation"].get("own_mistakes", {}).get("preference_accuracy", 0)
+                                           for s in stages]
     figure, axis = plt.subplots(figsize=(7.5, 3.4))
     width = 0.8 / len(series)
     x = np.arange(len(names))
@@ -133,10 +136,11 @@ def _row(stage: dict) -> str:
     qa, text = e["qa_heldout"], e["text"]
     trained = e.get("qa_trained", {}).get("exact_match")
     pref = e.get("preferences", {}).get("preference_accuracy")
+    own = e.get("own_mistakes", {}).get("preference_accuracy")
     compile_seconds = _stage_compile_seconds(stage)
     return (f"| {stage['name']} | {stage['stage']} | {stage['steps']} | {text['perplexity']:.2f} | "
             f"{text['bits_per_byte']:.3f} | {_percent(e.get('completion_probe'))} | {_percent(qa['exact_match'])} | "
-            f"{_percent(trained)} | {_percent(qa['eos_rate'])} | {qa['mean_answer_tokens']:.1f} | {_percent(pref)} | "
+            f"{_percent(trained)} | {_percent(qa['eos_rate'])} | {qa['mean_answer_tokens']:.1f} | {_percent(pref)} | {_percent(own)} | "
             f"{_seconds(stage.get('train_seconds'))} | "
             f"{'–' if compile_seconds is None else f'{compile_seconds:.1f}'} |")
 
@@ -162,7 +166,8 @@ def _stage_metrics(stage: dict) -> dict[str, float | None]:
     e = stage["evaluation"]
     return {"probe": e.get("completion_probe"), "held-out QA": e["qa_heldout"]["exact_match"],
             "trained QA": e.get("qa_trained", {}).get("exact_match"), "EOS": e["qa_heldout"]["eos_rate"],
-            "preference acc.": e.get("preferences", {}).get("preference_accuracy")}
+            "preference acc.": e.get("preferences", {}).get("preference_accuracy"),
+            "own-mistakes acc.": e.get("own_mistakes", {}).get("preference_accuracy")}
 
 
 def story_line(stage: dict, previous: dict | None) -> str:
@@ -185,14 +190,18 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
              f"Recipe `{report['recipe']}`; wall time {report['wall_seconds']:.0f} s; tokenizer `{report['tokenizer']}`.",
              "", "## Evaluation after each stage (held-out data)", "",
              "| stage | kind | steps | text perplexity | bits/byte | completion probe | held-out QA | "
-             "trained-people QA | ends with EOS | answer tokens | preference acc. | train s | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "trained-people QA | ends with EOS | answer tokens | preference acc. | own-mistakes acc. | train s | "
+             "compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(s) for s in stages]
     lines += ["", "Completion probe: does the model pick a held-out person's value from the attribute's pool after "
               "\"<name> was born in\" (and three more attributes)? It shows whether the knowledge is stored. "
               "Held-out QA: exact match of greedy answers about people whose QA was never trained "
               "(their biographies were in the pretraining text). Trained-people QA: questions from the SFT set. "
-              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Train s: the stage's "
+              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Own-mistakes accuracy: the same on "
+              "pairs whose rejected answer is a wrong greedy answer of the stage named by "
+              "`evaluation.own_mistakes_after` to a held-out question (by construction low for that stage: did "
+              "a later stage learn to rank the right answer above the mistake?). Train s: the stage's "
               "wall time (compile included); compile s: tracing, lowering and compiling the stage's programs "
               "(train and eval steps, generation) in this run, from JAX's compile events.", "",
               _compile_line(report), "",

@@ -209,3 +209,68 @@ def test_compile_clock_counts_new_programs_only():
     assert first.programs >= 1 and first.phases["trace"] > 0 and first.phases["lower"] > 0
     assert first.seconds == pytest.approx(sum(first.phases.values()))
     assert again.programs == 0 and again.seconds == 0.0
+
+
+OWN_PAIRS_TEMPLATE = """
+tokenizer: {train: false}
+common: [model.preset=micro, mesh.num_devices=1, train.batch_size=4, train.eval_batches=1, train.progress=false,
+         train.tensorboard=false, data.seq_len=96, optimizer.warmup_steps=0, train.eval_every=0]
+stages:
+  - {name: pretrain, recipe: configs/pretrain_tiny.yaml, overrides: [train.steps=2]}
+  - {name: sft, recipe: configs/sft_tiny.yaml, overrides: [train.steps=2]}
+  - name: dpo
+    recipe: configs/dpo_tiny.yaml
+    overrides: [train.steps=2]
+    own_pairs: {prompts: default:rl_prompts, questions: 3, samples: 2, max_new_tokens: 3, keep_unfinished: true,
+                mix: [default:preferences]}
+evaluation: {qa_examples: 3, trained_qa_examples: 0, text_batches: 1, preference_source: "", max_new_tokens: 3,
+             probe_people: 1, own_mistakes_after: sft}
+"""
+
+
+def test_own_pairs_train_the_feedback_stage_and_the_own_mistakes_set_scores_later_stages(tmp_path):
+    recipe, workdir = tmp_path / "own.yaml", tmp_path / "run"
+    recipe.write_text(OWN_PAIRS_TEMPLATE)
+    logs: list[str] = []
+    report = run_pipeline(recipe, workdir, log=logs.append, progress=False)
+    own = [json.loads(line) for line in (workdir / "dpo.pairs" / "own.jsonl").read_text().splitlines()]
+    questions = {r["prompt"]: r["reference"] for r in evaluate.read_records("default:rl_prompts", 3)}
+    # a 2-step model is wrong everywhere: up to two distinct wrong answers (greedy + 1 sample) per question
+    assert own and all(p["prompt"] in questions and p["chosen"] == questions[p["prompt"]] for p in own)
+    assert len(own) <= 6
+    mixed = (workdir / "dpo.pairs" / "mix-0.jsonl").read_text().splitlines()
+    assert len(mixed) == len(evaluate.read_records("default:preferences"))
+    assert report["stages"][2]["summary"]["config"]["data"]["source"] == f"jsonl:{workdir / 'dpo.pairs'}"
+    assert any("[3/3 dpo] own pairs:" in line for line in logs)
+    held_out = (workdir / "own_mistakes_eval.jsonl").read_text().splitlines()
+    assert 1 <= len(held_out) <= 3
+    assert "own_mistakes" not in report["stages"][0]["evaluation"]
+    for stage in report["stages"][1:]:
+        assert stage["evaluation"]["own_mistakes"]["pairs"] == len(held_out)
+    assert "own-mistakes acc." in (workdir / "report.md").read_text()
+
+    logs = []
+    again = run_pipeline(recipe, workdir, log=logs.append, progress=False)
+    assert sum("already finished" in line for line in logs) == 3 and not any("own pairs:" in l for l in logs)
+    assert again["stages"][2]["evaluation"] == report["stages"][2]["evaluation"]
+
+
+def test_own_pairs_need_a_starting_model_and_own_mistakes_a_known_stage(tmp_path):
+    from jaxllm.pipeline import stage_configs
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(OWN_PAIRS_TEMPLATE.replace("own_mistakes_after: sft", "own_mistakes_after: sfft"))
+    with pytest.raises(ConfigError, match="own_mistakes_after='sfft' names no stage; the stages are pretrain"):
+        load_recipe(bad)
+    first = tmp_path / "first.yaml"
+    first.write_text("stages:\n  - {name: dpo, recipe: configs/dpo_tiny.yaml, own_pairs: {samples: 2}}\n")
+    with pytest.raises(ConfigError, match="own_pairs are the answers of the model the stage starts from"):
+        stage_configs(load_recipe(first), tmp_path, "default")
+
+
+def test_own_pairs_about_held_out_questions_are_refused(tmp_path):
+    recipe = tmp_path / "leak.yaml"
+    recipe.write_text(OWN_PAIRS_TEMPLATE.replace("prompts: default:rl_prompts", "prompts: default:qa_eval"))
+    with pytest.raises(ConfigError, match="3 of own_pairs.prompts=default:qa_eval are held-out questions of "
+                                          "evaluation.qa_source=default:qa_eval"):
+        load_recipe(recipe)

@@ -121,3 +121,18 @@ def test_bad_input_is_a_clear_error(checkpoint, tmp_path):
                             "--max-new-tokens", "200"])
     with pytest.raises(SystemExit):
         generate_command(["--teacher", str(checkpoint), "--prompts", str(bad), "--out", out, "--mode", "translate"])
+
+
+def test_data_pairs_turns_the_models_wrong_answers_into_preference_pairs(checkpoint, tmp_path):
+    from jaxllm.cli.data import pairs_command
+
+    questions = write_jsonl(tmp_path / "questions.jsonl", [
+        {"prompt": "What is the capital of Zorbia?", "reference": ANSWER},  # right: no pair
+        {"prompt": "Where was Ann born?", "reference": "Oslo"}])
+    out = tmp_path / "pairs.jsonl"
+    assert pairs_command(["--model", str(checkpoint), "--questions", str(questions), "--out", str(out),
+                          "--samples", "3", "--temperature", "0.5", "--max-new-tokens", "8"]) == 0
+    # the teacher says Quxville whatever it is asked, greedy or sampled: one distinct wrong answer
+    assert _read(out) == [{"prompt": "Where was Ann born?", "chosen": "Oslo", "rejected": ANSWER}]
+    with pytest.raises(DataError, match="record 0: own pairs need a string 'prompt' and 'reference'"):
+        pairs_command(["--model", str(checkpoint), "--questions", "default:sft", "--out", str(out)])

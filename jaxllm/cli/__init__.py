@@ -39,6 +39,7 @@ DELEGATED = {
     "data train-quality": "jaxllm.cli.quality:train_quality_command",
     "data select": "jaxllm.cli.data:select_command",
     "data generate": "jaxllm.cli.data:generate_command",
+    "data pairs": "jaxllm.cli.data:pairs_command",
     "analyze knowledge": "jaxllm.cli.analyze:knowledge_command",
     "analyze shift": "jaxllm.cli.analyze:shift_command",
     "experiment knowledge": "jaxllm.cli.experiment:knowledge_command",

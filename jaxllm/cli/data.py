@@ -1,5 +1,6 @@
-"""`jaxllm data stats|select|generate`: what the data pipeline makes of a source, choosing a small SFT set,
-and making training data with a teacher model (`data filter` and `data train-quality`: cli/quality.py)."""
+"""`jaxllm data stats|select|generate|pairs`: what the data pipeline makes of a source, choosing a small SFT set,
+making training data with a teacher model, and preference pairs from a model's own mistakes (`data filter` and
+`data train-quality`: cli/quality.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from jaxllm.cli.sampling import add_sampling_arguments, settings_from_args
 from jaxllm.config import load_config
 from jaxllm.data import format_report
 from jaxllm.generate import load_model_for_inference
-from jaxllm.lecture.selection import SCORES, SelectionOptions, run_selection
+from jaxllm.evaluate import read_records
+from jaxllm.evaluate.scoring import EvalModel
+from jaxllm.lecture.own_pairs import OwnPairsSettings, own_mistake_pairs, question_records, write_pairs
+from jaxllm.lecture.selection import SCORES, SelectionOptions, run_selection, source_spec
 from jaxllm.lecture.teacher import MODES, REPHRASE_STYLES, TeacherSettings, generate_data, read_inputs, stop_ids_for
 
 
@@ -126,4 +130,39 @@ def generate_command(argv: list[str]) -> int:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped"].items())) or "none"
     print(f"wrote {report['written']} records from {report['read']} inputs to {report['out']} "
           f"(skipped: {reasons}; {report['generated_tokens']} tokens, {report['tokens_per_second']:.0f} tokens/s)")
+    return 0
+
+
+def pairs_command(argv: list[str]) -> int:
+    """`jaxllm data pairs --model WORKDIR --questions SOURCE --out PAIRS.jsonl`."""
+    parser = argparse.ArgumentParser(
+        prog="jaxllm data pairs",
+        description="Preference pairs from a model's own mistakes: it answers each question (greedy, then sampled); "
+                    "each distinct wrong answer (exact match against the record's 'reference') becomes "
+                    '{"prompt", "chosen": reference, "rejected": answer}, DPO/IPO/ORPO data.')
+    parser.add_argument("--model", required=True, help="the training workdir of the model that answers")
+    parser.add_argument("--questions", required=True,
+                        help='{"prompt", "reference"} records: a .jsonl file or a source such as default:rl_prompts')
+    parser.add_argument("--out", required=True, help="output JSONL of pairs")
+    parser.add_argument("--samples", type=int, default=4, help="answers per question, the greedy one first (default 4)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for the sampled answers (default 1.0)")
+    parser.add_argument("--max-pairs-per-prompt", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--keep-unfinished", action="store_true",
+                        help="also answers that never stopped within --max-new-tokens")
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = OwnPairsSettings(samples=args.samples, temperature=args.temperature,
+                                max_pairs_per_prompt=args.max_pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+                                keep_unfinished=args.keep_unfinished, batch_size=args.batch_size, seed=args.seed)
+    settings.validate()
+    questions = question_records(read_records(source_spec(args.questions, jsonl_only=True), args.limit),
+                                 args.questions)
+    pairs, report = own_mistake_pairs(EvalModel.load(args.model), questions, settings)
+    write_pairs(args.out, pairs)
+    print(f"wrote {report['pairs']} pairs about {report['questions_with_pairs']} of {report['questions']} questions "
+          f"to {args.out} (greedy answers right: {report['greedy_correct']:.1%}, any of {args.samples} right: "
+          f"{report['any_correct']:.1%})")
     return 0
