@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -40,7 +40,8 @@ from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 from jaxllm.generate import load_model_for_inference
 from jaxllm.evaluate.scoring import EvalModel
 from jaxllm.lecture.knowledge_experiment import completion_probe as probe_people
-from jaxllm.lecture.own_pairs import OwnPairsSettings, own_mistake_pairs, question_records, write_pairs
+from jaxllm.lecture.own_pairs import (OwnPairsSettings, own_mistake_pairs, question_records, thumbs_from_pairs,
+                                      write_pairs)
 from jaxllm.report import write_report
 from jaxllm.train import train
 
@@ -49,9 +50,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass
-class OwnPairsSpec:
-    """Preference pairs from the stage's starting model's own wrong answers (jaxllm.lecture.own_pairs), made just
-    before the stage trains; they and the `mix` sources become its data.source (`WORKDIR/<stage>.pairs/`)."""
+class OwnAnswersSpec:
+    """Feedback data from the stage's starting model's own answers (jaxllm.lecture.own_pairs), made just before
+    the stage trains; they and the `mix` sources become its data.source (`WORKDIR/<stage>.pairs/`).
+    format pairs: {"prompt", "chosen": reference, "rejected": a wrong answer} (DPO and kin); thumbs: the same
+    unpaired, {"prompt", "completion", "label"} (KTO)."""
+    format: Literal["pairs", "thumbs"] = "pairs"
     prompts: str = "default:rl_prompts"  # {"prompt", "reference"} records the model answers
     questions: int = 0  # the first this many of them (0: all)
     samples: int = 4  # answers per prompt: greedy + samples - 1 sampled at `temperature`
@@ -67,7 +71,7 @@ class StageSpec:
     name: str
     recipe: str
     overrides: list[str] = dataclasses.field(default_factory=list)
-    own_pairs: OwnPairsSpec | None = None
+    own_answers: OwnAnswersSpec | None = None
 
 
 @dataclasses.dataclass
@@ -143,19 +147,19 @@ def load_recipe(path: str | Path) -> PipelineRecipe:
                           f"names no stage; the stages are {', '.join(names)}")
     for spec in recipe.stages:
         stages_lib.of(load_config(resolve_path(spec.recipe), recipe.common + spec.overrides))  # fail early
-        if spec.own_pairs is not None:
+        if spec.own_answers is not None:
             check_held_out(spec, recipe.evaluation.qa_source)
     return recipe
 
 
 def check_held_out(spec: StageSpec, qa_source: str) -> None:
     """A stage's own pairs must not ask the held-out questions the report scores (that would train on them)."""
-    own = spec.own_pairs
+    own = spec.own_answers
     held_out = {r["prompt"] for r in map(_qa_record, evaluate.read_records(qa_source)) if r}
     asked = [r.get("prompt") for r in evaluate.read_records(own.prompts, own.questions or None)]
     leaked = [prompt for prompt in asked if prompt in held_out]
     if leaked:
-        raise ConfigError(f"stage {spec.name}: {len(leaked)} of own_pairs.prompts={own.prompts} are held-out "
+        raise ConfigError(f"stage {spec.name}: {len(leaked)} of own_answers.prompts={own.prompts} are held-out "
                           f"questions of evaluation.qa_source={qa_source} (e.g. {leaked[0]!r}); training on them "
                           "would make the held-out numbers meaningless: use other prompts")
 
@@ -211,11 +215,11 @@ def stage_configs(recipe: PipelineRecipe, workdir: Path, tokenizer: str) -> list
         overrides = list(recipe.common) + [f"data.tokenizer={tokenizer}"] + list(spec.overrides)
         if previous is not None and not any(o.startswith(("init_from=", "train.init_from=")) for o in spec.overrides):
             overrides.append(f"train.init_from={previous}")
-        if spec.own_pairs is not None:
+        if spec.own_answers is not None:
             overrides.append(f"data.source=jsonl:{own_pairs_dir(workdir, spec.name)}")
         config = load_config(resolve_path(spec.recipe), overrides)
-        if spec.own_pairs is not None and not config.train.init_from:
-            raise ConfigError(f"stage {spec.name}: own_pairs are the answers of the model the stage starts from; "
+        if spec.own_answers is not None and not config.train.init_from:
+            raise ConfigError(f"stage {spec.name}: own_answers are the answers of the model the stage starts from; "
                               "give it train.init_from or put an earlier stage before it")
         stage_dir = workdir / spec.name
         out.append((spec, config, stage_dir))
@@ -309,10 +313,10 @@ def _pairs_current(record_path: Path, key: str, log: Callable[[str], None]) -> b
 
 def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log: Callable[[str], None],
                       header: str) -> None:
-    """Writes `WORKDIR/<stage>.pairs/`: own.jsonl (the starting model's wrong answers to `own_pairs.prompts` as
-    pairs) and mix-<i>.jsonl (the `mix` sources' records); reused while the starting stage and the settings
+    """Writes `WORKDIR/<stage>.pairs/`: own.jsonl (the starting model's wrong answers to `own_answers.prompts` as
+    pairs or thumbs) and mix-<i>.jsonl (the `mix` sources' records); reused while the starting stage and the settings
     are the same (the key records both)."""
-    own = spec.own_pairs
+    own = spec.own_answers
     directory = own_pairs_dir(workdir, spec.name)
     key = hashlib.sha256(json.dumps([upstream, dataclasses.asdict(own),
                                      [source_fingerprint(s) for s in [own.prompts, *own.mix]]],
@@ -328,11 +332,11 @@ def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log
     pairs, report = own_mistake_pairs(model, questions, OwnPairsSettings(
         samples=own.samples, temperature=own.temperature, max_pairs_per_prompt=own.max_pairs_per_prompt,
         max_new_tokens=own.max_new_tokens, keep_unfinished=own.keep_unfinished))
-    write_pairs(directory / "own.jsonl", pairs)
+    write_pairs(directory / "own.jsonl", pairs if own.format == "pairs" else thumbs_from_pairs(pairs))
     for number, source in enumerate(own.mix):
         write_pairs(directory / f"mix-{number}.jsonl", evaluate.read_records(source))
     write_json_atomic(directory / OWN_PAIRS_RECORD, {"key": key, "report": report})
-    log(f"{header} own pairs: {report['pairs']} wrong answers of {config.train.init_from} to "
+    log(f"{header} own {own.format}: {report['pairs']} wrong answers of {config.train.init_from} to "
         f"{report['questions']} questions of {own.prompts} (greedy right {report['greedy_correct']:.1%}, "
         f"any of {own.samples} right {report['any_correct']:.1%}) + {', '.join(own.mix) or 'nothing else'} "
         f"({time.perf_counter() - started:.0f}s)")
@@ -464,7 +468,7 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
         header = f"[{index}/{len(stages)} {stage.name}]"
         train_seconds, train_compile = None, None
         with CompileClock() as pairs_compile:
-            if stage.own_pairs is not None:
+            if stage.own_answers is not None:
                 prepare_own_pairs(stage, config, workdir, upstream, log, header)
         fingerprint = stage_fingerprint(config, workdir, upstream)
         upstream = fingerprint
@@ -506,7 +510,7 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                         "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation,
                         "compile_seconds": {"train": train_compile.seconds if train_compile else None,
                                             "evaluation": eval_compile.seconds,
-                                            **({"own_pairs": pairs_compile.seconds} if stage.own_pairs else {})}})
+                                            **({"own_answers": pairs_compile.seconds} if stage.own_answers else {})}})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

@@ -70,3 +70,15 @@ def test_pairs_are_written_as_jsonl_the_dpo_reader_accepts(tmp_path):
     write_pairs(tmp_path / "own.jsonl", pairs)
     assert [json.loads(line) for line in (tmp_path / "own.jsonl").read_text().splitlines()] == pairs
     assert [r.data for r in read_records(f"jsonl:{tmp_path}")] == pairs
+
+
+def test_thumbs_unzip_the_pairs_the_right_answer_up_once_per_question():
+    from jaxllm.lecture.own_pairs import thumbs_from_pairs
+
+    pairs = [{"prompt": "a", "chosen": "Oslo", "rejected": "Paris"}, {"prompt": "b", "chosen": "Lima", "rejected": "Rome"},
+             {"prompt": "a", "chosen": "Oslo", "rejected": "Cork"}]
+    assert thumbs_from_pairs(pairs) == [
+        {"prompt": "a", "completion": "Oslo", "label": True}, {"prompt": "a", "completion": "Paris", "label": False},
+        {"prompt": "a", "completion": "Cork", "label": False}, {"prompt": "b", "completion": "Lima", "label": True},
+        {"prompt": "b", "completion": "Rome", "label": False}]
+    assert thumbs_from_pairs([]) == []

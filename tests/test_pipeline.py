@@ -221,7 +221,7 @@ stages:
   - name: dpo
     recipe: configs/dpo_tiny.yaml
     overrides: [train.steps=2]
-    own_pairs: {prompts: default:rl_prompts, questions: 3, samples: 2, max_new_tokens: 3, keep_unfinished: true,
+    own_answers: {prompts: default:rl_prompts, questions: 3, samples: 2, max_new_tokens: 3, keep_unfinished: true,
                 mix: [default:preferences]}
 evaluation: {qa_examples: 3, trained_qa_examples: 0, text_batches: 1, preference_source: "", max_new_tokens: 3,
              probe_people: 1, own_mistakes_after: sft}
@@ -263,14 +263,14 @@ def test_own_pairs_need_a_starting_model_and_own_mistakes_a_known_stage(tmp_path
     with pytest.raises(ConfigError, match="own_mistakes_after='sfft' names no stage; the stages are pretrain"):
         load_recipe(bad)
     first = tmp_path / "first.yaml"
-    first.write_text("stages:\n  - {name: dpo, recipe: configs/dpo_tiny.yaml, own_pairs: {samples: 2}}\n")
-    with pytest.raises(ConfigError, match="own_pairs are the answers of the model the stage starts from"):
+    first.write_text("stages:\n  - {name: dpo, recipe: configs/dpo_tiny.yaml, own_answers: {samples: 2}}\n")
+    with pytest.raises(ConfigError, match="own_answers are the answers of the model the stage starts from"):
         stage_configs(load_recipe(first), tmp_path, "default")
 
 
 def test_own_pairs_about_held_out_questions_are_refused(tmp_path):
     recipe = tmp_path / "leak.yaml"
     recipe.write_text(OWN_PAIRS_TEMPLATE.replace("prompts: default:rl_prompts", "prompts: default:qa_eval"))
-    with pytest.raises(ConfigError, match="3 of own_pairs.prompts=default:qa_eval are held-out questions of "
+    with pytest.raises(ConfigError, match="3 of own_answers.prompts=default:qa_eval are held-out questions of "
                                           "evaluation.qa_source=default:qa_eval"):
         load_recipe(recipe)

@@ -16,7 +16,8 @@ from jaxllm.data import format_report
 from jaxllm.generate import load_model_for_inference
 from jaxllm.evaluate import read_records
 from jaxllm.evaluate.scoring import EvalModel
-from jaxllm.lecture.own_pairs import OwnPairsSettings, own_mistake_pairs, question_records, write_pairs
+from jaxllm.lecture.own_pairs import (OwnPairsSettings, own_mistake_pairs, question_records, thumbs_from_pairs,
+                                      write_pairs)
 from jaxllm.lecture.selection import SCORES, SelectionOptions, run_selection, source_spec
 from jaxllm.lecture.teacher import MODES, REPHRASE_STYLES, TeacherSettings, generate_data, read_inputs, stop_ids_for
 
@@ -144,6 +145,9 @@ def pairs_command(argv: list[str]) -> int:
     parser.add_argument("--questions", required=True,
                         help='{"prompt", "reference"} records: a .jsonl file or a source such as default:rl_prompts')
     parser.add_argument("--out", required=True, help="output JSONL of pairs")
+    parser.add_argument("--format", choices=("pairs", "thumbs"), default="pairs",
+                        help='pairs (DPO) or thumbs: {"prompt", "completion", "label"}, the right answer up and each '
+                             "wrong one down (KTO)")
     parser.add_argument("--samples", type=int, default=4, help="answers per question, the greedy one first (default 4)")
     parser.add_argument("--temperature", type=float, default=1.0, help="for the sampled answers (default 1.0)")
     parser.add_argument("--max-pairs-per-prompt", type=int, default=2)
@@ -161,8 +165,8 @@ def pairs_command(argv: list[str]) -> int:
     questions = question_records(read_records(source_spec(args.questions, jsonl_only=True), args.limit),
                                  args.questions)
     pairs, report = own_mistake_pairs(EvalModel.load(args.model), questions, settings)
-    write_pairs(args.out, pairs)
-    print(f"wrote {report['pairs']} pairs about {report['questions_with_pairs']} of {report['questions']} questions "
+    write_pairs(args.out, pairs if args.format == "pairs" else thumbs_from_pairs(pairs))
+    print(f"wrote {report['pairs']} {'pairs' if args.format == 'pairs' else 'wrong answers (+ the right ones)'} about {report['questions_with_pairs']} of {report['questions']} questions "
           f"to {args.out} (greedy answers right: {report['greedy_correct']:.1%}, any of {args.samples} right: "
           f"{report['any_correct']:.1%})")
     return 0

@@ -9,7 +9,7 @@ training layers (nothing below imports them; `cli/` and `pipeline.py` do). Each 
 - `analysis`              knowledge categories (Gekhman et al.) and token shift (URIAL) (`jaxllm analyze`)
 - `teacher`               training data from a teacher model: distill, continue, rephrase (`jaxllm data generate`)
 - `own_pairs`             preference pairs from a model's own wrong answers, judged by exact match (`jaxllm data
-                          pairs`; the pipeline's `own_pairs` and `own_mistakes_after`)
+                          pairs`; the pipeline's `own_answers` and `own_mistakes_after`)
 - `quality/`              data quality, JAX-free: heuristic rules, exact and MinHash dedup, a classifier, a report
                           (`jaxllm data filter`, `jaxllm data train-quality`)
 

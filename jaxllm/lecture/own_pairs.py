@@ -1,11 +1,12 @@
-"""Preference pairs from the model's own mistakes (`jaxllm data pairs`, and the pipeline's `own_pairs`).
+"""Preference pairs from the model's own mistakes (`jaxllm data pairs`, and the pipeline's `own_answers`).
 
 The model answers each question with a reference answer (the greedy answer, then `samples - 1` sampled ones);
 every distinct wrong answer that ended becomes a pair {"prompt", "chosen": reference, "rejected": that answer}.
 This is on-policy preference data as Llama 3's recipe builds it from the latest model (there with a reward
 model and people; here with an exact-match judge, which the biography questions allow): the rejected answers are
 the confusions this model makes, not somebody else's guess at them, so DPO pushes down exactly what the policy
-would say. A question the model always answers right gives no pair.
+would say. A question the model always answers right gives no pair. `thumbs_from_pairs` unzips them for KTO (the right
+answer thumbs-up, each wrong one thumbs-down).
 
 Greedy-only pairs over held-out questions (`samples=1`) are also an evaluation set: "of the answers the SFT model
 got wrong, how many does a later model now rank below the right one?" (the pipeline's `own_mistakes` column).
@@ -116,9 +117,23 @@ def own_mistake_pairs(model: EvalModel, questions: Sequence[dict], settings: Own
                               settings.keep_unfinished)
 
 
+def thumbs_from_pairs(pairs: Sequence[dict]) -> list[dict]:
+    """The pairs unzipped for KTO: per question (in first-seen order) {"prompt", "completion": chosen, "label":
+    True} once, then {"prompt", "completion": rejected, "label": False} for each of its pairs."""
+    by_prompt: dict[str, list[dict]] = {}
+    for pair in pairs:
+        by_prompt.setdefault(pair["prompt"], []).append(pair)
+    thumbs = []
+    for prompt, group in by_prompt.items():
+        thumbs.append({"prompt": prompt, "completion": group[0]["chosen"], "label": True})
+        thumbs += [{"prompt": prompt, "completion": pair["rejected"], "label": False} for pair in group]
+    return thumbs
+
+
 def write_pairs(path: str | Path, pairs: Sequence[dict]) -> None:
-    """JSONL, written atomically (a reader never sees half a file)."""
+    """Records (pairs or thumbs) as JSONL, written atomically (a reader never sees half a file)."""
     write_atomic(Path(path), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
 
-__all__ = ["OwnPairsSettings", "question_records", "pairs_from_answers", "own_mistake_pairs", "write_pairs"]
+__all__ = ["OwnPairsSettings", "question_records", "pairs_from_answers", "own_mistake_pairs",
+           "thumbs_from_pairs", "write_pairs"]
