@@ -225,8 +225,9 @@ class DecodeState:
 
 
 def _constrain_cache(cache: dict) -> dict:
-    axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
-    return {**cache, "k": sharding_lib.constrain(cache["k"], axes), "v": sharding_lib.constrain(cache["v"], axes),
+    key_axes, value_axes = ("batch", "kv_heads", "head_dim", "seq"), ("batch", "kv_heads", "seq", "head_dim")
+    return {**cache, "k": tuple(sharding_lib.constrain(k, key_axes) for k in cache["k"]),
+            "v": tuple(sharding_lib.constrain(v, value_axes) for v in cache["v"]),
             "segment_ids": sharding_lib.constrain(cache["segment_ids"], ("batch", "seq"))}
 
 
@@ -248,8 +249,9 @@ def prefill(graphdef, params: Params, prompt_tokens: jax.Array, prompt_segments:
 
 
 def decode_step(graphdef, params: Params, sampling: SamplingParams, state: DecodeState, *,
-                pad_id: int = PAD_ID) -> DecodeState:
-    """Samples one token per row from state.logits, records it, and runs it through the model."""
+                pad_id: int = PAD_ID, layers=None) -> DecodeState:
+    """Samples one token per row from state.logits, records it, and runs it through the model.
+    `layers`: model.layer_params(params), split once outside a decode loop."""
     rng, sample_rng = jax.random.split(state.rng)
     token = next_token(state.logits, state.seen, sample_rng, sampling)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
@@ -262,7 +264,7 @@ def decode_step(graphdef, params: Params, sampling: SamplingParams, state: Decod
     seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True)
     ones = jnp.ones_like(token)[:, None]
     logits, cache = model_lib.apply_with_cache(graphdef, params, token[:, None], state.next_position[:, None], ones,
-                                               state.cache)
+                                               state.cache, layers)
     return DecodeState(step=state.step + 1, cache=cache, logits=logits[:, -1].astype(jnp.float32), seen=seen,
                        next_position=state.next_position + 1, done=done, tokens=tokens, logprobs=logprobs,
                        lengths=state.lengths + active.astype(jnp.int32), rng=rng)
@@ -277,8 +279,9 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, samplin
     def keep_going(state):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    state = jax.lax.while_loop(keep_going, functools.partial(decode_step, graphdef, params, sampling, pad_id=pad_id),
-                               state)
+    step = functools.partial(decode_step, graphdef, params, sampling, pad_id=pad_id,
+                             layers=model_lib.layer_params(params))
+    state = jax.lax.while_loop(keep_going, step, state)
     return state.tokens, state.logprobs, state.lengths, state.done
 
 
