@@ -17,7 +17,10 @@ like training: batch over (data, fsdp), heads over tensor.
 
 Logits processors are pure functions `(logits [B,V] float32, seen [B,V] bool) -> logits`, applied in
 the order: repetition penalty, token biases (e.g. up-weighting EOS), then - unless greedy
-(temperature 0 = argmax) - temperature, top-k, top-p, min-p. Removed tokens get -inf.
+(temperature 0 = argmax) - temperature, top-k, top-p, min-p. Removed tokens get -inf. A processor
+that is off (penalty 1, top-k 0, top-p 1, min-p 0) is skipped at run time by `lax.cond`, and greedy
+steps run no sampling code at all. Sampling draws from the processed softmax by inverse transform
+(one uniform per row, `categorical`).
 """
 
 from __future__ import annotations
@@ -206,9 +209,21 @@ def argmax(values: jax.Array) -> jax.Array:
 
 
 def categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
-    """jax.random.categorical(rng, logits, axis=-1) (the Gumbel-max trick: the same noise, so the same
-    tokens) with the faster `argmax`."""
-    return argmax(jax.random.gumbel(rng, logits.shape, logits.dtype) + logits)
+    """One token per row drawn from softmax(logits [B,V]) by inverse transform sampling: u ~ U[0, total)
+    against the running sum of exp(logits - max). Token j is drawn when cdf[j-1] <= u < cdf[j], with
+    probability exp(logit_j - max) / total = softmax(logits)[j]; tokens at -inf (removed by top-k/p,
+    min-p) have an empty interval and are never drawn.
+
+    The same distribution as jax.random.categorical (the Gumbel-max trick) but from one uniform per row
+    instead of V Gumbel variates: XLA CPU generated those at ~10 ns a number (0.33 ms of a [64, 512]
+    decode step; this is ~14 us). For a given key the tokens differ from the Gumbel-max ones."""
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(weights, axis=-1)
+    u = jax.random.uniform(rng, (logits.shape[0], 1), cdf.dtype) * cdf[:, -1:]
+    drawn = jnp.sum(cdf <= u, axis=-1, dtype=jnp.int32)
+    # u can round up to the total (probability ~2^-24): then the last token that has any weight.
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(logits.shape[-1], dtype=jnp.int32), 0), axis=-1)
+    return jnp.minimum(drawn, last)
 
 
 def next_token(logits: jax.Array, seen: jax.Array, rng: jax.Array,

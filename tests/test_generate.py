@@ -148,6 +148,27 @@ def test_eos_bias_and_composition_order_change_the_greedy_choice():
     assert choose(penalised, NOTHING_SEEN.at[0, 5].set(True))[0] == 0
 
 
+def test_categorical_draws_follow_the_softmax_and_never_removed_tokens():
+    """Inverse transform sampling: the frequencies of many draws match softmax(logits) within a few
+    standard errors, and tokens at -inf (removed by top-k/p, min-p) are never drawn."""
+    logits = jnp.asarray([1.0, 2.0, -jnp.inf, 0.5, 3.0, -jnp.inf, -1.0, 2.5])
+    draws = 200_000
+    keys = jax.random.split(jax.random.key(0), draws // 50)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda key: gen.categorical(key, jnp.tile(logits, (50, 1)))))(keys)).ravel()
+    probs = np.asarray(jax.nn.softmax(logits))
+    frequencies = np.bincount(tokens, minlength=logits.shape[0]) / tokens.size
+    assert frequencies[[2, 5]].sum() == 0
+    np.testing.assert_array_less(np.abs(frequencies - probs), 5 * np.sqrt(probs * (1 - probs) / tokens.size) + 1e-6)
+
+
+def test_categorical_never_draws_a_removed_token_when_the_uniform_rounds_up(monkeypatch):
+    """u = U * total can round up to the total: the draw then falls back to the last token that has any
+    probability, not to the last id."""
+    monkeypatch.setattr(gen.jax.random, "uniform", lambda key, shape, dtype: jnp.ones(shape, dtype))
+    logits = jnp.asarray([[0.0, 1.0, -jnp.inf, -jnp.inf], [-jnp.inf, 2.0, -jnp.inf, 0.0]])
+    assert gen.categorical(jax.random.key(0), logits).tolist() == [1, 3]
+
+
 def test_sampling_settings_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0), dict(min_p=1.0)):
         with pytest.raises(gen.UsageError):
