@@ -309,18 +309,24 @@ def decode_step(graphdef, params: Params, sampling: SamplingParams, state: Decod
                        lengths=state.lengths + active.astype(jnp.int32), rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id"))
-def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, sampling, *, model_config, max_new_tokens,
-                  pad_id):
-    state = prefill(graphdef, params, prompt_tokens, prompt_segments, rng, model_config=model_config,
-                    max_new_tokens=max_new_tokens, pad_id=pad_id)
-
+def decode_loop(graphdef, params: Params, sampling: SamplingParams, state: DecodeState, *, max_new_tokens: int,
+                pad_id: int = PAD_ID) -> DecodeState:
+    """Decode steps in one `lax.while_loop` from a prefilled state until every row has stopped or
+    max_new_tokens are out. The per-layer weights are split once, before the loop."""
     def keep_going(state):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
     step = functools.partial(decode_step, graphdef, params, sampling, pad_id=pad_id,
                              layers=model_lib.layer_params(params))
-    state = jax.lax.while_loop(keep_going, step, state)
+    return jax.lax.while_loop(keep_going, step, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id"))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, sampling, *, model_config, max_new_tokens,
+                  pad_id):
+    state = prefill(graphdef, params, prompt_tokens, prompt_segments, rng, model_config=model_config,
+                    max_new_tokens=max_new_tokens, pad_id=pad_id)
+    state = decode_loop(graphdef, params, sampling, state, max_new_tokens=max_new_tokens, pad_id=pad_id)
     return state.tokens, state.logprobs, state.lengths, state.done
 
 
@@ -525,6 +531,7 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
 
 __all__ = [
     "SamplingSettings", "SamplingParams", "GenerationOutput", "DecodeState", "generate", "stream", "prefill",
-    "decode_step", "next_token", "build_processors", "compose", "repetition_penalty", "token_bias", "temperature",
-    "top_k", "top_p", "min_p", "bucket", "left_pad", "mesh_of", "place_rows", "host_rows", "load_model_for_inference",
+    "decode_step", "decode_loop", "next_token", "argmax", "categorical", "build_processors", "compose",
+    "repetition_penalty", "token_bias", "temperature", "top_k", "top_p", "min_p", "bucket", "left_pad", "mesh_of",
+    "place_rows", "host_rows", "load_model_for_inference",
 ]
