@@ -249,8 +249,8 @@ class GenerateCase:
             return generate_lib.prefill(graphdef, params, prompt, segments, key, model_config=config.model,
                                         max_new_tokens=new_tokens)
 
-        def decode(params, sampling, state):
-            return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens).tokens
+        def decode(params, sampling, state):  # the whole state out, so that the donated cache is updated in place
+            return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens)
 
         def forward(params):
             return model_lib.apply(graphdef, params, rows, positions, jnp.ones_like(rows))
@@ -259,7 +259,6 @@ class GenerateCase:
         with jax.set_mesh(mesh):
             self.prefill = jax.jit(prefill).lower(self.params).compile()
             state = self.prefill(self.params)
-            # The state is donated: the loop updates the prefilled cache in place, as inside generate().
             self.decode = jax.jit(decode, donate_argnums=2).lower(self.params, self.greedy, state).compile()
             self.forward = jax.jit(forward).lower(self.params).compile()
         self.compile_seconds = time.perf_counter() - began
