@@ -60,7 +60,13 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float, inv_freq:
                      attention_factor: float = 1.0) -> jax.Array:
     """Rotates pairs (first half, second half) of the head dim. x [B,T,N,H], positions [B,T].
     `inv_freq` [H/2] replaces theta's frequencies (rope scaling); `attention_factor` scales cos and sin."""
-    head_dim = x.shape[-1]
+    return apply_rotary(x, rotary_table(positions, x.shape[-1], theta, inv_freq, attention_factor))
+
+
+def rotary_table(positions: jax.Array, head_dim: int, theta: float, inv_freq: np.ndarray | None = None,
+                 attention_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The cos and sin factors of `apply_rotary` for positions [B,T]: two float32 [B,T,1,2,H/2].
+    Computed once per forward call on the cached path and shared by every layer's q and k."""
     if inv_freq is None:
         fraction = jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim
         inv_freq = 1.0 / (theta**fraction)
@@ -73,6 +79,13 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float, inv_freq:
     # needs a per-element select between the halves (XLA CPU: ~3% of the 25m step).
     cos_pair = jnp.stack([cos, cos], axis=-2)[:, :, None]  # [B,T,1,2,H/2]
     sin_pair = jnp.stack([-sin, sin], axis=-2)[:, :, None]
+    return cos_pair, sin_pair
+
+
+def apply_rotary(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """x [B,T,N,H] rotated by a `rotary_table` of its positions."""
+    cos_pair, sin_pair = table
+    head_dim = x.shape[-1]
     halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, head_dim // 2)
     rotated = halves * cos_pair + jnp.flip(halves, axis=-2) * sin_pair
     return rotated.reshape(x.shape).astype(x.dtype)
@@ -111,6 +124,32 @@ def reference_attention(q, k, v, q_index, kv_index, q_segment, kv_segment) -> ja
 def xla_attention(q, k, v, q_index, kv_index, q_segment, kv_segment, implementation: str = "xla") -> jax.Array:
     mask = attention_mask(q_index, kv_index, q_segment, kv_segment)[:, None]  # [B,1,T,S]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def cached_attention(q, k_cache, v_cache, mask) -> jax.Array:
+    """Attention over a key/value cache (prefill and decode). q [B,T,N,H]; k_cache [B,K,H,S] (keys
+    stored transposed); v_cache [B,K,S,H]; mask [B,T,S] bool (the caller builds it once for all layers).
+    The reference's math (float32 softmax, masked scores MASK_VALUE) in the cache's layout: with keys
+    [H,S] per head the decode step's score matmul needs no transpose of the cache (XLA CPU: the
+    [B,S,K,H] layout copied the whole cache into [B,K,H,S] in every layer of every step)."""
+    batch, length, heads, head_dim = q.shape
+    num_kv = k_cache.shape[1]
+    # Head-major [B,K,G,T,H] (a free reshape when T = 1): both matmuls then have batch dims (b, k) first
+    # and the operand order XLA CPU hands to its fast matmul library.
+    qg = _grouped(q, num_kv).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bkhs->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", weights, v_cache)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def cache_mask(q_index, q_segment, kv_segment) -> jax.Array:
+    """[B,T,S] bool for cached attention: query t at slot q_index [B,T] sees slot s <= q_index of its own
+    segment (kv_segment [B,S], 0 = empty or padding)."""
+    slots = jnp.arange(kv_segment.shape[1])[None, None, :]
+    same_segment = q_segment[:, :, None] == kv_segment[:, None, :]
+    return (slots <= q_index[:, :, None]) & same_segment & (kv_segment[:, None, :] != 0)
 
 
 CUDNN_MAX_SEGMENTS = 16  # packed rows with more documents take cuDNN's (slower, exact) segment-bias path

@@ -21,17 +21,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.attention import attend, resolve_attention, rope_frequencies, rotary_embedding
+from jaxllm.attention import (apply_rotary, attend, cache_mask, cached_attention, resolve_attention, rope_frequencies,
+                              rotary_table)
 from jaxllm.config import ModelConfig
 from jaxllm.sharding import constrain
 
 # Re-exported: the attention implementations and RoPE, importable as jaxllm.model.X as before.
 from jaxllm.attention import (  # noqa: F401
     CUDNN_MAX_SEGMENTS, attention_mask, blockwise_attention, cudnn_attention, packed_segments, reference_attention,
-    xla_attention)
+    rotary_embedding, xla_attention)
 
 Params = dict[str, Any]
-KVCache = dict[str, jax.Array]  # {"k": [L,B,S,K,H], "v": [L,B,S,K,H], "segment_ids": [B,S], "index": []}
+# {"k": L x [B,K,H,S] (keys transposed), "v": L x [B,K,S,H], "segment_ids": [B,S], "index": []}: one array per
+# layer, so a decode step updates each in place and attends over it without slicing a stacked cache.
+KVCache = dict[str, Any]
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -127,9 +130,8 @@ class Attention(nnx.Module):
         _add_lora(self, "o", config, rngs, (n, h), ("heads", "head_dim"), (d,), ("embed",))
         self.config = config
 
-    def __call__(self, x, positions, q_index, segment_ids, cache_kv=None, cache_index=None,
-                 cache_segment=None, impl="reference"):
-        """x [B,T,D] -> ([B,T,D], (k_cache, v_cache) or None)."""
+    def _qkv(self, x, rope):
+        """x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H]; q and k rotated by `rope` (a rotary_table)."""
         c = self.config
         dtype = _dtype(c.dtype)
         q = _project(self, "q", x, self.q_proj[...], "btd,dnh->btnh", dtype)
@@ -141,28 +143,45 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if c.attention_scale:  # the attention functions scale by head_dim ** -0.5
             q = q * jnp.asarray(c.attention_scale * c.resolved_head_dim**0.5, dtype)
-        inv_freq, rope_factor = rope_frequencies(c)
-        q = constrain(rotary_embedding(q, positions, c.rope_theta, inv_freq, rope_factor),
-                      ("batch", "seq", "heads", "head_dim"))
-        k = constrain(rotary_embedding(k, positions, c.rope_theta, inv_freq, rope_factor),
-                      ("batch", "seq", "kv_heads", "head_dim"))
+        q = constrain(apply_rotary(q, rope), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(apply_rotary(k, rope), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        new_cache = None
-        if cache_kv is None:
-            kv_index, kv_segment = q_index, segment_ids
-        else:
-            k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            new_cache = (k, v)
-            kv_index = jnp.broadcast_to(jnp.arange(k.shape[1])[None], k.shape[:2])
-            kv_segment = cache_segment
-        out = attend(impl, c.attention_block_size, q, k.astype(dtype), v.astype(dtype), q_index, kv_index,
-                     segment_ids, kv_segment)
+        return q, k, v
+
+    def _output(self, out):
+        """[B,T,N,H] -> [B,T,D]."""
+        c = self.config
+        dtype = _dtype(c.dtype)
         out = _project(self, "o", out, self.o_proj[...], "btnh,nhd->btd", dtype)
         if c.attention_out_bias:
             out = out + self.o_bias[...].astype(dtype)
-        return out, new_cache
+        return out
+
+    def __call__(self, x, positions, q_index, segment_ids, impl="reference"):
+        """x [B,T,D] -> [B,T,D], attending within the rows (training, scoring)."""
+        c = self.config
+        dtype = _dtype(c.dtype)
+        inv_freq, rope_factor = rope_frequencies(c)
+        q, k, v = self._qkv(x, rotary_table(positions, c.resolved_head_dim, c.rope_theta, inv_freq, rope_factor))
+        out = attend(impl, c.attention_block_size, q, k.astype(dtype), v.astype(dtype), q_index, q_index,
+                     segment_ids, segment_ids)
+        return self._output(out)
+
+    def with_cache(self, x, rope, mask, cache_kv, cache_index):
+        """x [B,T,D] -> ([B,T,D], (k_cache, v_cache)): writes this call's keys and values at slots
+        [cache_index, cache_index + T) of the layer's cache (k [B,K,H,S], v [B,K,S,H]) and attends over it.
+        `rope` and `mask` [B,T,S] are built once per call for all layers."""
+        dtype = _dtype(self.config.dtype)
+        q, k, v = self._qkv(x, rope)
+        k_cache, v_cache = cache_kv
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                                      cache_index, axis=3)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                      cache_index, axis=2)
+        k_cache = constrain(k_cache, ("batch", "kv_heads", "head_dim", "seq"))
+        v_cache = constrain(v_cache, ("batch", "kv_heads", "seq", "head_dim"))
+        out = cached_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+        return self._output(out), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -226,16 +245,21 @@ class Block(nnx.Module):
             self.post_mlp_norm = norm()
         self.post_norms = config.post_norms
 
-    def __call__(self, x, positions, q_index, segment_ids, cache_kv=None, cache_index=None, cache_segment=None,
-                 impl="reference"):
-        attended, new_cache = self.attention(self.attention_norm(x), positions, q_index, segment_ids, cache_kv,
-                                             cache_index, cache_segment, impl)
+    def _residuals(self, x, attended):
+        """x + attention output (post-normed on Gemma 2), then the MLP sub-layer."""
         if self.post_norms:
             attended = self.post_attention_norm(attended)
         x = x + attended
         mlp_out = self.mlp(self.mlp_norm(x))
         x = x + (self.post_mlp_norm(mlp_out) if self.post_norms else mlp_out)
-        return constrain(x, ("batch", "seq", "embed")), new_cache
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def __call__(self, x, positions, q_index, segment_ids, impl="reference"):
+        return self._residuals(x, self.attention(self.attention_norm(x), positions, q_index, segment_ids, impl))
+
+    def with_cache(self, x, rope, mask, cache_kv, cache_index):
+        attended, cache_kv = self.attention.with_cache(self.attention_norm(x), rope, mask, cache_kv, cache_index)
+        return self._residuals(x, attended), cache_kv
 
 
 _REMAT_POLICIES = {
@@ -275,54 +299,61 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), config.init_std,
                                   config.param_dtype)
 
-    def hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None = None):
-        """tokens/positions/segment_ids [B,T] int -> (final normed hidden [B,T,D], updated cache or None)."""
+    def hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None = None, layers=None):
+        """tokens/positions/segment_ids [B,T] int -> (final normed hidden [B,T,D], updated cache or None).
+        `layers`: with a cache, the per-layer params of `layer_params` (default: sliced here)."""
         c = self.config
         dtype = _dtype(c.dtype)
         x = embedding_lookup(self.embed[...], tokens).astype(dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.d_model**0.5, dtype)
         x = constrain(x, ("batch", "seq", "embed"))
-        decoding = cache is not None
-        impl = resolve_attention(c, decoding)
+        if cache is not None:
+            return self._hidden_states_with_cache(x, positions, segment_ids, cache, layers)
+        impl = resolve_attention(c, decoding=False)
         batch, length = tokens.shape
-        if decoding:
-            cache_index = cache["index"]
-            cache_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
-            q_index = jnp.broadcast_to(cache_index + jnp.arange(length)[None], (batch, length))
-        else:
-            cache_index, cache_segment = None, None
-            q_index = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
-
+        q_index = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
         graphdef, layer_states = nnx.split(self.blocks)
 
-        def layer(x, layer_state, cache_kv):
+        def layer(x, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(x, positions, q_index, segment_ids, cache_kv, cache_index, cache_segment, impl)
+            return block(x, positions, q_index, segment_ids, impl)
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat])
 
-        def scan_body(x, inputs):
-            layer_state, cache_kv = inputs
-            x, new_kv = layer(x, layer_state, cache_kv)
-            return x, new_kv
-
-        cache_xs = (cache["k"], cache["v"]) if decoding else None
         if c.scan_layers:
-            x, new_kv = jax.lax.scan(scan_body, x, (layer_states, cache_xs))
+            x, _ = jax.lax.scan(lambda x, layer_state: (layer(x, layer_state), None), x, layer_states)
         else:
-            collected = []
             for i in range(c.num_layers):
-                layer_i = jax.tree.map(lambda a, i=i: a[i], (layer_states, cache_xs))
-                x, kv_i = scan_body(x, layer_i)
-                collected.append(kv_i)
-            new_kv = jax.tree.map(lambda *a: jnp.stack(a), *collected) if decoding else None
-        hidden = self.final_norm(x)
-        new_cache = None
-        if decoding:
-            new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": cache_segment, "index": cache_index + length}
-        return hidden, new_cache
+                x = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_states))
+        return self.final_norm(x), None
+
+    def _hidden_states_with_cache(self, x, positions, segment_ids, cache: KVCache, layers=None):
+        """Prefill or decode: the layers unrolled (whatever scan_layers says), each writing its own cache
+        arrays in place and attending over them where they lie. Through a scan over the stacked cache,
+        XLA CPU copied the whole cache several times per token (slicing each layer's cache out, writing it
+        back, transposing it for the score matmul): 60% of a tiny decode step. The mask and rotary table
+        are built once here for all layers."""
+        c = self.config
+        batch, length = segment_ids.shape
+        cache_index = cache["index"]
+        cache_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
+        q_index = jnp.broadcast_to(cache_index + jnp.arange(length)[None], (batch, length))
+        mask = cache_mask(q_index, segment_ids, cache_segment)
+        inv_freq, rope_factor = rope_frequencies(c)
+        rope = rotary_table(positions, c.resolved_head_dim, c.rope_theta, inv_freq, rope_factor)
+        graphdef, layer_states = nnx.split(self.blocks)
+        keys, values = [], []
+        for i in range(c.num_layers):
+            layer_state = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], layer_states)
+            block = nnx.merge(graphdef, layer_state)
+            x, (k, v) = block.with_cache(x, rope, mask, (cache["k"][i], cache["v"][i]), cache_index)
+            keys.append(k)
+            values.append(v)
+        new_cache = {"k": tuple(keys), "v": tuple(values), "segment_ids": cache_segment,
+                     "index": cache_index + length}
+        return self.final_norm(x), new_cache
 
     def unembedding(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied)."""
@@ -339,8 +370,8 @@ class Transformer(nnx.Module):
             logits = cap * jnp.tanh(logits / cap)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None):
-        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, layers=None):
+        hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
         return self.logits(hidden), new_cache
 
 
@@ -399,19 +430,29 @@ def unembedding(graphdef, params: Params) -> jax.Array:
     return _transformer(graphdef, params).unembedding()
 
 
-def apply_with_cache(graphdef, params: Params, tokens, positions, segment_ids, cache: KVCache):
+def apply_with_cache(graphdef, params: Params, tokens, positions, segment_ids, cache: KVCache, layers=None):
     """One prefill or decode call: writes the new keys/values at cache['index'] and attends over
-    the cache. Returns (float32 logits [B,T,V], new cache)."""
-    return _transformer(graphdef, params)(tokens, positions, segment_ids, cache)
+    the cache. Returns (float32 logits [B,T,V], new cache). `layers`: `layer_params(params)`, when the
+    caller has split them once outside its decode loop."""
+    return _transformer(graphdef, params)(tokens, positions, segment_ids, cache, layers)
+
+
+def layer_params(params: Params) -> tuple[Params, ...]:
+    """The stacked block params (leaves [L, ...]) as L per-layer trees. A decode loop takes them once,
+    before the loop: XLA CPU does not hoist the per-layer weight slices out of a while loop, and
+    copied every layer's weights on every token (~10% of a tiny decode step)."""
+    blocks = params["blocks"]
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers))
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
-    """An empty key/value cache for `max_length` slots."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
-    cache_dtype = _dtype(dtype or config.dtype)
+    """An empty key/value cache for `max_length` slots: per layer keys [B,K,H,S] and values [B,K,S,H]."""
+    kv, head_dim, cache_dtype = config.num_kv_heads, config.resolved_head_dim, _dtype(dtype or config.dtype)
+    layers = range(config.num_layers)
     return {
-        "k": jnp.zeros(shape, cache_dtype),
-        "v": jnp.zeros(shape, cache_dtype),
+        "k": tuple(jnp.zeros((batch_size, kv, head_dim, max_length), cache_dtype) for _ in layers),
+        "v": tuple(jnp.zeros((batch_size, kv, max_length, head_dim), cache_dtype) for _ in layers),
         "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }

@@ -148,6 +148,52 @@ def test_eos_bias_and_composition_order_change_the_greedy_choice():
     assert choose(penalised, NOTHING_SEEN.at[0, 5].set(True))[0] == 0
 
 
+def test_argmax_is_jnp_argmax_with_ties_infinities_and_nan():
+    rows = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [-jnp.inf] * 4, [0.0, jnp.inf, 5.0, jnp.inf],
+                        [1.0, jnp.nan, 9.0, jnp.nan], [-1.0, -2.0, -jnp.inf, -0.5]])
+    random = jax.random.normal(jax.random.key(0), (64, 512)).round(1)  # rounding makes ties
+    for values in (rows, random):
+        np.testing.assert_array_equal(gen.argmax(values), jnp.argmax(values, axis=-1))
+        assert gen.argmax(values).dtype == jnp.int32
+
+
+def test_greedy_fast_path_equals_the_argmax_of_the_processed_logits():
+    """Greedy runs only the argmax branch of next_token: it must pick exactly jnp.argmax of the logits
+    after the penalty and bias, whatever the (ignored) sampling settings and key."""
+    logits = jax.random.normal(jax.random.key(1), (16, 64)) * 3
+    seen = jax.random.bernoulli(jax.random.key(2), 0.2, (16, 64))
+    pick = jax.jit(gen.next_token)
+    for settings in (gen.SamplingSettings(temperature=0.0),
+                     gen.SamplingSettings(temperature=0.0, top_k=3, top_p=0.5, min_p=0.2, token_bias=((7, 1.5),)),
+                     gen.SamplingSettings(temperature=0.0, repetition_penalty=1.7)):
+        params = settings.arrays(64)
+        always, _ = gen.build_processors(params)
+        expected = jnp.argmax(always(logits, seen), axis=-1)
+        for seed in (0, 1):
+            np.testing.assert_array_equal(pick(logits, seen, jax.random.key(seed), params), expected)
+
+
+def test_categorical_draws_follow_the_softmax_and_never_removed_tokens():
+    """Inverse transform sampling: the frequencies of many draws match softmax(logits) within a few
+    standard errors, and tokens at -inf (removed by top-k/p, min-p) are never drawn."""
+    logits = jnp.asarray([1.0, 2.0, -jnp.inf, 0.5, 3.0, -jnp.inf, -1.0, 2.5])
+    draws = 200_000
+    keys = jax.random.split(jax.random.key(0), draws // 50)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda key: gen.categorical(key, jnp.tile(logits, (50, 1)))))(keys)).ravel()
+    probs = np.asarray(jax.nn.softmax(logits))
+    frequencies = np.bincount(tokens, minlength=logits.shape[0]) / tokens.size
+    assert frequencies[[2, 5]].sum() == 0
+    np.testing.assert_array_less(np.abs(frequencies - probs), 5 * np.sqrt(probs * (1 - probs) / tokens.size) + 1e-6)
+
+
+def test_categorical_never_draws_a_removed_token_when_the_uniform_rounds_up(monkeypatch):
+    """u = U * total can round up to the total: the draw then falls back to the last token that has any
+    probability, not to the last id."""
+    monkeypatch.setattr(gen.jax.random, "uniform", lambda key, shape, dtype: jnp.ones(shape, dtype))
+    logits = jnp.asarray([[0.0, 1.0, -jnp.inf, -jnp.inf], [-jnp.inf, 2.0, -jnp.inf, 0.0]])
+    assert gen.categorical(jax.random.key(0), logits).tolist() == [1, 3]
+
+
 def test_sampling_settings_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0), dict(min_p=1.0)):
         with pytest.raises(gen.UsageError):

@@ -114,6 +114,43 @@ def test_kv_cache_prefill_and_decode_match_full_forward(params):
     assert int(cache["index"]) == 16
 
 
+def test_decode_with_layers_split_once_equals_slicing_them_in_the_step(params):
+    """generate splits the stacked layer params once before its loop (model.layer_params); the logits
+    and the cache must be exactly those of the default path, which slices them inside the call."""
+    tokens, positions, segments = _inputs(length=12)
+    graphdef, _ = model_lib.abstract_model(CONFIG)
+    step = jax.jit(model_lib.apply_with_cache, static_argnums=0)
+    cache = model_lib.init_cache(CONFIG, 2, 12)
+    _, cache = step(graphdef, params, tokens[:, :11], positions[:, :11], segments[:, :11], cache)
+    sliced, sliced_cache = step(graphdef, params, tokens[:, 11:], positions[:, 11:], segments[:, 11:], cache)
+    split, split_cache = step(graphdef, params, tokens[:, 11:], positions[:, 11:], segments[:, 11:], cache,
+                              model_lib.layer_params(params))
+    np.testing.assert_array_equal(split, sliced)
+    jax.tree.map(np.testing.assert_array_equal, split_cache, sliced_cache)
+    assert len(split_cache["k"]) == CONFIG.num_layers and split_cache["k"][0].shape == (2, 2, 8, 12)  # [B,K,H,S]
+
+
+def test_kv_cache_decode_matches_full_forward_with_unscanned_layers_and_padding(params):
+    """The cached path unrolls the layers whatever scan_layers says; left padding (segment 0) and a
+    second document must be masked in the cache exactly as in the full forward pass."""
+    config = dataclasses.replace(CONFIG, scan_layers=False)
+    graphdef, _ = model_lib.abstract_model(config)
+    tokens, _, _ = _inputs(length=14)
+    segments = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]],
+                           jnp.int32)
+    positions = jnp.asarray([[0, 0] + list(range(12)), list(range(4)) + list(range(10))], jnp.int32)
+    full = jax.jit(model_lib.apply, static_argnums=0)(graphdef, params, tokens, positions, segments)
+    cache = model_lib.init_cache(config, 2, 14)
+    step = jax.jit(model_lib.apply_with_cache, static_argnums=0)
+    logits, cache = step(graphdef, params, tokens[:, :9], positions[:, :9], segments[:, :9], cache)
+    real = np.asarray(segments[:, :9]) > 0
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full[:, :9])[real], atol=2e-5)
+    for t in range(9, 14):
+        logits, cache = step(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1], segments[:, t:t + 1],
+                             cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5)
+
+
 def test_untied_embeddings_and_bfloat16_compute_run():
     config = dataclasses.replace(CONFIG, tie_embeddings=False, dtype="bfloat16")
     graphdef, params = model_lib.init_model(config, 0)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import generate as generate_lib
 from jaxllm import lora as lora_lib
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
@@ -206,8 +207,12 @@ class TrainCase:
 
 
 class GenerateCase:
-    """KV-cache generation: prefill `prompt_len` tokens, then greedily decode `new_tokens` in one
-    compiled loop. `run_once()` times the decode loop (the prefill is timed beside it)."""
+    """KV-cache generation as `jaxllm.generate` runs it: prefill `prompt_len` tokens, then decode
+    `new_tokens` in its one compiled `while_loop` (no stop token, so every step runs), greedily and
+    sampled at temperature 1 (the rl rollouts' setting). Every round also times the forward pass of
+    the train step at the same batch ([batch, prompt_len + new_tokens], the rollout rows the update
+    scores), so that decode is compared with prefill and with that forward pass within each round.
+    `run_once()` returns the greedy decode time; the others are kept beside it."""
 
     def __init__(self, name: str, config, mesh, prompt_len: int, new_tokens: int, seed: int = 0):
         self.name, self.config, self.mesh, self.donate = name, config, mesh, False
@@ -231,32 +236,31 @@ class GenerateCase:
         with jax.set_mesh(mesh):
             self.params = jax.jit(init_for_serving, out_shardings=param_shardings)()
         rng = np.random.default_rng(seed)
-        prompt = jnp.asarray(rng.integers(4, config.model.vocab_size, (batch, prompt_len)), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-        segments = jnp.ones((batch, prompt_len), jnp.int32)
+        tokens = rng.integers(4, config.model.vocab_size, (batch, max_length)).astype(np.int32)
+        prompt, segments = jnp.asarray(tokens[:, :prompt_len]), jnp.ones((batch, prompt_len), jnp.int32)
+        rows = jnp.asarray(tokens)
+        positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
+        key = jax.random.key(seed)
+        vocab = config.model.vocab_size
+        self.greedy = generate_lib.SamplingSettings(new_tokens, temperature=0.0, stop_ids=()).arrays(vocab)
+        self.sampled = generate_lib.SamplingSettings(new_tokens, temperature=1.0, stop_ids=()).arrays(vocab)
 
         def prefill(params):
-            cache = model_lib.init_cache(config.model, batch, max_length)
-            logits, cache = model_lib.apply_with_cache(graphdef, params, prompt, positions, segments, cache)
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+            return generate_lib.prefill(graphdef, params, prompt, segments, key, model_config=config.model,
+                                        max_new_tokens=new_tokens)
 
-        def decode(params, token, cache):
-            def body(carry, _):
-                token, cache = carry
-                position = jnp.broadcast_to(cache["index"], (batch, 1)).astype(jnp.int32)
-                logits, cache = model_lib.apply_with_cache(graphdef, params, token[:, None], position,
-                                                           jnp.ones((batch, 1), jnp.int32), cache)
-                token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-                return (token, cache), token
+        def decode(params, sampling, state):  # the whole state out, so that the donated cache is updated in place
+            return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens)
 
-            (_, cache), tokens = jax.lax.scan(body, (token, cache), None, length=new_tokens)
-            return tokens.T
+        def forward(params):
+            return model_lib.apply(graphdef, params, rows, positions, jnp.ones_like(rows))
 
         began = time.perf_counter()
         with jax.set_mesh(mesh):
             self.prefill = jax.jit(prefill).lower(self.params).compile()
-            token, cache = self.prefill(self.params)
-            self.decode = jax.jit(decode).lower(self.params, token, cache).compile()
+            state = self.prefill(self.params)
+            self.decode = jax.jit(decode, donate_argnums=2).lower(self.params, self.greedy, state).compile()
+            self.forward = jax.jit(forward).lower(self.params).compile()
         self.compile_seconds = time.perf_counter() - began
         self.memory = _memory_analysis(self.decode)
         self.xla_flops = _xla_flops(self.decode)
@@ -273,21 +277,30 @@ class GenerateCase:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.prefill_times: list[float] = []
+        self.sampled_times: list[float] = []
+        self.forward_times: list[float] = []
         self.losses: list[float] = []
         self.prefill_tokens = batch * prompt_len
+        self.forward_tokens = batch * max_length
+
+    def _timed(self, fn, *args) -> float:
+        began = time.perf_counter()
+        _block(fn(*args))
+        return time.perf_counter() - began
 
     def run_once(self) -> float:
         with jax.set_mesh(self.mesh):
-            began = time.perf_counter()
-            token, cache = self.prefill(self.params)
-            _block((token, cache))
-            middle, cpu_middle = time.perf_counter(), time.process_time()
-            tokens = self.decode(self.params, token, cache)
-            _block(tokens)
-            ended = time.perf_counter()
-        self.last_cpu_seconds = time.process_time() - cpu_middle
-        self.prefill_times.append(middle - began)
-        return ended - middle
+            self.prefill_times.append(self._timed(self.prefill, self.params))
+            self.forward_times.append(self._timed(self.forward, self.params))
+            state = self.prefill(self.params)
+            _block(state)
+            self.sampled_times.append(self._timed(self.decode, self.params, self.sampled, state))
+            state = self.prefill(self.params)
+            _block(state)
+            cpu_began = time.process_time()
+            elapsed = self._timed(self.decode, self.params, self.greedy, state)
+        self.last_cpu_seconds = time.process_time() - cpu_began
+        return elapsed
 
 
 class MatmulProbe:

@@ -174,20 +174,47 @@ def summarize_case(case, ceilings: list[float], peak_tflops_override: float | No
         **environment,
     }
     if case.kind == "generate":
-        prefill = statistics.median(case.prefill_times)
-        bytes_per_second = case.bytes_per_decode_step * case.new_tokens / median
-        record.update({
-            "prompt_len": case.prompt_len, "new_tokens": case.new_tokens,
-            "prefill_seconds_median": prefill,
-            "prefill_tokens_per_second": case.prefill_tokens / prefill,
-            "decode_seconds_median": median,
-            "decode_tokens_per_second": tokens_per_second,
-            "decode_bytes_per_step": case.bytes_per_decode_step,
-            "decode_memory_gbps": bytes_per_second / 1e9,
-            "memory_bandwidth_utilization": (bytes_per_second / (bandwidth * 1e12 * chips)
-                                             if bandwidth and device.platform != "cpu" else None),
-        })
+        record.update(generate_fields(case, bandwidth, chips, device.platform))
     return record
+
+
+def generate_fields(case, bandwidth: float | None, chips: int, platform: str) -> dict[str, Any]:
+    """A generate case's record fields: prefill, the train step's forward pass at the same batch, greedy
+    and sampled decode, and decode's tokens/s over prefill's and the forward pass's. Each ratio is the
+    median over rounds of the ratio within a round (the cases are timed back to back in every round, so
+    load drifting between rounds cancels)."""
+    rounds = len(case.times)  # the other lists also hold the warm-up steps: keep the timed rounds
+    prefill_times, forward_times = case.prefill_times[-rounds:], case.forward_times[-rounds:]
+    sampled_times = case.sampled_times[-rounds:]
+    decode, prefill = statistics.median(case.times), statistics.median(prefill_times)
+    forward, sampled = statistics.median(forward_times), statistics.median(sampled_times)
+    bytes_per_second = case.bytes_per_decode_step * case.new_tokens / decode
+
+    def ratio(decode_times: list[float], other_times: list[float], other_tokens: int) -> float:
+        return statistics.median((case.tokens_per_step / d) / (other_tokens / o)
+                                 for d, o in zip(decode_times, other_times))
+
+    return {
+        "prompt_len": case.prompt_len, "new_tokens": case.new_tokens,
+        "prefill_seconds_median": prefill,
+        "prefill_tokens_per_second": case.prefill_tokens / prefill,
+        "forward_seq_len": case.prompt_len + case.new_tokens,
+        "forward_seconds_median": forward,
+        "forward_tokens_per_second": case.forward_tokens / forward,
+        "decode_seconds_median": decode,
+        "decode_tokens_per_second": case.tokens_per_step / decode,
+        "decode_step_seconds": decode / case.new_tokens,
+        "sampled_decode_seconds_median": sampled,
+        "sampled_decode_tokens_per_second": case.tokens_per_step / sampled,
+        # 1.0 = a decoded token costs as much as a token of prefill / of the forward pass
+        "decode_vs_prefill": ratio(case.times, prefill_times, case.prefill_tokens),
+        "decode_vs_forward": ratio(case.times, forward_times, case.forward_tokens),
+        "sampled_decode_vs_forward": ratio(sampled_times, forward_times, case.forward_tokens),
+        "decode_bytes_per_step": case.bytes_per_decode_step,
+        "decode_memory_gbps": bytes_per_second / 1e9,
+        "memory_bandwidth_utilization": (bytes_per_second / (bandwidth * 1e12 * chips)
+                                         if bandwidth and platform != "cpu" else None),
+    }
 
 
 def _fmt_bytes(value: int | None) -> str:
@@ -239,8 +266,14 @@ def describe(records: list[dict]) -> str:
         text += f"; MFU peak {r['peak_tflops_per_device']} TFLOP/s per device ({r['peak_source']})"
     if r["stage"] == "generate":
         text += (f"\ngenerate: prompt {r['prompt_len']}, {r['new_tokens']} new tokens, prefill "
-                 f"{r['prefill_tokens_per_second']:,.0f} tokens/s, decode {r['decode_tokens_per_second']:,.0f} "
-                 f"tokens/s, {r['decode_memory_gbps']:.1f} GB/s of weights+cache")
+                 f"{r['prefill_tokens_per_second']:,.0f} tokens/s, train-step forward [{r['batch_size']}, "
+                 f"{r['forward_seq_len']}] {r['forward_tokens_per_second']:,.0f} tokens/s, decode "
+                 f"{r['decode_tokens_per_second']:,.0f} tokens/s greedy ({1e3 * r['decode_step_seconds']:.2f} ms "
+                 f"a step), {r['sampled_decode_tokens_per_second']:,.0f} sampled, "
+                 f"{r['decode_memory_gbps']:.1f} GB/s of weights+cache"
+                 f"\ndecode tokens/s per prefill token/s x{r['decode_vs_prefill']:.2f}, per forward token/s "
+                 f"x{r['decode_vs_forward']:.2f} (sampled x{r['sampled_decode_vs_forward']:.2f}); medians of "
+                 "per-round ratios, 1.00 = a decoded token costs a token of the forward pass")
     return text
 
 
