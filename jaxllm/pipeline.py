@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import yaml
 
@@ -40,30 +40,13 @@ from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 from jaxllm.generate import load_model_for_inference
 from jaxllm.evaluate.scoring import EvalModel
 from jaxllm.lecture.knowledge_experiment import completion_probe as probe_people
-from jaxllm.lecture.own_pairs import (OwnPairsSettings, own_mistake_pairs, question_records, thumbs_from_pairs,
-                                      write_pairs)
+from jaxllm.lecture.own_pairs import (OwnAnswersSpec, OwnPairsSettings, own_mistake_pairs, question_records,
+                                      write_own_answers, write_pairs)
 from jaxllm.report import write_report
 from jaxllm.train import train
 
 DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclasses.dataclass
-class OwnAnswersSpec:
-    """Feedback data from the stage's starting model's own answers (jaxllm.lecture.own_pairs), made just before
-    the stage trains; they and the `mix` sources become its data.source (`WORKDIR/<stage>.pairs/`).
-    format pairs: {"prompt", "chosen": reference, "rejected": a wrong answer} (DPO and kin); thumbs: the same
-    unpaired, {"prompt", "completion", "label"} (KTO)."""
-    format: Literal["pairs", "thumbs"] = "pairs"
-    prompts: str = "default:rl_prompts"  # {"prompt", "reference"} records the model answers
-    questions: int = 0  # the first this many of them (0: all)
-    samples: int = 4  # answers per prompt: greedy + samples - 1 sampled at `temperature`
-    temperature: float = 1.0
-    max_pairs_per_prompt: int = 2
-    max_new_tokens: int = 16
-    keep_unfinished: bool = False  # also answers that never stopped (within max_new_tokens)
-    mix: list[str] = dataclasses.field(default_factory=list)  # pair sources trained on as well
 
 
 @dataclasses.dataclass
@@ -156,8 +139,8 @@ def check_held_out(spec: StageSpec, qa_source: str) -> None:
     """A stage's own pairs must not ask the held-out questions the report scores (that would train on them)."""
     own = spec.own_answers
     held_out = {r["prompt"] for r in map(_qa_record, evaluate.read_records(qa_source)) if r}
-    asked = [r.get("prompt") for r in evaluate.read_records(own.prompts, own.questions or None)]
-    leaked = [prompt for prompt in asked if prompt in held_out]
+    leaked = [r.get("prompt") for r in evaluate.read_records(own.prompts, own.questions or None)
+              if r.get("prompt") in held_out]
     if leaked:
         raise ConfigError(f"stage {spec.name}: {len(leaked)} of own_answers.prompts={own.prompts} are held-out "
                           f"questions of evaluation.qa_source={qa_source} (e.g. {leaked[0]!r}); training on them "
@@ -327,14 +310,7 @@ def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    model = EvalModel.load(config.train.init_from)
-    questions = question_records(evaluate.read_records(own.prompts, own.questions or None), own.prompts)
-    pairs, report = own_mistake_pairs(model, questions, OwnPairsSettings(
-        samples=own.samples, temperature=own.temperature, max_pairs_per_prompt=own.max_pairs_per_prompt,
-        max_new_tokens=own.max_new_tokens, keep_unfinished=own.keep_unfinished))
-    write_pairs(directory / "own.jsonl", pairs if own.format == "pairs" else thumbs_from_pairs(pairs))
-    for number, source in enumerate(own.mix):
-        write_pairs(directory / f"mix-{number}.jsonl", evaluate.read_records(source))
+    report = write_own_answers(EvalModel.load(config.train.init_from), own, directory)
     write_json_atomic(directory / OWN_PAIRS_RECORD, {"key": key, "report": report})
     log(f"{header} own {own.format}: {report['pairs']} wrong answers of {config.train.init_from} to "
         f"{report['questions']} questions of {own.prompts} (greedy right {report['greedy_correct']:.1%}, "

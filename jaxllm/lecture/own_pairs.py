@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from jaxllm.data import DataError
 from jaxllm.data.chat import prompt_ids
 from jaxllm.errors import UsageError
+from jaxllm.evaluate import read_records as read_source_records
 from jaxllm.evaluate.scoring import EvalModel, generate_completions
 from jaxllm.files import write_atomic
 from jaxllm.generate import SamplingSettings
@@ -130,10 +131,41 @@ def thumbs_from_pairs(pairs: Sequence[dict]) -> list[dict]:
     return thumbs
 
 
+@dataclasses.dataclass
+class OwnAnswersSpec:
+    """Feedback data from a model's own answers (a pipeline stage's `own_answers`: made from the model the stage
+    starts from, just before it trains; they and the `mix` sources become its data.source, WORKDIR/<stage>.pairs/).
+    format pairs: {"prompt", "chosen": reference, "rejected": a wrong answer} (DPO and kin); thumbs: the same
+    unpaired, {"prompt", "completion", "label"} (KTO)."""
+    format: Literal["pairs", "thumbs"] = "pairs"
+    prompts: str = "default:rl_prompts"  # {"prompt", "reference"} records the model answers
+    questions: int = 0  # the first this many of them (0: all)
+    samples: int = 4  # answers per prompt: greedy + samples - 1 sampled at `temperature`
+    temperature: float = 1.0
+    max_pairs_per_prompt: int = 2
+    max_new_tokens: int = 16
+    keep_unfinished: bool = False  # also answers that never stopped (within max_new_tokens)
+    seed: int = 0  # of the sampled answers
+    mix: list[str] = dataclasses.field(default_factory=list)  # pair sources trained on as well
+
+
+def write_own_answers(model: EvalModel, spec: OwnAnswersSpec, directory: Path) -> dict[str, Any]:
+    """Writes directory/own.jsonl (the model's wrong answers to spec.prompts, as pairs or thumbs) and
+    directory/mix-<i>.jsonl (the records of each `mix` source); returns own_mistake_pairs' report."""
+    questions = question_records(read_source_records(spec.prompts, spec.questions or None), spec.prompts)
+    pairs, report = own_mistake_pairs(model, questions, OwnPairsSettings(
+        samples=spec.samples, temperature=spec.temperature, max_pairs_per_prompt=spec.max_pairs_per_prompt,
+        max_new_tokens=spec.max_new_tokens, keep_unfinished=spec.keep_unfinished, seed=spec.seed))
+    write_pairs(directory / "own.jsonl", pairs if spec.format == "pairs" else thumbs_from_pairs(pairs))
+    for number, source in enumerate(spec.mix):
+        write_pairs(directory / f"mix-{number}.jsonl", read_source_records(source))
+    return report
+
+
 def write_pairs(path: str | Path, pairs: Sequence[dict]) -> None:
     """Records (pairs or thumbs) as JSONL, written atomically (a reader never sees half a file)."""
     write_atomic(Path(path), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
 
-__all__ = ["OwnPairsSettings", "question_records", "pairs_from_answers", "own_mistake_pairs",
+__all__ = ["OwnAnswersSpec", "write_own_answers", "OwnPairsSettings", "question_records", "pairs_from_answers", "own_mistake_pairs",
            "thumbs_from_pairs", "write_pairs"]
