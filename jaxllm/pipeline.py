@@ -322,25 +322,25 @@ OWN_MISTAKES_EVAL = "own_mistakes_eval.jsonl"
 
 
 def prepare_own_mistakes(stage_dir: Path, spec: EvaluationSpec, workdir: Path, fingerprint: str,
-                         log: Callable[[str], None], header: str) -> None:
+                         log: Callable[[str], None], header: str) -> int:
     """`WORKDIR/own_mistakes_eval.jsonl`: the finished stage's wrong greedy answers to the held-out questions as
-    pairs (reference vs answer); remade when that stage changed."""
+    pairs (reference vs answer); remade when that stage changed. Returns how many pairs it holds (0: the stage
+    answered every question right, and there is nothing to score)."""
     path, record_path = workdir / OWN_MISTAKES_EVAL, workdir / "own_mistakes_eval.json"
     key = hashlib.sha256(json.dumps([fingerprint, spec.qa_source, spec.qa_examples, spec.max_new_tokens,
                                      source_fingerprint(spec.qa_source)]).encode()).hexdigest()[:24]
     if path.exists() and _pairs_current(record_path, key, log):
-        return
+        return int(_read_record(record_path, log)["report"]["pairs"])
     record_path.unlink(missing_ok=True)
     records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
     pairs, report = own_mistake_pairs(EvalModel.load(stage_dir), question_records(records, spec.qa_source),
                                       OwnPairsSettings(samples=1, max_new_tokens=spec.max_new_tokens,
                                                        keep_unfinished=True))
-    if not pairs:
-        raise ConfigError(f"evaluation.own_mistakes_after: the {stage_dir.name} model answers every held-out "
-                          "question right, so there are no mistakes to score; turn it off")
     write_pairs(path, pairs)
     write_json_atomic(record_path, {"key": key, "report": report})
-    log(f"{header} own-mistakes eval set: {len(pairs)} held-out questions it answers wrong -> {path}")
+    log(f"{header} own-mistakes eval set: {len(pairs)} held-out questions it answers wrong -> {path}"
+        + ("" if pairs else " (none: the own-mistakes column stays empty)"))
+    return len(pairs)
 
 
 def cached_evaluation(stage_dir: Path, spec: EvaluationSpec, fingerprint: str,
@@ -472,8 +472,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                 f"(final loss {result.last_metrics.get('loss', float('nan')):.3f})")
         with CompileClock() as eval_compile:
             if stage.name == recipe.evaluation.own_mistakes_after:
-                prepare_own_mistakes(stage_dir, recipe.evaluation, workdir, fingerprint, log, header)
-                own_mistakes = {"own_mistakes": f"jsonl:{workdir / OWN_MISTAKES_EVAL}"}
+                if prepare_own_mistakes(stage_dir, recipe.evaluation, workdir, fingerprint, log, header):
+                    own_mistakes = {"own_mistakes": f"jsonl:{workdir / OWN_MISTAKES_EVAL}"}
             evaluation = cached_evaluation(stage_dir, recipe.evaluation, fingerprint, log, own_mistakes)
         qa = evaluation["qa_heldout"]
         probe = evaluation.get("completion_probe")

@@ -274,3 +274,26 @@ def test_own_pairs_about_held_out_questions_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="3 of own_answers.prompts=default:qa_eval are held-out questions of "
                                           "evaluation.qa_source=default:qa_eval"):
         load_recipe(recipe)
+
+
+def test_a_stage_without_mistakes_leaves_the_own_mistakes_column_empty(tmp_path, monkeypatch):
+    import jaxllm.pipeline as pipeline
+
+    calls = []
+
+    def no_mistakes(model, questions, settings):
+        calls.append(len(questions))
+        return [], {"questions": len(questions), "greedy_correct": 1.0, "any_correct": 1.0, "pairs": 0,
+                    "questions_with_pairs": 0}
+
+    monkeypatch.setattr(pipeline.EvalModel, "load", classmethod(lambda cls, path: None))
+    monkeypatch.setattr(pipeline, "own_mistake_pairs", no_mistakes)
+    spec, logs = pipeline.EvaluationSpec(qa_examples=4, own_mistakes_after="sft"), []
+    assert pipeline.prepare_own_mistakes(tmp_path / "sft", spec, tmp_path, "fp", logs.append, "[2/3 sft]") == 0
+    assert calls == [4] and (tmp_path / "own_mistakes_eval.jsonl").read_text() == ""
+    assert "(none: the own-mistakes column stays empty)" in logs[0]
+    # reused for the same stage fingerprint, remade for another
+    assert pipeline.prepare_own_mistakes(tmp_path / "sft", spec, tmp_path, "fp", logs.append, "[2/3 sft]") == 0
+    assert calls == [4]
+    pipeline.prepare_own_mistakes(tmp_path / "sft", spec, tmp_path, "other", logs.append, "[2/3 sft]")
+    assert calls == [4, 4]

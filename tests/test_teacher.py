@@ -136,3 +136,17 @@ def test_data_pairs_turns_the_models_wrong_answers_into_preference_pairs(checkpo
     assert _read(out) == [{"prompt": "Where was Ann born?", "chosen": "Oslo", "rejected": ANSWER}]
     with pytest.raises(DataError, match="record 0: own pairs need a string 'prompt' and 'reference'"):
         pairs_command(["--model", str(checkpoint), "--questions", "default:sft", "--out", str(out)])
+
+
+def test_own_answers_with_nothing_wrong_and_nothing_to_mix_is_a_clear_error(model, tmp_path):
+    from jaxllm.evaluate.scoring import EvalModel
+    from jaxllm.lecture.own_pairs import OwnAnswersSpec, write_own_answers
+
+    questions = write_jsonl(tmp_path / "questions.jsonl",
+                            [{"prompt": "What is the capital of Zorbia?", "reference": ANSWER}])
+    spec = OwnAnswersSpec(prompts=f"jsonl:{questions}", samples=2, temperature=0.5, max_new_tokens=8)
+    with pytest.raises(DataError, match="answered all 1 questions of jsonl:.* right"):
+        write_own_answers(EvalModel(*model), spec, tmp_path)
+    mixed = OwnAnswersSpec(prompts=f"jsonl:{questions}", samples=1, mix=[f"jsonl:{questions}"], format="thumbs")
+    assert write_own_answers(EvalModel(*model), mixed, tmp_path)["pairs"] == 0
+    assert (tmp_path / "own.jsonl").read_text() == "" and len(_read(tmp_path / "mix-0.jsonl")) == 1

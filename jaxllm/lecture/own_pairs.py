@@ -156,6 +156,10 @@ def write_own_answers(model: EvalModel, spec: OwnAnswersSpec, directory: Path) -
     pairs, report = own_mistake_pairs(model, questions, OwnPairsSettings(
         samples=spec.samples, temperature=spec.temperature, max_pairs_per_prompt=spec.max_pairs_per_prompt,
         max_new_tokens=spec.max_new_tokens, keep_unfinished=spec.keep_unfinished, seed=spec.seed))
+    if not pairs and not spec.mix:
+        raise DataError(f"own answers: the model answered all {report['questions']} questions of {spec.prompts} "
+                        "right (or never finished an answer), so there is nothing to learn from; give harder "
+                        "prompts, more samples, or `mix` sources to train on")
     write_pairs(directory / "own.jsonl", pairs if spec.format == "pairs" else thumbs_from_pairs(pairs))
     for number, source in enumerate(spec.mix):
         write_pairs(directory / f"mix-{number}.jsonl", read_source_records(source))
