@@ -318,6 +318,13 @@ def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log
         f"({time.perf_counter() - started:.0f}s)")
 
 
+def _own_answers_summary(spec: StageSpec, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """What the stage's own answers were: the pair maker's report, the format and the mixed-in sources."""
+    record = _read_record(own_pairs_dir(workdir, spec.name) / OWN_PAIRS_RECORD, log) or {}
+    return {**(record.get("report") or {}), "format": spec.own_answers.format, "prompts": spec.own_answers.prompts,
+            "mix": list(spec.own_answers.mix)}
+
+
 OWN_MISTAKES_EVAL = "own_mistakes_eval.jsonl"
 
 
@@ -486,7 +493,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                         "train_seconds": train_seconds, "summary": summary, "evaluation": evaluation,
                         "compile_seconds": {"train": train_compile.seconds if train_compile else None,
                                             "evaluation": eval_compile.seconds,
-                                            **({"own_answers": pairs_compile.seconds} if stage.own_answers else {})}})
+                                            **({"own_answers": pairs_compile.seconds} if stage.own_answers else {})},
+                        **({"own_answers": _own_answers_summary(stage, workdir, log)} if stage.own_answers else {})})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

@@ -181,7 +181,13 @@ def story_line(stage: dict, previous: dict | None) -> str:
         old = before.get(key)
         changes.append(f"{key} {_percent(value)}" if old is None else f"{key} {_percent(old)} → {_percent(value)}")
     claim = LECTURE_CLAIMS.get(stage["stage"], "")
-    return f"- **{stage['name']}**: {', '.join(changes)}. *Lecture*: {claim}."
+    data = ""
+    own = stage.get("own_answers")
+    if own and "pairs" in own:
+        data = (f" *Data*: {own['pairs']} wrong answers of the starting model itself to {own['questions']} "
+                f"questions of {own['prompts']} (its greedy answer was right for {_percent(own['greedy_correct'])})"
+                f" as {own['format']}" + (f", with {', '.join(own['mix'])}" if own["mix"] else "") + ".")
+    return f"- **{stage['name']}**: {', '.join(changes)}.{data} *Lecture*: {claim}."
 
 
 def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:

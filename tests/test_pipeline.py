@@ -247,7 +247,10 @@ def test_own_pairs_train_the_feedback_stage_and_the_own_mistakes_set_scores_late
     assert "own_mistakes" not in report["stages"][0]["evaluation"]
     for stage in report["stages"][1:]:
         assert stage["evaluation"]["own_mistakes"]["pairs"] == len(held_out)
-    assert "own-mistakes acc." in (workdir / "report.md").read_text()
+    markdown = (workdir / "report.md").read_text()
+    assert "own-mistakes acc." in markdown
+    assert f"*Data*: {len(own)} wrong answers of the starting model itself to 3 questions of default:rl_prompts" in markdown
+    assert report["stages"][2]["own_answers"]["mix"] == ["default:preferences"]
 
     logs = []
     again = run_pipeline(recipe, workdir, log=logs.append, progress=False)
