@@ -8,8 +8,14 @@ A pipeline recipe (YAML) names the stage recipes and the evaluation:
     stages:
       - {name: pretrain, recipe: configs/pretrain_tiny.yaml, overrides: [train.steps=300]}
       - {name: sft, recipe: configs/sft_tiny.yaml}
-      - {name: dpo, recipe: configs/dpo_tiny.yaml}
-    evaluation: {qa_source: default:qa_eval, qa_examples: 120, text_source: default:pretrain_eval, ...}
+      - name: dpo
+        recipe: configs/dpo_tiny.yaml
+        own_answers: {prompts: default:rl_prompts, samples: 4, mix: [default:preferences]}  # optional
+    evaluation: {qa_source: default:qa_eval, qa_examples: 120, own_mistakes_after: sft, ...}
+
+`own_answers` makes the stage's data from the starting model's own wrong answers (jaxllm.lecture.own_pairs) just
+before it trains; `own_mistakes_after` scores every stage from the named one on that stage's wrong answers to the
+held-out questions (the report's own-mistakes column).
 
 Each stage trains in `WORKDIR/<name>/` from the previous stage's checkpoint. Running the command
 again skips finished stages and resumes an interrupted one from its last checkpoint.
