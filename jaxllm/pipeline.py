@@ -342,8 +342,9 @@ def prepare_own_mistakes(stage_dir: Path, spec: EvaluationSpec, workdir: Path, f
     path, record_path = workdir / OWN_MISTAKES_EVAL, workdir / "own_mistakes_eval.json"
     key = hashlib.sha256(json.dumps([fingerprint, spec.qa_source, spec.qa_examples, spec.max_new_tokens,
                                      source_fingerprint(spec.qa_source)]).encode()).hexdigest()[:24]
-    if path.exists() and _pairs_current(record_path, key, log):
-        return int(_read_record(record_path, log)["report"]["pairs"])
+    record = _read_record(record_path, log)
+    if path.exists() and isinstance(record, dict) and record.get("key") == key:
+        return int(record["report"]["pairs"])
     record_path.unlink(missing_ok=True)
     records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
     pairs, report = own_mistake_pairs(EvalModel.load(stage_dir), question_records(records, spec.qa_source),
