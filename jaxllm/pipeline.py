@@ -40,7 +40,7 @@ from jaxllm import stages as stages_lib
 from jaxllm.compile_time import CompileClock
 from jaxllm.config import ConfigError, load_config, resolve_recipe, to_dict
 from jaxllm.data import biographies as bio
-from jaxllm.data.sources import file_content_digest, iter_records, parse_source, source_fingerprint
+from jaxllm.data.sources import data_files, file_content_digest, iter_records, parse_source, source_fingerprint
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 from jaxllm.generate import load_model_for_inference
@@ -255,7 +255,7 @@ def _data_fingerprint(source: str, workdir: Path) -> str:
     path = Path(rest)
     if kind != "jsonl" or not path.is_relative_to(workdir):
         return source_fingerprint(source)
-    files = sorted(p for p in path.rglob("*.jsonl") if not p.name.startswith(".")) if path.is_dir() else [path]
+    files = data_files(path, "jsonl")
     text = "\n".join(f"{file.relative_to(workdir)}:{file_content_digest(file)}" for file in files)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -295,23 +295,26 @@ def own_pairs_dir(workdir: Path, stage_name: str) -> Path:
 OWN_PAIRS_RECORD = "pairs.json"  # {"key", "report"}: written last, so its presence says the pairs are complete
 
 
-def _pairs_current(record_path: Path, key: str, log: Callable[[str], None]) -> bool:
+def _current_record(record_path: Path, key: str, log: Callable[[str], None]) -> dict | None:
+    """The record {"key", "report"} when it was written for `key`, else None (its files are made again)."""
     record = _read_record(record_path, log)
-    return isinstance(record, dict) and record.get("key") == key
+    return record if isinstance(record, dict) and record.get("key") == key else None
 
 
 def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log: Callable[[str], None],
-                      header: str) -> None:
+                      header: str) -> dict[str, Any]:
     """Writes `WORKDIR/<stage>.pairs/`: own.jsonl (the starting model's wrong answers to `own_answers.prompts` as
     pairs or thumbs) and mix-<i>.jsonl (the `mix` sources' records); reused while the starting stage and the settings
-    are the same (the key records both)."""
+    are the same (the key records both). Returns what they are: the pair maker's report, format, prompts, mix."""
     own = spec.own_answers
     directory = own_pairs_dir(workdir, spec.name)
     key = hashlib.sha256(json.dumps([upstream, dataclasses.asdict(own),
                                      [source_fingerprint(s) for s in [own.prompts, *own.mix]]],
                                     sort_keys=True).encode()).hexdigest()[:24]
-    if _pairs_current(directory / OWN_PAIRS_RECORD, key, log):
-        return
+    summary = {"format": own.format, "prompts": own.prompts, "mix": list(own.mix)}
+    record = _current_record(directory / OWN_PAIRS_RECORD, key, log)
+    if record is not None:
+        return {**record["report"], **summary}
     started = time.perf_counter()
     if directory.exists():
         shutil.rmtree(directory)
@@ -322,13 +325,7 @@ def prepare_own_pairs(spec: StageSpec, config, workdir: Path, upstream: str, log
         f"{report['questions']} questions of {own.prompts} (greedy right {report['greedy_correct']:.1%}, "
         f"any of {own.samples} right {report['any_correct']:.1%}) + {', '.join(own.mix) or 'nothing else'} "
         f"({time.perf_counter() - started:.0f}s)")
-
-
-def _own_answers_summary(spec: StageSpec, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """What the stage's own answers were: the pair maker's report, the format and the mixed-in sources."""
-    record = _read_record(own_pairs_dir(workdir, spec.name) / OWN_PAIRS_RECORD, log) or {}
-    return {**(record.get("report") or {}), "format": spec.own_answers.format, "prompts": spec.own_answers.prompts,
-            "mix": list(spec.own_answers.mix)}
+    return {**report, **summary}
 
 
 OWN_MISTAKES_EVAL = "own_mistakes_eval.jsonl"
@@ -342,8 +339,8 @@ def prepare_own_mistakes(stage_dir: Path, spec: EvaluationSpec, workdir: Path, f
     path, record_path = workdir / OWN_MISTAKES_EVAL, workdir / "own_mistakes_eval.json"
     key = hashlib.sha256(json.dumps([fingerprint, spec.qa_source, spec.qa_examples, spec.max_new_tokens,
                                      source_fingerprint(spec.qa_source)]).encode()).hexdigest()[:24]
-    record = _read_record(record_path, log)
-    if path.exists() and isinstance(record, dict) and record.get("key") == key:
+    record = _current_record(record_path, key, log)
+    if path.exists() and record is not None:
         return int(record["report"]["pairs"])
     record_path.unlink(missing_ok=True)
     records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
@@ -457,9 +454,10 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
     for index, (stage, config, stage_dir) in enumerate(stages, 1):
         header = f"[{index}/{len(stages)} {stage.name}]"
         train_seconds, train_compile = None, None
+        own_answers = None
         with CompileClock() as pairs_compile:
             if stage.own_answers is not None:
-                prepare_own_pairs(stage, config, workdir, upstream, log, header)
+                own_answers = prepare_own_pairs(stage, config, workdir, upstream, log, header)
         fingerprint = stage_fingerprint(config, workdir, upstream)
         upstream = fingerprint
         set_aside_stale_stage(stage_dir, fingerprint, log, header)
@@ -501,7 +499,7 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_path, workdir: Path, log: Calla
                         "compile_seconds": {"train": train_compile.seconds if train_compile else None,
                                             "evaluation": eval_compile.seconds,
                                             **({"own_answers": pairs_compile.seconds} if stage.own_answers else {})},
-                        **({"own_answers": _own_answers_summary(stage, workdir, log)} if stage.own_answers else {})})
+                        **({"own_answers": own_answers} if own_answers is not None else {})})
     report = {"recipe": str(resolve_path(recipe_path)), "workdir": str(workdir), "tokenizer": tokenizer,
               "stages": results, "wall_seconds": time.perf_counter() - started}
     write_report(report, workdir)

@@ -138,7 +138,8 @@ def _json_object(line: str, where: str, on_bad: BadRecord) -> dict[str, Any] | N
     return value
 
 
-def _data_files(path: Path, kind: str) -> list[Path]:
+def data_files(path: Path, kind: str) -> list[Path]:
+    """The *.{kind} files of a directory (sorted, hidden ones left out), or the one file; missing is an error."""
     if path.is_dir():
         files = sorted(p for p in path.rglob(f"*.{kind}") if not p.name.startswith("."))
         if not files:
@@ -411,12 +412,12 @@ def iter_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail)
         yield from _jsonl_records(_default_bytes(rest), f"default:{rest}", 0, on_bad)
     elif kind == "jsonl":
         index = 0
-        for path in _data_files(Path(rest), "jsonl"):
+        for path in data_files(Path(rest), "jsonl"):
             data = path.read_bytes()
             yield from _jsonl_records(data, str(path), index, on_bad)
             index += sum(1 for raw in data.split(b"\n") if raw.strip())
     elif kind == "parquet":
-        yield from _parquet_records(_data_files(Path(rest), "parquet"))
+        yield from _parquet_records(data_files(Path(rest), "parquet"))
     elif kind == "lines":
         yield from _line_records(Path(rest), text_field, on_bad)
     elif kind == "text":
@@ -477,7 +478,7 @@ def source_fingerprint(spec: str) -> str:
         parts.append(hashlib.sha256(_default_bytes(rest)).hexdigest())
     elif kind in ("jsonl", "parquet", "text"):
         path = Path(rest)
-        files = _text_files(path) if kind == "text" else _data_files(path, kind)
+        files = _text_files(path) if kind == "text" else data_files(path, kind)
         for file in files:
             parts.append(f"{file.resolve()}:{file_content_digest(file)}")
     else:
