@@ -140,7 +140,8 @@ def _row(stage: dict) -> str:
     compile_seconds = _stage_compile_seconds(stage)
     return (f"| {stage['name']} | {stage['stage']} | {stage['steps']} | {text['perplexity']:.2f} | "
             f"{text['bits_per_byte']:.3f} | {_percent(e.get('completion_probe'))} | {_percent(qa['exact_match'])} | "
-            f"{_percent(trained)} | {_percent(qa['eos_rate'])} | {qa['mean_answer_tokens']:.1f} | {_percent(pref)} | {_percent(own)} | "
+            f"{_percent(trained)} | {_percent(qa['eos_rate'])} | {qa['mean_answer_tokens']:.1f} | {_percent(pref)} | "
+            f"{_percent(own)} | "
             f"{_seconds(stage.get('train_seconds'))} | "
             f"{'–' if compile_seconds is None else f'{compile_seconds:.1f}'} |")
 
@@ -204,7 +205,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, bool]) -> str:
               "\"<name> was born in\" (and three more attributes)? It shows whether the knowledge is stored. "
               "Held-out QA: exact match of greedy answers about people whose QA was never trained "
               "(their biographies were in the pretraining text). Trained-people QA: questions from the SFT set. "
-              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Own-mistakes accuracy: the same on "
+              "Preference accuracy: log p(chosen) > log p(rejected) on held-out pairs. Own-mistakes accuracy: the "
+              "same on "
               "pairs whose rejected answer is a wrong greedy answer of the stage named by "
               "`evaluation.own_mistakes_after` to a held-out question (by construction low for that stage: did "
               "a later stage learn to rank the right answer above the mistake?). Train s: the stage's "

@@ -166,7 +166,8 @@ def pairs_command(argv: list[str]) -> int:
                                  args.questions)
     pairs, report = own_mistake_pairs(EvalModel.load(args.model), questions, settings)
     write_pairs(args.out, pairs if args.format == "pairs" else thumbs_from_pairs(pairs))
-    print(f"wrote {report['pairs']} {'pairs' if args.format == 'pairs' else 'wrong answers (+ the right ones)'} about {report['questions_with_pairs']} of {report['questions']} questions "
-          f"to {args.out} (greedy answers right: {report['greedy_correct']:.1%}, any of {args.samples} right: "
-          f"{report['any_correct']:.1%})")
+    written = "pairs" if args.format == "pairs" else "wrong answers (+ the right ones)"
+    print(f"wrote {report['pairs']} {written} about {report['questions_with_pairs']} of {report['questions']} "
+          f"questions to {args.out} (greedy answers right: {report['greedy_correct']:.1%}, "
+          f"any of {args.samples} right: {report['any_correct']:.1%})")
     return 0

@@ -5,8 +5,8 @@ every distinct wrong answer that ended becomes a pair {"prompt", "chosen": refer
 This is on-policy preference data as Llama 3's recipe builds it from the latest model (there with a reward
 model and people; here with an exact-match judge, which the biography questions allow): the rejected answers are
 the confusions this model makes, not somebody else's guess at them, so DPO pushes down exactly what the policy
-would say. A question the model always answers right gives no pair. `thumbs_from_pairs` unzips them for KTO (the right
-answer thumbs-up, each wrong one thumbs-down).
+would say. A question the model always answers right gives no pair. `thumbs_from_pairs` unzips them for KTO
+(the right answer thumbs-up, each wrong one thumbs-down).
 
 Greedy-only pairs over held-out questions (`samples=1`) are also an evaluation set: "of the answers the SFT model
 got wrong, how many does a later model now rank below the right one?" (the pipeline's `own_mistakes` column).
@@ -84,9 +84,9 @@ def _answers(model: EvalModel, prompts: Sequence[list[int]], settings: OwnPairsS
 def pairs_from_answers(questions: Sequence[dict], answers: Sequence[Sequence[dict]], max_pairs_per_prompt: int,
                        keep_unfinished: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """(pairs, report) from each question's answers ({"text", "finished"}, the greedy one first): every distinct
-    finished (or, with keep_unfinished, any), non-empty wrong answer (exact match against the reference, as the QA evaluation judges) becomes
-    {"prompt", "chosen": reference, "rejected": answer}, at most max_pairs_per_prompt per question in answer
-    order. report: questions, greedy_correct and any_correct (fractions of questions), pairs,
+    finished (or, with keep_unfinished, any), non-empty wrong answer (exact match against the reference, as the QA
+    evaluation judges) becomes {"prompt", "chosen": reference, "rejected": answer}, at most max_pairs_per_prompt
+    per question in answer order. report: questions, greedy_correct and any_correct (fractions of questions), pairs,
     questions_with_pairs."""
     pairs, greedy_correct, any_correct, with_pairs = [], 0, 0, 0
     for question, given in zip(questions, answers, strict=True):
@@ -171,5 +171,5 @@ def write_pairs(path: str | Path, pairs: Sequence[dict]) -> None:
     write_atomic(Path(path), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
 
-__all__ = ["OwnAnswersSpec", "write_own_answers", "OwnPairsSettings", "question_records", "pairs_from_answers", "own_mistake_pairs",
-           "thumbs_from_pairs", "write_pairs"]
+__all__ = ["OwnAnswersSpec", "write_own_answers", "OwnPairsSettings", "question_records", "pairs_from_answers",
+           "own_mistake_pairs", "thumbs_from_pairs", "write_pairs"]
