@@ -31,11 +31,16 @@ def target_weights(loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.pad(weights, ((0, 0), (1, 0)))
 
 
+def next_tokens(x: jax.Array) -> jax.Array:
+    """[B,T] -> [B,T]: the value at position t + 1 for every t (what position t predicts); 0 at the last."""
+    return jnp.pad(x[:, 1:], ((0, 0), (0, 1)))
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """logits [B,T,V] (position t predicts token t+1), tokens [B,T] -> [B,T] log-probs aligned with tokens."""
-    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(picked, ((0, 0), (1, 0)))
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logprobs, next_tokens(tokens)[..., None], axis=-1)[..., 0]
+    return jnp.pad(picked[:, :-1], ((0, 0), (1, 0)))
 
 
 def is_top_prediction(target_logit: jax.Array, max_logit: jax.Array) -> jax.Array:
@@ -49,13 +54,15 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_lo
     """Next-token cross-entropy. logits [B,T,V], tokens [B,T], weights [B,T] (see target_weights).
 
     Returns (sum of weighted token losses incl. z-loss, sum of weights, metrics with sums)."""
-    shifted = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
-    w = weights[:, 1:]
-    log_z = jax.nn.logsumexp(shifted, axis=-1)
-    target_logit = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    # Every position's logits, the last one weighted 0: slicing [B,T,V] logits to T-1 positions costs a copy of
+    # them forward and a padded copy of their gradient backward.
+    logits32 = logits.astype(jnp.float32)
+    targets = next_tokens(tokens)
+    w = next_tokens(weights.astype(jnp.float32))
+    log_z = jax.nn.logsumexp(logits32, axis=-1)
+    target_logit = jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
     nll = log_z - target_logit
-    correct = is_top_prediction(target_logit, jnp.max(shifted, axis=-1))
+    correct = is_top_prediction(target_logit, jnp.max(logits32, axis=-1))
     total = jnp.sum(nll * w)
     z_term = jnp.sum(jnp.square(log_z) * w)
     count = jnp.sum(w)
@@ -74,8 +81,8 @@ def chunked_cross_entropy(hidden: jax.Array, unembedding: jax.Array, tokens: jax
     [D,V] by the incoming cotangent, so the head costs three matmuls, as unfused, and no recompute.
     Only the loss sum is differentiable; the metric sums carry no gradient."""
     batch, length, _ = hidden.shape
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t predicts token t+1; the last predicts nothing
-    target_weights_ = jnp.pad(weights[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    targets = next_tokens(tokens)  # position t predicts token t+1; the last predicts nothing
+    target_weights_ = next_tokens(weights.astype(jnp.float32))
     chunk = max(1, min(chunk_size, length))
     padded = -length % chunk
     if padded:
