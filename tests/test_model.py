@@ -94,7 +94,7 @@ def test_changing_document_one_never_changes_document_two_in_the_same_row(params
 def test_remat_and_unscanned_layers_give_the_same_logits(params):
     tokens, positions, segments = _inputs()
     base = _forward("reference", params, tokens, positions, segments)
-    for overrides in ({"remat": "full"}, {"remat": "dots"}, {"scan_layers": False}):
+    for overrides in ({"remat": "full"}, {"remat": "dots"}, {"scan_layers": False}, {"scan_layers": True}):
         np.testing.assert_allclose(_forward("reference", params, tokens, positions, segments, **overrides), base,
                                    atol=1e-5)
 

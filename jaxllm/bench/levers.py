@@ -53,8 +53,8 @@ CONFIG_LEVERS = (
           "config", ("model.attention=xla",)),
     Lever("fused_loss", "fused chunked lm head + loss (model.loss_chunk_size=128)", "config",
           ("model.loss_chunk_size=128",), on_in_reference=False),
-    Lever("unrolled", "unrolled layers (model.scan_layers=false)", "config", ("model.scan_layers=false",),
-          on_in_reference=False),
+    Lever("unrolled", "unrolled layers (model.scan_layers=auto on CPU) vs one scan over them", "config",
+          ("model.scan_layers=true",)),
     Lever("donation", "donating the train state to the step", "config", (), donate=False),
 )
 
