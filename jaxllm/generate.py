@@ -250,20 +250,22 @@ def _as_key(rng: jax.Array | int) -> jax.Array:
 
 def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Sequence[Sequence[int]],
              settings: SamplingSettings = SamplingSettings(), rng: jax.Array | int = 0, *, pad_id: int = PAD_ID,
-             prompt_width: int | None = None, bucket_batch: bool = True,
+             prompt_width: int | None = None, bucket_batch: bool = True, min_rows: int = 1,
              mesh: jax.sharding.Mesh | None = None) -> GenerationOutput:
     """Generates continuations of token-id prompts (different lengths allowed) in one batched call.
 
-    The batch is padded to a power of two (unless bucket_batch is False) and a multiple of the
-    data-parallel size, the prompt width to a bucket (or `prompt_width`), so repeated calls reuse a
-    few compilations. `mesh`: default the params' mesh; the batch is sharded over (data, fsdp) when
+    The batch is padded to a power of two (unless bucket_batch is False), at least `min_rows` (a caller
+    generating in batches passes its batch size, so a short batch reuses the full batches' program) and a
+    multiple of the data-parallel size, the prompt width to a bucket (or `prompt_width`), so repeated calls
+    reuse a few compilations. `mesh`: default the params' mesh; the batch is sharded over (data, fsdp) when
     it divides. With several processes, `prompts` are this process's share and so are the outputs."""
     _check_prompts(prompts, model_config, settings)
     mesh = mesh if mesh is not None else mesh_of(params)
     multiple = 1
     if mesh is not None:
         multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
-    rows = _batch_bucket(len(prompts), multiple) if bucket_batch else -(-len(prompts) // multiple) * multiple
+    wanted = max(len(prompts), min_rows)
+    rows = _batch_bucket(wanted, multiple) if bucket_batch else -(-wanted // multiple) * multiple
     longest = max(len(p) for p in prompts)
     width = prompt_width if prompt_width is not None and prompt_width >= longest else bucket(longest)
     tokens, segments = left_pad(prompts, width, rows, pad_id)

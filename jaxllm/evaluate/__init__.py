@@ -35,7 +35,6 @@ calls after every stage (perplexity, answer_questions, qa_accuracy, preference_a
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -101,21 +100,25 @@ def qa_accuracy(config: Config, graphdef, params, tokenizer, records: Sequence[d
     }
 
 
+_sequence_logprobs = jax.jit(steps_lib.sequence_logprobs, static_argnums=0)
+
+
 def preference_accuracy(config: Config, graphdef, params, tokenizer, source: str, max_pairs: int = 128,
                         batch_size: int = 32) -> dict[str, float]:
     """How often the model gives the chosen answer a higher log-probability than the rejected one."""
     eval_config = _with(config, train={"stage": "dpo", "batch_size": batch_size},
                         data={"source": source, "eval_source": source})
     rows = build_rows(eval_config, tokenizer, "eval", data_format="pairs", stage="dpo", source=source)
-    logps = jax.jit(functools.partial(steps_lib.sequence_logprobs, graphdef))
     wins, margins = [], []
     total = min(max_pairs, rows.num_rows)
     for start in range(0, total, batch_size):
-        batch = rows.batch(np.arange(start, min(start + batch_size, total)))
+        indices = np.arange(start, min(start + batch_size, total))
+        # A short last batch repeats its last pair up to the full size: one compiled shape for every batch.
+        batch = rows.batch(np.pad(indices, (0, batch_size - len(indices)), mode="edge"))
         sides = {}
         for side in ("chosen", "rejected"):
-            sides[side] = np.asarray(logps(params, *(batch[f"{side}_{f}"] for f in
-                                                     ("tokens", "positions", "segment_ids", "loss_mask"))))
+            sides[side] = np.asarray(_sequence_logprobs(graphdef, params, *(
+                batch[f"{side}_{f}"] for f in ("tokens", "positions", "segment_ids", "loss_mask"))))[:len(indices)]
         wins.extend(sides["chosen"] > sides["rejected"])
         margins.extend(sides["chosen"] - sides["rejected"])
     return {"preference_accuracy": float(np.mean(wins)), "logprob_margin": float(np.mean(margins)), "pairs": total}

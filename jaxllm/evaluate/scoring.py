@@ -237,7 +237,7 @@ def generate_completions(model: EvalModel, prompts: Sequence[Sequence[int]], set
             chosen = order[start:start + batch_size]
             output = generate(model.config.model, model.graphdef, model.params, [prompts[i] for i in chosen],
                               settings, jax.random.fold_in(jax.random.key(seed), start), pad_id=pad_id,
-                              mesh=model.mesh)
+                              min_rows=batch_size, mesh=model.mesh)
             for row, index in enumerate(chosen):
                 ids = output.completion(row)
                 text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
