@@ -293,6 +293,15 @@ def _filter_abandoned_read_noise() -> None:
 
     hook._jaxllm_quiet_reads = True
     sys.unraisablehook = hook
+    # asyncio may log an abandoned read's error ("Task exception was never retrieved") before the failed read
+    # reaches `_read_failure`, when that raises the asyncio logger's level; drop exactly those records.
+    logging.getLogger("asyncio").addFilter(_AbandonedReadLogFilter())
+
+
+class _AbandonedReadLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return "Encountered error while reading array" not in f"{record.getMessage()} {error}"
 
 
 def latest_step(path: str | Path) -> int | None:
