@@ -96,6 +96,11 @@ def _add_lora(module: nnx.Module, name: str, config: ModelConfig, rngs: nnx.Rngs
                                                     logical_axes=("lora_rank",) + out_axes))
 
 
+def _on_cpu() -> bool:
+    """Whether this process computes on CPU (XLA CPU's matmul layouts, unrolled layers)."""
+    return jax.devices()[0].platform == "cpu"
+
+
 def matmul_rows(x: jax.Array, weight: jax.Array, contract: int = 1, preferred_element_type=None) -> jax.Array:
     """tensordot(x, weight, contract): x's last `contract` dims against weight's first, as one 2-D matmul
     [rows, in] x [in, out] with every leading dim of x folded into the rows (free reshapes). On CPU its
@@ -114,7 +119,7 @@ def matmul_rows_shared(x: jax.Array, weights: tuple[jax.Array, ...], contract: i
     rows = x.reshape(math.prod(lead), math.prod(inner))
     matrices = tuple(w.reshape(math.prod(inner), math.prod(w.shape[contract:])) for w in weights)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(rows, *matrices))
-    if jax.devices()[0].platform == "cpu":
+    if _on_cpu():
         outs = _cpu_matmuls(out_dtype, rows, matrices)
     else:
         outs = tuple(jnp.matmul(rows, m, preferred_element_type=preferred_element_type) for m in matrices)
@@ -170,7 +175,8 @@ def _project(module: nnx.Module, name: str, x: jax.Array, weight: jax.Array, con
 def _add_lora_term(module: nnx.Module, name: str, x: jax.Array, out: jax.Array, dtype) -> jax.Array:
     if not hasattr(module, f"{name}_lora_a"):
         return out
-    a, b = getattr(module, f"{name}_lora_a")[...].astype(dtype), getattr(module, f"{name}_lora_b")[...].astype(dtype)
+    a = getattr(module, f"{name}_lora_a")[...].astype(dtype)
+    b = getattr(module, f"{name}_lora_b")[...].astype(dtype)
     low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [..., r]
     config = module.config
     return out + (config.lora_alpha / config.lora_rank) * jnp.tensordot(low, b, axes=1)
@@ -343,7 +349,7 @@ def scans_layers(config: ModelConfig) -> bool:
         return True
     if choice in (False, "false"):
         return False
-    return jax.devices()[0].platform != "cpu"
+    return not _on_cpu()
 
 
 def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
