@@ -96,7 +96,7 @@ def _add_lora(module: nnx.Module, name: str, config: ModelConfig, rngs: nnx.Rngs
                                                     logical_axes=("lora_rank",) + out_axes))
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     """Whether this process computes on CPU (XLA CPU's matmul layouts, unrolled layers)."""
     return jax.devices()[0].platform == "cpu"
 
@@ -119,7 +119,7 @@ def matmul_rows_shared(x: jax.Array, weights: tuple[jax.Array, ...], contract: i
     rows = x.reshape(math.prod(lead), math.prod(inner))
     matrices = tuple(w.reshape(math.prod(inner), math.prod(w.shape[contract:])) for w in weights)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(rows, *matrices))
-    if _on_cpu():
+    if on_cpu():
         outs = _cpu_matmuls(out_dtype, rows, matrices)
     else:
         outs = tuple(jnp.matmul(rows, m, preferred_element_type=preferred_element_type) for m in matrices)
@@ -349,7 +349,7 @@ def scans_layers(config: ModelConfig) -> bool:
         return True
     if choice in (False, "false"):
         return False
-    return not _on_cpu()
+    return not on_cpu()
 
 
 def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:

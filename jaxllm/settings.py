@@ -51,7 +51,7 @@ def coerce(value: Any, annotation: Any, where: str, error: type[Exception] = Con
     """`value` as the type `annotation` describes; `where` names the field in the error."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
-        text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        text = str(value).lower() if isinstance(value, bool) else str(value)  # YAML true/false -> 'true'/'false'
         if text not in args:
             choices = ", ".join(map(str, args))
             raise error(f"{where}: '{text}' is not one of {choices}{closest(text, map(str, args))}")
