@@ -196,9 +196,10 @@ def _initial_params(config: Config, graphdef, abstract_params, param_shardings, 
 
 def compile_once_run(jitted):
     """A program that runs once (the random init), compiled for compile speed: on CPU with LLVM at -O1, which
-    compiles the tiny model's init in 0.75 s instead of 2.7 s (per-weight truncated-normal kernels) and gives
-    bitwise the same values; elsewhere as usual."""
-    if jax.devices()[0].platform != "cpu":
+    compiles the tiny model's init in 0.75 s instead of 2.7 s (per-weight truncated-normal kernels); the values
+    agree to float32 rounding (a few elements in a hundred differ in the last bit; the default pipeline's init
+    came out bitwise equal); elsewhere as usual."""
+    if not model_lib.on_cpu():
         return jitted
     return jitted.lower().compile(compiler_options={"xla_backend_optimization_level": 1})
 

@@ -95,6 +95,17 @@ def test_prompts_and_settings_in_one_bucket_share_one_compilation(model):
     assert gen.bucket(3) == gen.bucket(16) == 16 and gen.bucket(17) == 32
 
 
+def test_a_short_batch_padded_to_min_rows_gives_the_same_answers_with_the_full_batch_program(model):
+    graphdef, params = model
+    full = gen.generate(CONFIG.model, graphdef, params, PROMPTS * 2, GREEDY)  # 8 rows
+    compiled = gen._generate_jit._cache_size()
+    short = gen.generate(CONFIG.model, graphdef, params, PROMPTS[:3], GREEDY, min_rows=8)
+    assert gen._generate_jit._cache_size() == compiled  # the 8-row program, not a 4-row one
+    assert short.tokens.shape[0] == 3
+    for row in range(3):
+        assert short.completion(row, keep_stop=True) == full.completion(row, keep_stop=True), row
+
+
 # ----------------------------------------------------------------------------------------------
 # Logits processors.
 

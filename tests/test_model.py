@@ -99,6 +99,46 @@ def test_remat_and_unscanned_layers_give_the_same_logits(params):
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("contract, in_shape, out_shapes", [
+    (1, (32,), ((48,),)),  # I <= O: the rows are transposed for the weight gradient
+    (1, (48,), ((16,),)),  # O < I: the cotangent is transposed instead
+    (1, (32,), ((4, 8), (2, 8), (2, 8))),  # q/k/v sharing one transposed input
+    (2, (4, 8), ((32,),)),  # the output projection: two contracted dims
+])
+def test_matmul_rows_values_and_gradients_equal_the_einsum(contract, in_shape, out_shapes):
+    keys = jax.random.split(jax.random.key(0), 2 + len(out_shapes))
+    x = jax.random.normal(keys[0], (2, 5, *in_shape))
+    weights = tuple(jax.random.normal(k, in_shape + o) for k, o in zip(keys[2:], out_shapes))
+    cotangents = [jax.random.normal(jax.random.fold_in(keys[1], i), (2, 5, *o)) for i, o in enumerate(out_shapes)]
+
+    def loss(fn):
+        return lambda x, ws: sum(jnp.sum(out * c) for out, c in zip(fn(x, ws), cotangents))
+
+    ours = lambda x, ws: model_lib.matmul_rows_shared(x, ws, contract)  # noqa: E731
+    plain = lambda x, ws: tuple(jnp.tensordot(x, w, axes=contract) for w in ws)  # noqa: E731
+    for got, expected in zip(jax.jit(ours)(x, weights), plain(x, weights)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    got_grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, weights)
+    expected_grads = jax.grad(loss(plain), argnums=(0, 1))(x, weights)
+    chex.assert_trees_all_close(got_grads, expected_grads, rtol=1e-5, atol=1e-4)
+
+
+def test_scan_layers_auto_unrolls_on_cpu_and_yaml_booleans_still_choose():
+    from jaxllm.config import load_config
+
+    assert not model_lib.scans_layers(dataclasses.replace(CONFIG, scan_layers="auto"))  # the tests run on CPU
+    assert model_lib.scans_layers(load_config(None, ["model.scan_layers=true"]).model)
+    assert not model_lib.scans_layers(load_config(None, ["model.scan_layers=false"]).model)
+    assert load_config(None, ["model.scan_layers=True"]).model.scan_layers == "true"
+
+
+def test_init_compiled_for_compile_speed_gives_the_same_params_to_float32_rounding():
+    from jaxllm.train import compile_once_run
+
+    init = jax.jit(lambda: model_lib.init_model(CONFIG, 3)[1])
+    chex.assert_trees_all_close(compile_once_run(init)(), init(), rtol=1e-6, atol=1e-9)
+
+
 def test_kv_cache_prefill_and_decode_match_full_forward(params):
     tokens, positions, segments = _inputs(length=16)
     full = _forward("reference", params, tokens, positions, segments)
