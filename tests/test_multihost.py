@@ -36,8 +36,8 @@ def _start_two_processes(workdir: Path, reports: Path) -> list[subprocess.Popen]
         env = dict(os.environ)
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(process_id), PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
-                   JAXLLM_TEST_CACHE=str(TESTS.parent / ".jax_cache"))
+                   JAX_PROCESS_ID=str(process_id), PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+        # JAXLLM_TEST_CACHE: this test worker's compilation cache (set by conftest.py)
         processes.append(subprocess.Popen(
             [sys.executable, str(TESTS / "multihost_worker.py"), str(workdir), str(reports / f"{process_id}.json")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
