@@ -237,6 +237,26 @@ def test_pipeline_functions_agree_with_the_tasks(workdir):
     assert [s["question"] for s in bio_qa.samples] == [r["prompt"] for r in records]
 
 
+def test_preference_accuracy_pads_a_short_last_batch_without_counting_the_padding(workdir, tmp_path):
+    """7 pairs in batches of 3: the last batch is one pair repeated to 3 rows, and only that pair counts, so the
+    result equals pair-by-pair scoring (batches of 1) and the per-pair margins of a direct computation."""
+    from jaxllm.generate import load_model_for_inference
+
+    config, graphdef, params, tokenizer = load_model_for_inference(workdir)
+    records = ev.read_records("default:preferences_eval", 7)
+    # Every other pair swapped: margins of both signs, so a counted pad row would move the accuracy.
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 2 else r for i, r in enumerate(records)])
+    batched = ev.preference_accuracy(config, graphdef, params, tokenizer, f"jsonl:{pairs}", batch_size=3)
+    one_by_one = ev.preference_accuracy(config, graphdef, params, tokenizer, f"jsonl:{pairs}", batch_size=1)
+    assert batched["pairs"] == one_by_one["pairs"] == 7
+    assert batched["preference_accuracy"] == one_by_one["preference_accuracy"]
+    assert batched["logprob_margin"] == pytest.approx(one_by_one["logprob_margin"], abs=1e-4)
+    truncated = ev.preference_accuracy(config, graphdef, params, tokenizer, f"jsonl:{pairs}", max_pairs=4,
+                                       batch_size=3)
+    assert truncated["pairs"] == 4
+
+
 def test_pairwise_win_rate_against_itself_is_one_half_whatever_the_judges_position_bias(workdir):
     model = scoring.EvalModel.load(workdir)
     task = Task(name="self", kind="pairwise", source="default:qa_eval", fields={"question": "prompt"}, chat=True,
