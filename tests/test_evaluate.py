@@ -239,7 +239,7 @@ def test_pipeline_functions_agree_with_the_tasks(workdir):
 
 def test_preference_accuracy_pads_a_short_last_batch_without_counting_the_padding(workdir, tmp_path):
     """7 pairs in batches of 3: the last batch is one pair repeated to 3 rows, and only that pair counts, so the
-    result equals pair-by-pair scoring (batches of 1) and the per-pair margins of a direct computation."""
+    accuracy and the mean margin equal pair-by-pair scoring's (batches of 1); max_pairs cuts the pairs scored."""
     from jaxllm.generate import load_model_for_inference
 
     config, graphdef, params, tokenizer = load_model_for_inference(workdir)
