@@ -103,7 +103,7 @@ def _kernel_env(monkeypatch, tmp_path: Path) -> None:
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                      if "xla_force_host_platform_device_count" not in f)
     monkeypatch.setenv("XLA_FLAGS", flags)
-    cache = os.environ.get("JAXLLM_TEST_CACHE", str(ROOT / ".jax_cache"))
+    cache = os.environ["JAXLLM_TEST_CACHE"]  # this test worker's compilation cache (conftest.py)
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -98,7 +98,7 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_exactly_like_an_uninterrupted_r
     """SIGKILL while a checkpoint is written, after a random step and at a random time, and a SIGTERM:
     every redone step has the reference's loss, no checkpoint directory is ever half-written, each restart
     resumes from the newest complete checkpoint, and the final state equals the uninterrupted run's."""
-    cache = Path(os.environ.get("JAXLLM_TEST_CACHE", ROOT / ".jax_cache"))
+    cache = Path(os.environ["JAXLLM_TEST_CACHE"])  # this test worker's compilation cache (conftest.py)
     config = kill_harness.HarnessConfig(steps=15, checkpoint_every=3, cycles=4, round_robin=True,
                                         modes=("checkpoint", "step", "sigterm", "time"), seed=7,
                                         compile_cache=cache, sigterm_timeout=120)
@@ -116,7 +116,7 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_exactly_like_an_uninterrupted_r
 def test_sigterm_to_one_process_of_a_two_process_run_stops_both_at_one_step_and_resumes(tmp_path):
     """Two `jaxllm train` processes joined by jax.distributed (gloo on CPU); only process 1 gets SIGTERM.
     JAX's preemption notifier makes both reach the same sync step, save it together and exit 0."""
-    cache = Path(os.environ.get("JAXLLM_TEST_CACHE", ROOT / ".jax_cache"))
+    cache = Path(os.environ["JAXLLM_TEST_CACHE"])  # this test worker's compilation cache (conftest.py)
     # Enough steps that the preemption sync point (agreed through the coordination service, some steps
     # after the signal on a fast idle machine) falls before the end of the run.
     steps = 100
