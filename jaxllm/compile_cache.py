@@ -14,6 +14,12 @@ JAX's own environment variables (so nothing here imports JAX):
   host-local disk or a shared filesystem both work, and an unreadable entry is recompiled, never fatal.
 
 Programs that compile in under `MIN_COMPILE_SECONDS` are not written (they would cost more to read back).
+
+JAX's size-bounded cache keeps a `<key>-atime` file beside every `<key>-cache` entry and, before each write,
+reads the atime of every entry; one entry without its atime (a process killed between the two writes, or a
+program that wrote to the same directory without the size bound) made every later write fail with a
+warning, so nothing new was cached again. `repair_cache_dir` gives such entries an atime (their mtime) and
+removes empty entries and stray atimes, under the cache's own lock, each time the CLI starts.
 """
 
 from __future__ import annotations
@@ -65,11 +71,51 @@ def compile_cache_env(environ: Mapping[str, str], argv: list[str]) -> dict[str, 
     return {key: value for key, value in updates.items() if not environ.get(key)}
 
 
+CACHE_SUFFIX, ATIME_SUFFIX, LOCK_NAME = "-cache", "-atime", ".lockfile"  # jax._src.lru_cache's layout
+
+
+def repair_cache_dir(path: Path, lock_timeout: float = 10.0) -> dict[str, int]:
+    """Makes a size-bounded cache directory consistent again (see the module docstring); returns the
+    counts of what it fixed. Entries written without an atime get their mtime as last access. Holds the
+    directory's lock (JAX's own `.lockfile`) while it works; skips the repair when the lock is busy."""
+    fixed = {"atime_added": 0, "empty_removed": 0, "stray_atime_removed": 0}
+    if not path.is_dir():
+        return fixed
+    try:
+        import filelock
+    except ImportError:
+        return fixed
+    try:
+        with filelock.FileLock(path / LOCK_NAME, timeout=lock_timeout):
+            names = set(os.listdir(path))
+            for name in names:
+                if name.endswith(CACHE_SUFFIX):
+                    key = name[: -len(CACHE_SUFFIX)]
+                    entry, atime = path / name, path / (key + ATIME_SUFFIX)
+                    stat = entry.stat()
+                    if stat.st_size == 0:  # killed before a byte was written: JAX would fail to read it forever
+                        entry.unlink()
+                        atime.unlink(missing_ok=True)
+                        fixed["empty_removed"] += 1
+                    elif key + ATIME_SUFFIX not in names:
+                        atime.write_bytes(stat.st_mtime_ns.to_bytes(8, "little"))
+                        fixed["atime_added"] += 1
+                elif name.endswith(ATIME_SUFFIX) and name[: -len(ATIME_SUFFIX)] + CACHE_SUFFIX not in names:
+                    (path / name).unlink(missing_ok=True)
+                    fixed["stray_atime_removed"] += 1
+    except (filelock.Timeout, OSError):  # a busy or read-only cache: JAX copes with it as it is
+        pass
+    return fixed
+
+
 def enable_compile_cache(argv: list[str]) -> list[str]:
-    """Sets the cache's environment for this process (before JAX is imported); returns argv without the
-    `--no-compile-cache` flag."""
+    """Sets the cache's environment for this process (before JAX is imported) and repairs a size-bounded
+    cache directory; returns argv without the `--no-compile-cache` flag."""
     os.environ.update(compile_cache_env(os.environ, argv))
+    if not cache_disabled(os.environ, argv) and os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", "-1") != "-1":
+        repair_cache_dir(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
     return [arg for arg in argv if arg != DISABLE_FLAG]
 
 
-__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "DISABLE_FLAG"]
+__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "repair_cache_dir",
+           "DISABLE_FLAG"]

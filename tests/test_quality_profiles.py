@@ -4,8 +4,10 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from jaxllm.cli import main
-from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache
+from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache, repair_cache_dir
 from jaxllm.lecture.quality.profiles import PROFILES, describe_rules, profile_config
 from jaxllm.lecture.quality.rules import RULES, first_failing_rule
 
@@ -74,3 +76,25 @@ def test_compile_cache_defaults_to_a_per_version_user_directory_and_can_be_turne
     monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)  # restored after the test
     assert enable_compile_cache(["eval", DISABLE_FLAG, "--task", "x"]) == ["eval", "--task", "x"]
     assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"
+
+
+def test_a_cache_entry_without_its_atime_no_longer_blocks_every_later_write(tmp_path):
+    """JAX's size-bounded cache reads every entry's atime before a write: one entry written without it (a
+    process killed between the two files, or an unbounded writer on the same directory) failed all later
+    writes. The CLI's repair gives it one, drops empty entries and stray atimes, and writes work again."""
+    from jax._src.lru_cache import LRUCache
+
+    cache = LRUCache(str(tmp_path), max_size=1 << 20)
+    cache.put("kept", b"a program")
+    (tmp_path / "orphan-cache").write_bytes(b"another program")  # no orphan-atime
+    (tmp_path / "empty-cache").write_bytes(b"")
+    (tmp_path / "stray-atime").write_bytes((1).to_bytes(8, "little"))
+    with pytest.raises(FileNotFoundError):
+        cache.put("new", b"a new program")
+    assert not (tmp_path / "new-cache").exists()
+    assert repair_cache_dir(tmp_path) == {"atime_added": 1, "empty_removed": 1, "stray_atime_removed": 1}
+    cache.put("new", b"a new program")
+    assert cache.get("new") == b"a new program" and cache.get("orphan") == b"another program"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lockfile") == [
+        "kept-atime", "kept-cache", "new-atime", "new-cache", "orphan-atime", "orphan-cache"]
+    assert repair_cache_dir(tmp_path) == {"atime_added": 0, "empty_removed": 0, "stray_atime_removed": 0}
