@@ -1,17 +1,7 @@
 """`jaxllm pipeline`: the whole recipe end to end — tokenizer, pretraining, SFT, a feedback stage —
 with an evaluation after every stage and a report (Markdown + PNG plots + JSON).
 
-A pipeline recipe (YAML) names the stage recipes and the evaluation:
-
-    tokenizer: {train: true, vocab_size: 512, model_type: bpe, input: default:pretrain}
-    common: [model.preset=tiny]            # overrides for every stage
-    stages:
-      - {name: pretrain, recipe: configs/pretrain_tiny.yaml, overrides: [train.steps=300]}
-      - {name: sft, recipe: configs/sft_tiny.yaml}
-      - name: dpo
-        recipe: configs/dpo_tiny.yaml
-        own_answers: {prompts: default:rl_prompts, samples: 4, mix: [default:preferences]}  # optional
-    evaluation: {qa_source: default:qa_eval, qa_examples: 120, own_mistakes_after: sft, ...}
+A pipeline recipe (YAML, `jaxllm.pipeline_recipe`) names the stage recipes and the evaluation.
 
 `own_answers` makes the stage's data from the starting model's own wrong answers (jaxllm.lecture.own_pairs) just
 before it trains; `own_mistakes_after` scores every stage from the named one on that stage's wrong answers to the
@@ -31,14 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from jaxllm import checkpoint as ckpt
 from jaxllm import evaluate
-from jaxllm import settings
-from jaxllm import stages as stages_lib
 from jaxllm.compile_time import CompileClock
-from jaxllm.config import ConfigError, load_config, resolve_recipe, to_dict
+from jaxllm.config import ConfigError, load_config, to_dict
 from jaxllm.data import biographies as bio
 from jaxllm.data.sources import data_files, file_content_digest, iter_records, parse_source, source_fingerprint
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
@@ -46,112 +32,11 @@ from jaxllm.files import WorkdirLock, write_atomic, write_json_atomic
 from jaxllm.generate import load_model_for_inference
 from jaxllm.evaluate.scoring import EvalModel
 from jaxllm.lecture.knowledge_experiment import completion_probe as probe_people
-from jaxllm.lecture.own_pairs import (OwnAnswersSpec, OwnPairsSettings, own_mistake_pairs, question_records,
-                                      write_own_answers, write_pairs)
+from jaxllm.lecture.own_pairs import (OwnPairsSettings, own_mistake_pairs, question_records, write_own_answers,
+                                      write_pairs)
+from jaxllm.pipeline_recipe import EvaluationSpec, PipelineRecipe, StageSpec, load_recipe, qa_record, resolve_path
 from jaxllm.report import write_report
 from jaxllm.train import train
-
-DEFAULT_RECIPE = "configs/pipeline_tiny.yaml"
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclasses.dataclass
-class StageSpec:
-    name: str
-    recipe: str
-    overrides: list[str] = dataclasses.field(default_factory=list)
-    own_answers: OwnAnswersSpec | None = None
-
-
-@dataclasses.dataclass
-class EvaluationSpec:
-    qa_source: str = "default:qa_eval"
-    qa_examples: int = 120
-    trained_qa_source: str = "default:sft"
-    trained_qa_examples: int = 60
-    text_source: str = "default:pretrain_eval"
-    text_batches: int = 4
-    preference_source: str = "default:preferences_eval"
-    preference_pairs: int = 96
-    prompts: list[str] = dataclasses.field(default_factory=list)
-    max_new_tokens: int = 24
-    # The completion probe ("<name> was born in" -> the most likely value of the attribute's pool) over the
-    # first probe_people held-out people of probe_source (records with the six attributes and "split").
-    probe_source: str = "default:people"
-    probe_people: int = 50
-    # After the stage named here, its wrong greedy answers to the held-out questions (qa_source, qa_examples)
-    # become pairs (reference vs that answer) scored for it and every later stage: the "own mistakes" column.
-    own_mistakes_after: str = ""
-
-
-@dataclasses.dataclass
-class TokenizerSpec:
-    train: bool = True
-    vocab_size: int = 512
-    model_type: str = "bpe"
-    input: str | list[str] = "default:pretrain"  # one source or a list; text records and chat messages are read
-    add_dummy_prefix: bool = False  # a word opening a document gets the same tokens as inside a sentence
-
-
-@dataclasses.dataclass
-class PipelineRecipe:
-    stages: list[StageSpec]
-    common: list[str] = dataclasses.field(default_factory=list)
-    tokenizer: TokenizerSpec = dataclasses.field(default_factory=TokenizerSpec)
-    evaluation: EvaluationSpec = dataclasses.field(default_factory=EvaluationSpec)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A recipe path as given, else the built-in recipe it names (`configs/sft_tiny.yaml`, `sft_tiny`), so
-    pipeline recipes that name stage recipes work from any directory after `pip install`."""
-    try:
-        return resolve_recipe(path)
-    except ConfigError:
-        return Path(path)  # the caller says that it does not exist
-
-
-def load_recipe(path: str | Path) -> PipelineRecipe:
-    path = resolve_path(path)
-    if not path.exists():
-        raise ConfigError(f"pipeline recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict) or not raw.get("stages"):
-        raise ConfigError(f"{path}: a pipeline recipe needs a 'stages' list")
-    stages = [settings.build(StageSpec, s, f"{path}: stages[{i}]") for i, s in enumerate(raw.pop("stages"))]
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: stage names must be unique, got {names}")
-    recipe = PipelineRecipe(
-        stages=stages,
-        common=list(raw.pop("common", []) or []),
-        tokenizer=settings.build(TokenizerSpec, raw.pop("tokenizer", {}) or {}, f"{path}: tokenizer"),
-        evaluation=settings.build(EvaluationSpec, raw.pop("evaluation", {}) or {}, f"{path}: evaluation"),
-    )
-    settings.check_keys(raw, ("stages", "common", "tokenizer", "evaluation"), str(path))
-    if recipe.evaluation.own_mistakes_after and recipe.evaluation.own_mistakes_after not in names:
-        raise ConfigError(f"{path}: evaluation.own_mistakes_after={recipe.evaluation.own_mistakes_after!r} "
-                          f"names no stage; the stages are {', '.join(names)}")
-    for spec in recipe.stages:
-        stages_lib.of(load_config(resolve_path(spec.recipe), recipe.common + spec.overrides))  # fail early
-        if spec.own_answers is not None:
-            check_held_out(spec, recipe.evaluation.qa_source)
-    return recipe
-
-
-def check_held_out(spec: StageSpec, qa_source: str) -> None:
-    """A stage's own pairs must not ask the held-out questions the report scores (that would train on them)."""
-    own = spec.own_answers
-    held_out = {r["prompt"] for r in map(_qa_record, evaluate.read_records(qa_source)) if r}
-    leaked = [r.get("prompt") for r in evaluate.read_records(own.prompts, own.questions or None)
-              if r.get("prompt") in held_out]
-    if leaked:
-        raise ConfigError(f"stage {spec.name}: {len(leaked)} of own_answers.prompts={own.prompts} are held-out "
-                          f"questions of evaluation.qa_source={qa_source} (e.g. {leaked[0]!r}); training on them "
-                          "would make the held-out numbers meaningless: use other prompts")
-
 
 # ----------------------------------------------------------------------------------------------
 
@@ -172,7 +57,7 @@ def prepare_tokenizer(recipe: PipelineRecipe, workdir: Path, log: Callable[[str]
         if recorded == wanted:
             log(f"[tokenizer] reusing {directory}")
             return str(directory)
-        log(f"[tokenizer] its settings or input changed since it was trained (or it was never finished): "
+        log("[tokenizer] its settings or input changed since it was trained (or it was never finished): "
             "training it again; every stage reruns")
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -343,7 +228,7 @@ def prepare_own_mistakes(stage_dir: Path, spec: EvaluationSpec, workdir: Path, f
     if path.exists() and record is not None:
         return int(record["report"]["pairs"])
     record_path.unlink(missing_ok=True)
-    records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
+    records = [r for r in map(qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
     pairs, report = own_mistake_pairs(EvalModel.load(stage_dir), question_records(records, spec.qa_source),
                                       OwnPairsSettings(samples=1, max_new_tokens=spec.max_new_tokens,
                                                        keep_unfinished=True))
@@ -386,10 +271,10 @@ def evaluate_stage(stage_dir: Path, spec: EvaluationSpec,
     started = time.perf_counter()
     result: dict[str, Any] = {}
     result["text"] = evaluate.perplexity(*model, spec.text_source, num_batches=spec.text_batches)
-    qa_records = [r for r in map(_qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
+    qa_records = [r for r in map(qa_record, evaluate.read_records(spec.qa_source, spec.qa_examples)) if r]
     result["qa_heldout"] = evaluate.qa_accuracy(*model, qa_records, spec.max_new_tokens)
     if spec.trained_qa_source and spec.trained_qa_examples:
-        trained = [_qa_record(r) for r in evaluate.read_records(spec.trained_qa_source, spec.trained_qa_examples)]
+        trained = [qa_record(r) for r in evaluate.read_records(spec.trained_qa_source, spec.trained_qa_examples)]
         result["qa_trained"] = evaluate.qa_accuracy(*model, [r for r in trained if r], spec.max_new_tokens)
     if spec.preference_source:
         result["preferences"] = evaluate.preference_accuracy(*model, spec.preference_source, spec.preference_pairs)
@@ -415,18 +300,6 @@ def completion_probe(model: tuple, people_source: str, count: int) -> float:
     if not people:
         raise ConfigError(f"evaluation.probe_source={people_source} has no records with split 'held_out'")
     return probe_people(*model, people)
-
-
-def _qa_record(record: dict) -> dict | None:
-    """An SFT conversation (or prompt/reference record) -> {"prompt", "reference"}."""
-    if "prompt" in record and "reference" in record:
-        return record
-    messages = record.get("messages") or []
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    answers = [m["content"] for m in messages if m.get("role") == "assistant"]
-    if users and answers:
-        return {"prompt": users[0], "reference": answers[0]}
-    return None
 
 
 def run_pipeline(recipe_path: str | Path, workdir: str | Path, log: Callable[[str], None] = print,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaxllm.pipeline import DEFAULT_RECIPE, run_pipeline
+from jaxllm.pipeline import run_pipeline
+from jaxllm.pipeline_recipe import DEFAULT_RECIPE
 
 
 def pipeline_command(argv: list[str]) -> int:
