@@ -6,6 +6,7 @@ import pytest
 
 from jaxllm.data import read_records
 from jaxllm.data.sources import lookup_records, source_fingerprint
+from jaxllm.errors import DataError
 
 
 def test_text_file_documents_are_separated_by_blank_lines(tmp_path):
@@ -58,3 +59,9 @@ def test_lines_source_gives_one_record_per_non_empty_line_with_its_line_number(t
     records = read_records(f"lines:{path}", "prompt")
     assert [r.data for r in records] == [{"prompt": "Where was Ada born?"}, {"prompt": "What did Bo study?"}]
     assert [r.where for r in records] == [f"{path}:1", f"{path}:3"] and [r.index for r in records] == [0, 1]
+    # its fingerprint (data cache key, resume check) hashes the file, as for the other local sources
+    before = source_fingerprint(f"lines:{path}")
+    path.write_text("Where was Ada born?\n")
+    assert source_fingerprint(f"lines:{path}") != before
+    with pytest.raises(DataError, match="no such file"):
+        source_fingerprint(f"lines:{tmp_path / 'missing.txt'}")

@@ -4,6 +4,7 @@ Source specs (the value of `data.source` / `data.eval_source`):
 - `default:NAME`   a set embedded in the package (jaxllm/data/default/NAME.jsonl); `list_default_sets()`.
 - `text:PATH`      a file: one document per blank-line-separated block; a directory: one document per
                    file (recursive, sorted, hidden files skipped). Records are {text_field: document}.
+- `lines:FILE`     one record per non-empty line of a text file (prompts, questions): {text_field: line}.
 - `jsonl:PATH`     one JSON object per line (blank lines ignored); a directory: all *.jsonl, sorted.
 - `parquet:PATH`   a Parquet file or a directory of *.parquet, read with pyarrow (optional dependency);
                    the row count is checked against the file metadata.
@@ -336,72 +337,6 @@ def record_text(record: Record, text_field: str = "text") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# TFDS (array_record, no TensorFlow)
-
-
-def _parse_tfds(rest: str) -> tuple[str, str]:
-    """'name/config:split' -> ('name/config', 'split'); the split may hold a slice ('train[:10%]')."""
-    name, sep, split = rest.partition(":")
-    return name, (split if sep and split else "train")
-
-
-def _tfds_source(rest: str):
-    import tensorflow_datasets as tfds
-
-    name, split = _parse_tfds(rest)
-    try:
-        if name.startswith(("/", ".", "~")):
-            builder = tfds.builder_from_directory(os.path.expanduser(name))
-            return builder.as_data_source(split=split), f"{name}:{split}"
-        data_dir = os.environ.get("TFDS_DATA_DIR") or None
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False), f"{name}:{split}"
-    except Exception as error:  # TFDS raises many types; turn them into one clear message
-        text = str(error).split("\n")[0]
-        hint = ("prepare it first (jaxllm reads TFDS datasets in array_record format without TensorFlow; a dataset "
-                "that only exists as tfrecord needs `pip install tensorflow` and a rebuild with "
-                "file_format='array_record'); the data dir is $TFDS_DATA_DIR or ~/tensorflow_datasets")
-        raise DataError(f"tfds:{rest}: cannot open the dataset: {text}. {hint}") from None
-
-
-def _to_python(value: Any, where: str, field: str) -> Any:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: field '{field}' is not valid UTF-8", "not_utf8") from None
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "OSU":
-            return [_to_python(item, where, field) for item in value.tolist()]
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_to_python(item, where, field) for item in value]
-    if isinstance(value, dict):
-        converted = {key: _to_python(item, where, f"{field}.{key}" if field else key) for key, item in value.items()}
-        columns = list(converted.values())
-        if field and columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
-            # A TFDS Sequence of dicts arrives as a dict of equal-length lists: turn it back into rows.
-            return [dict(zip(converted, row)) for row in zip(*columns)]
-        return converted
-    return value
-
-
-def _tfds_records(rest: str, on_bad: BadRecord) -> Iterator[Record]:
-    source, label = _tfds_source(rest)
-    chunk = 1024
-    for start in range(0, len(source), chunk):
-        indices = list(range(start, min(start + chunk, len(source))))
-        items = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
-        for index, item in zip(indices, items):
-            where = f"tfds:{label} record {index}"
-            try:
-                yield Record(index, _to_python(item, where, ""), where)
-            except DataError as error:
-                on_bad("not_utf8", str(error))
-
-
-# ----------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -428,7 +363,9 @@ def iter_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail)
         else:
             yield from _text_block_records(path.read_bytes(), str(path), text_field, on_bad)
     else:
-        yield from _tfds_records(rest, on_bad)
+        from jaxllm.data.tfds_source import tfds_records  # TFDS is heavy to import: only for tfds: sources
+
+        yield from tfds_records(rest, on_bad)
 
 
 def read_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail) -> list[Record]:
@@ -476,13 +413,17 @@ def source_fingerprint(spec: str) -> str:
     parts: list[str] = [spec]
     if kind == "default":
         parts.append(hashlib.sha256(_default_bytes(rest)).hexdigest())
-    elif kind in ("jsonl", "parquet", "text"):
+    elif kind in ("jsonl", "parquet", "text", "lines"):
         path = Path(rest)
-        files = _text_files(path) if kind == "text" else data_files(path, kind)
+        if kind == "lines" and not path.is_file():
+            raise DataError(f"lines:{path}: no such file")
+        files = [path] if kind == "lines" else _text_files(path) if kind == "text" else data_files(path, kind)
         for file in files:
             parts.append(f"{file.resolve()}:{file_content_digest(file)}")
     else:
-        source, label = _tfds_source(rest)
+        from jaxllm.data.tfds_source import open_tfds
+
+        source, label = open_tfds(rest)
         parts.append(f"{label}:{len(source)}:{os.environ.get('TFDS_DATA_DIR', '')}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
