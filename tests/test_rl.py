@@ -17,8 +17,10 @@ from jaxllm import steps as steps_lib
 from jaxllm import train as train_lib
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, MeshConfig, save_config
+from jaxllm.data import biographies as bio
 from jaxllm.rl.rewards import REWARD_FUNCTIONS, FunctionReward, Rewards, Sample, parse_grade, parse_reward_spec
 from jaxllm.rl import rollouts, scoring, update
+from jaxllm.tasks import metrics as task_metrics
 
 from helpers import random_params, tiny_config
 
@@ -79,6 +81,10 @@ def test_reward_functions_normalise_answers_and_combine_by_weight():
     assert REWARD_FUNCTIONS["exact_match"](sample) == 1.0
     assert REWARD_FUNCTIONS["exact_match"](Sample([2], [5], completion="in Oslo", reference="Oslo")) == 0.0
     assert REWARD_FUNCTIONS["contains"](Sample([2], [5], completion="in Oslo, Norway", reference="oslo")) == 1.0
+    # the evaluation's rule (jaxllm.answers): what RL rewards is what the report counts as right
+    for completion in (" Oslo.", "oslo", '"Oslo"', "Oslo!", "Oslo, Norway"):
+        rewarded = REWARD_FUNCTIONS["exact_match"](Sample([2], [5], completion=completion, reference="Oslo"))
+        assert rewarded == float(task_metrics.exact_match(completion, ["Oslo"])) == float(bio.exact_match(completion, "Oslo"))
     assert REWARD_FUNCTIONS["finished"](sample) == 1.0
     assert REWARD_FUNCTIONS["single_line"](Sample([2], [5], completion="a\nb")) == 0.0
     assert parse_reward_spec("exact_match+0.1*finished") == [(1.0, "exact_match"), (0.1, "finished")]

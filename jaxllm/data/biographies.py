@@ -16,6 +16,8 @@ import dataclasses
 import random
 from typing import Iterator, Sequence
 
+from jaxllm.answers import answers_match
+
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
 
 FIRST_NAMES = (
@@ -248,10 +250,8 @@ def wrong_answer(person: Person, attribute: str, rng: random.Random) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """The verifiable reward: equal after stripping whitespace and a final period, case-insensitive."""
-    def normalise(text: str) -> str:
-        return " ".join(text.strip().rstrip(".").split()).lower()
-    return normalise(prediction) == normalise(reference)
+    """The verifiable reward: equal after `jaxllm.answers.normalize_answer` (case, whitespace, final periods)."""
+    return answers_match(prediction, reference)
 
 
 def experiment_sets(num_people: int, rephrasings: int, seed: int = 0, permute: bool = True,

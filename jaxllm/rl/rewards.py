@@ -16,6 +16,7 @@ from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.chat import prompt_ids as chat_prompt_ids
+from jaxllm.answers import normalize_answer  # noqa: F401  (also jaxllm.rl.rewards.normalize_answer)
 from jaxllm.errors import UsageError
 
 
@@ -57,14 +58,6 @@ def register_reward(name: str, needs_reference: bool = False) -> Callable[[Rewar
             NEEDS_REFERENCE.add(name)
         return fn
     return register
-
-
-_PUNCTUATION = " \t\n.,;:!?\"'`()[]"
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, whitespace collapsed, surrounding punctuation stripped: 'Oslo.' == ' oslo'."""
-    return " ".join(text.lower().split()).strip(_PUNCTUATION)
 
 
 @register_reward("exact_match", needs_reference=True)

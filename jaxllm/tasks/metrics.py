@@ -1,7 +1,7 @@
 """Metrics of evaluation tasks: pure functions of strings and numbers (no model, no JAX).
 
-Generative answers are compared after `normalize_answer` (case, surrounding whitespace, runs of
-spaces and a final period do not count):
+Generative answers are compared after `jaxllm.answers.normalize_answer` (case, surrounding whitespace, runs of
+spaces and a final period do not count; the RL rewards use the same rule):
 - exact_match: the answer equals a reference;
 - contains: a reference occurs in the answer;
 - regex: the answer extracted by a pattern (GSM8K's `#### 42` by default; the last match, group 1 if the
@@ -15,9 +15,7 @@ import math
 import re
 from typing import Sequence
 
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().rstrip(".").split()).lower()
+from jaxllm.answers import normalize_answer
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> bool:
