@@ -7,7 +7,11 @@ JAX's own environment variables (so nothing here imports JAX):
 - directory: `$JAX_COMPILATION_CACHE_DIR` when set (JAX's own variable; used as given), else
   `$XDG_CACHE_HOME/jaxllm/jax/` or `~/.cache/jaxllm/jax/`, in a subdirectory named after the jax and jaxlib
   versions, so an upgrade never reads another version's entries (JAX's keys include the versions too;
-  the subdirectory makes stale entries easy to delete);
+  the subdirectory makes stale entries easy to delete), and in that one a subdirectory per host CPU
+  (`host_tag`: its ISA and the number of CPUs this process may run on). XLA CPU generates code for the
+  host's ISA and splits loops across the cores it can schedule, and JAX's cache key includes neither: a
+  train step compiled under `taskset -c 0` and read back by a 2-core process ran 15-18% slower, and a
+  home directory shared by machines of different CPUs would hand each the other's programs;
 - off: `jaxllm --no-compile-cache COMMAND ...`, `JAXLLM_COMPILATION_CACHE=off`, or JAX's own
   `JAX_ENABLE_COMPILATION_CACHE=false`;
 - multi-host: JAX writes entries only from process 0 and every process reads; a per-user directory on a
@@ -28,6 +32,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from jaxllm import cpu_levers  # JAX-free
+
 DISABLE_FLAG = "--no-compile-cache"
 DISABLE_ENV = "JAXLLM_COMPILATION_CACHE"
 MIN_COMPILE_SECONDS = 0.1  # CPU compiles of the small models take 0.1-2 s each; reading one back ~10 ms
@@ -43,10 +49,23 @@ def _versions() -> str:
         return "jax-unknown"
 
 
-def default_cache_dir(environ: Mapping[str, str]) -> Path:
-    """`$XDG_CACHE_HOME/jaxllm/jax/<versions>` (or under ~/.cache)."""
+def host_tag(isa: str | None = None, cpus: int | None = None) -> str:
+    """'avx512-2cpu' style: the host CPU's ISA (`jaxllm.cpu_levers.cpu_info`) and the number of CPUs this
+    process may be scheduled on (its affinity, which XLA sizes its CPU loop partitions by)."""
+    if isa is None:
+        isa = cpu_levers.cpu_info()["isa"]
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            cpus = os.cpu_count() or 1
+    return f"{isa.lower().replace('-', '')}-{cpus}cpu"
+
+
+def default_cache_dir(environ: Mapping[str, str], host: str | None = None) -> Path:
+    """`$XDG_CACHE_HOME/jaxllm/jax/<versions>/<host>` (or under ~/.cache); `host` defaults to `host_tag()`."""
     root = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "jaxllm" / "jax" / _versions()
+    return root / "jaxllm" / "jax" / _versions() / (host or host_tag())
 
 
 def cache_disabled(environ: Mapping[str, str], argv: list[str]) -> bool:
@@ -117,5 +136,5 @@ def enable_compile_cache(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg != DISABLE_FLAG]
 
 
-__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "repair_cache_dir",
+__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "host_tag", "repair_cache_dir",
            "DISABLE_FLAG"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from jaxllm.cli import main
-from jaxllm.compile_cache import DISABLE_FLAG, compile_cache_env, enable_compile_cache, repair_cache_dir
+from jaxllm.compile_cache import (DISABLE_FLAG, compile_cache_env, default_cache_dir, enable_compile_cache,
+                                  host_tag, repair_cache_dir)
 from jaxllm.lecture.quality.profiles import PROFILES, describe_rules, profile_config
 from jaxllm.lecture.quality.rules import RULES, first_failing_rule
 
@@ -67,8 +68,14 @@ def test_profile_flag_applies_before_set_overrides(tmp_path):
 def test_compile_cache_defaults_to_a_per_version_user_directory_and_can_be_turned_off(tmp_path, monkeypatch):
     env = compile_cache_env({"XDG_CACHE_HOME": str(tmp_path)}, ["eval"])
     directory = Path(env["JAX_COMPILATION_CACHE_DIR"])
-    assert directory.parent == tmp_path / "jaxllm" / "jax" and directory.name.startswith("jax-")
-    assert "jaxlib-" in directory.name and float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
+    versions = directory.parent
+    assert versions.parent == tmp_path / "jaxllm" / "jax" and versions.name.startswith("jax-")
+    assert "jaxlib-" in versions.name and float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
+    # one directory per host CPU: XLA's CPU programs depend on the ISA and the schedulable cores, JAX's keys do not
+    assert directory.name == host_tag() and host_tag("AVX-512", 2) == "avx512-2cpu"
+    elsewhere = {default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}, host_tag(isa, cpus))
+                 for isa, cpus in (("AVX-512", 2), ("AVX-512", 1), ("AVX2", 2))}
+    assert len(elsewhere) == 3 and all(d.parent == versions for d in elsewhere)
     mine = compile_cache_env({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, ["eval"])
     assert "JAX_COMPILATION_CACHE_DIR" not in mine  # JAX reads the user's own value
     for off in ({"JAXLLM_COMPILATION_CACHE": "off"}, {"JAX_ENABLE_COMPILATION_CACHE": "false"}):
