@@ -136,5 +136,5 @@ def enable_compile_cache(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg != DISABLE_FLAG]
 
 
-__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "host_tag", "repair_cache_dir",
-           "DISABLE_FLAG"]
+__all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "host_tag",
+           "repair_cache_dir", "DISABLE_FLAG"]

@@ -84,7 +84,8 @@ def test_reward_functions_normalise_answers_and_combine_by_weight():
     # the evaluation's rule (jaxllm.answers): what RL rewards is what the report counts as right
     for completion in (" Oslo.", "oslo", '"Oslo"', "Oslo!", "Oslo, Norway"):
         rewarded = REWARD_FUNCTIONS["exact_match"](Sample([2], [5], completion=completion, reference="Oslo"))
-        assert rewarded == float(task_metrics.exact_match(completion, ["Oslo"])) == float(bio.exact_match(completion, "Oslo"))
+        judged = task_metrics.exact_match(completion, ["Oslo"])
+        assert rewarded == float(judged) == float(bio.exact_match(completion, "Oslo"))
     assert REWARD_FUNCTIONS["finished"](sample) == 1.0
     assert REWARD_FUNCTIONS["single_line"](Sample([2], [5], completion="a\nb")) == 0.0
     assert parse_reward_spec("exact_match+0.1*finished") == [(1.0, "exact_match"), (0.1, "finished")]

@@ -365,7 +365,8 @@ def iter_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail)
     else:
         from jaxllm.data.tfds_source import tfds_records  # TFDS is heavy to import: only for tfds: sources
 
-        yield from tfds_records(rest, on_bad)
+        for index, data, where in tfds_records(rest, on_bad):
+            yield Record(index, data, where)
 
 
 def read_records(spec: str, text_field: str = "text", on_bad: BadRecord = _fail) -> list[Record]:

@@ -5,12 +5,11 @@ with `tfds.data_source` (no TensorFlow needed; never downloads). See `jaxllm.dat
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from jaxllm.data.report import DataError
-from jaxllm.data.sources import BadRecord, Record
 
 
 def parse_tfds(rest: str) -> tuple[str, str]:
@@ -61,7 +60,9 @@ def to_python(value: Any, where: str, field: str) -> Any:
     return value
 
 
-def tfds_records(rest: str, on_bad: BadRecord) -> Iterator[Record]:
+def tfds_records(rest: str, on_bad: Callable[[str, str], None]) -> Iterator[tuple[int, Any, str]]:
+    """(index in the split, the record as plain Python, "tfds:NAME:SPLIT record N") for every record; a
+    record with undecodable text goes to `on_bad("not_utf8", message)`."""
     source, label = open_tfds(rest)
     chunk = 1024
     for start in range(0, len(source), chunk):
@@ -70,7 +71,7 @@ def tfds_records(rest: str, on_bad: BadRecord) -> Iterator[Record]:
         for index, item in zip(indices, items):
             where = f"tfds:{label} record {index}"
             try:
-                yield Record(index, to_python(item, where, ""), where)
+                yield index, to_python(item, where, ""), where
             except DataError as error:
                 on_bad("not_utf8", str(error))
 
