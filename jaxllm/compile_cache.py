@@ -128,13 +128,20 @@ def repair_cache_dir(path: Path, lock_timeout: float = 10.0) -> dict[str, int]:
 
 
 def enable_compile_cache(argv: list[str]) -> list[str]:
-    """Sets the cache's environment for this process (before JAX is imported) and repairs a size-bounded
-    cache directory; returns argv without the `--no-compile-cache` flag."""
+    """Sets the cache's environment for this process (before JAX is imported); returns argv without the
+    `--no-compile-cache` flag."""
     os.environ.update(compile_cache_env(os.environ, argv))
-    if not cache_disabled(os.environ, argv) and os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", "-1") != "-1":
-        repair_cache_dir(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
     return [arg for arg in argv if arg != DISABLE_FLAG]
 
 
+def repair_enabled_cache(environ: Mapping[str, str]) -> dict[str, int] | None:
+    """`repair_cache_dir` on the directory `environ` points JAX at, when the cache is on and size-bounded (JAX
+    keeps atimes only then); None otherwise. The CLI calls it once, in the process that runs the command."""
+    directory = environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not directory or cache_disabled(environ, []) or environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", "-1") == "-1":
+        return None
+    return repair_cache_dir(Path(directory))
+
+
 __all__ = ["compile_cache_env", "default_cache_dir", "cache_disabled", "enable_compile_cache", "host_tag",
-           "repair_cache_dir", "DISABLE_FLAG"]
+           "repair_cache_dir", "repair_enabled_cache", "DISABLE_FLAG"]

@@ -8,7 +8,7 @@ import pytest
 
 from jaxllm.cli import main
 from jaxllm.compile_cache import (DISABLE_FLAG, compile_cache_env, default_cache_dir, enable_compile_cache,
-                                  host_tag, repair_cache_dir)
+                                  host_tag, repair_cache_dir, repair_enabled_cache)
 from jaxllm.lecture.quality.profiles import PROFILES, describe_rules, profile_config
 from jaxllm.lecture.quality.rules import RULES, first_failing_rule
 
@@ -105,3 +105,9 @@ def test_a_cache_entry_without_its_atime_no_longer_blocks_every_later_write(tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lockfile") == [
         "kept-atime", "kept-cache", "new-atime", "new-cache", "orphan-atime", "orphan-cache"]
     assert repair_cache_dir(tmp_path) == {"atime_added": 0, "empty_removed": 0, "stray_atime_removed": 0}
+    # the CLI's call: only a cache that is on and size-bounded (JAX keeps atimes only then)
+    (tmp_path / "late-cache").write_bytes(b"a late program")
+    bounded = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 20)}
+    assert repair_enabled_cache({**bounded, "JAXLLM_COMPILATION_CACHE": "off"}) is None
+    assert repair_enabled_cache({"JAX_COMPILATION_CACHE_DIR": str(tmp_path)}) is None
+    assert repair_enabled_cache(bounded) == {"atime_added": 1, "empty_removed": 0, "stray_atime_removed": 0}

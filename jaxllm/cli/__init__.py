@@ -13,7 +13,7 @@ import os
 import sys
 
 from jaxllm import cpu_levers  # JAX-free: read before JAX starts, to set the process levers
-from jaxllm.compile_cache import enable_compile_cache  # JAX-free
+from jaxllm.compile_cache import enable_compile_cache, repair_enabled_cache  # JAX-free
 from jaxllm.cpu_levers import MALLOC_ENV as _CPU_MALLOC_ENV
 from jaxllm.cpu_levers import YNN_DOT_FLAG as _CPU_XLA_FLAG
 from jaxllm.cpu_levers import YNN_DOT_FLAG_JAXLIB as _CPU_XLA_FLAG_JAXLIB
@@ -225,6 +225,7 @@ def _main(argv: list[str] | None, from_command_line: bool) -> int:
     if from_command_line and argv and argv[0] not in ("-h", "--help", "--version", "version"):
         _add_cpu_xla_flag(os.environ)  # read when JAX starts its backends: no re-exec needed for it
         _maybe_reexec_with_fast_malloc(argv)
+        repair_enabled_cache(os.environ)  # after the re-exec: once per command
     try:  # Orbax and TFDS log through absl; keep the terminal for our own progress lines
         from absl import logging as absl_logging
 

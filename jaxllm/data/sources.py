@@ -201,10 +201,15 @@ def _text_block_records(data: bytes, name: str, text_field: str, on_bad: BadReco
             block = []
 
 
-def _line_records(path: Path, text_field: str, on_bad: BadRecord) -> Iterator[Record]:
-    """One record per non-empty line of a text file (prompts, questions), `where` = file:line."""
+def _lines_file(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"lines:{path}: no such file")
+    return path
+
+
+def _line_records(path: Path, text_field: str, on_bad: BadRecord) -> Iterator[Record]:
+    """One record per non-empty line of a text file (prompts, questions), `where` = file:line."""
+    _lines_file(path)
     index = 0
     for line_number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         line = _decode_line(raw.rstrip(b"\r"), f"{path}:{line_number}", on_bad) if raw.strip() else None
@@ -416,9 +421,8 @@ def source_fingerprint(spec: str) -> str:
         parts.append(hashlib.sha256(_default_bytes(rest)).hexdigest())
     elif kind in ("jsonl", "parquet", "text", "lines"):
         path = Path(rest)
-        if kind == "lines" and not path.is_file():
-            raise DataError(f"lines:{path}: no such file")
-        files = [path] if kind == "lines" else _text_files(path) if kind == "text" else data_files(path, kind)
+        files = [_lines_file(path)] if kind == "lines" else _text_files(path) if kind == "text" else \
+            data_files(path, kind)
         for file in files:
             parts.append(f"{file.resolve()}:{file_content_digest(file)}")
     else:

@@ -16,7 +16,7 @@ from jaxllm import sharding as sharding_lib
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.chat import prompt_ids as chat_prompt_ids
-from jaxllm.answers import normalize_answer  # noqa: F401  (also jaxllm.rl.rewards.normalize_answer)
+from jaxllm.answers import answers_match, normalize_answer
 from jaxllm.errors import UsageError
 
 
@@ -63,7 +63,7 @@ def register_reward(name: str, needs_reference: bool = False) -> Callable[[Rewar
 @register_reward("exact_match", needs_reference=True)
 def exact_match(sample: Sample) -> float:
     """1 if the answer equals the reference (after normalize_answer), else 0."""
-    return float(normalize_answer(sample.completion) == normalize_answer(sample.reference or ""))
+    return float(answers_match(sample.completion, sample.reference or ""))
 
 
 @register_reward("contains", needs_reference=True)
