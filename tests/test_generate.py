@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
 from jaxllm import losses
 from jaxllm import model as model_lib
+from jaxllm import sampling
 from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
 from jaxllm.cli import main
@@ -203,6 +206,48 @@ def test_categorical_never_draws_a_removed_token_when_the_uniform_rounds_up(monk
     monkeypatch.setattr(gen.jax.random, "uniform", lambda key, shape, dtype: jnp.ones(shape, dtype))
     logits = jnp.asarray([[0.0, 1.0, -jnp.inf, -jnp.inf], [-jnp.inf, 2.0, -jnp.inf, 0.0]])
     assert gen.categorical(jax.random.key(0), logits).tolist() == [1, 3]
+
+
+def test_categorical_over_many_blocks_follows_the_softmax():
+    """A vocabulary of several search blocks (not a multiple of the block size), with whole blocks removed,
+    the last ones too: the frequencies still match softmax(logits) and removed tokens are never drawn."""
+    vocab = 300
+    assert vocab % sampling._cdf_block_size(vocab) != 0
+    logits = np.random.default_rng(0).normal(0.0, 1.5, vocab).astype(np.float32)
+    logits[32:64] = -np.inf  # a whole block (16- or 32-token blocks)
+    logits[250:] = -np.inf   # the last blocks
+    logits[5] = logits[100] = -np.inf
+    logits = jnp.asarray(logits)
+    draws = 400_000
+    keys = jax.random.split(jax.random.key(1), draws // 100)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda key: gen.categorical(key, jnp.tile(logits, (100, 1)))))(keys)).ravel()
+    probs = np.asarray(jax.nn.softmax(logits))
+    frequencies = np.bincount(tokens, minlength=vocab) / tokens.size
+    assert frequencies[probs == 0].sum() == 0
+    np.testing.assert_array_less(np.abs(frequencies - probs), 5 * np.sqrt(probs * (1 - probs) / tokens.size) + 1e-6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.sampled_from([1, 7, 16, 17, 300, 700]), removed=st.floats(0.0, 0.95),
+       uniform=st.floats(0.0, 1.0, exclude_max=True))
+def test_inverse_transform_picks_the_interval_that_holds_u(seed, vocab, removed, uniform):
+    """Against a float64 reference: for u = U * total the drawn token j has cdf[j-1] <= u < cdf[j] (up to
+    float32 rounding at the interval's ends) and always a positive weight."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, vocab).astype(np.float32)
+    logits[rng.random(vocab) < removed] = -np.inf
+    logits[rng.integers(vocab)] = rng.normal()  # at least one token left
+    drawn = int(_inverse_transform(jnp.asarray(logits)[None], jnp.full((1, 1), uniform, jnp.float32))[0])
+    weights = np.exp(logits.astype(np.float64) - logits.max())
+    assert weights[drawn] > 0
+    cdf = np.cumsum(weights)
+    u = uniform * cdf[-1]
+    slack = 1e-5 * cdf[-1]
+    below = cdf[drawn - 1] if drawn else 0.0
+    assert below - slack <= u <= cdf[drawn] + slack, (drawn, below, u, cdf[drawn])
+
+
+_inverse_transform = jax.jit(sampling.inverse_transform)
 
 
 def test_sampling_settings_reject_nonsense():
