@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from jaxllm import checkpoint as ckpt
@@ -227,7 +228,7 @@ def test_categorical_over_many_blocks_follows_the_softmax():
     np.testing.assert_array_less(np.abs(frequencies - probs), 5 * np.sqrt(probs * (1 - probs) / tokens.size) + 1e-6)
 
 
-@settings(max_examples=80, deadline=None)
+@hypothesis_settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), vocab=st.sampled_from([1, 7, 16, 17, 300, 700]), removed=st.floats(0.0, 0.95),
        uniform=st.floats(0.0, 1.0, exclude_max=True))
 def test_inverse_transform_picks_the_interval_that_holds_u(seed, vocab, removed, uniform):
