@@ -327,7 +327,7 @@ def load_model_for_inference(workdir: str | Path, mesh: jax.sharding.Mesh | None
 
     config.model = lora.base_config(config.model)  # a LoRA run loads as its base with the adapters merged in
     mesh = mesh or _inference_mesh(config)
-    graphdef, abstract = model_lib.abstract_model(config.model)
+    graphdef, abstract = model_lib.abstract_model(model_lib.forward_config(config.model))  # inference only
     heads = ckpt.saved_head_names(workdir)
     if heads:
         abstract[model_lib.HEADS_KEY] = jax.eval_shape(lambda: state_lib.init_heads(config.model, heads, 0))

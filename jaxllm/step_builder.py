@@ -51,6 +51,7 @@ class StepBuild:
     reference_abstract: Any  # ShapeDtypeStructs with shardings of the step's reference_params, or None
     train_step: Any  # unjitted (state, batch, reference_params, loss_limit) -> (state, metrics)
     eval_step: Any  # unjitted (params, batch, reference_params) -> metric sums
+    forward_graphdef: Any  # the graphdef of forward-only programs (`model.forward_config`: scanned layers)
 
     @property
     def reference_shardings(self) -> Any:
@@ -98,7 +99,11 @@ def build(config: Config, mesh: jax.sharding.Mesh, loss_fn: stages_lib.LossFn | 
         reference = _with_shardings(without_heads(abstract_params), without_heads(shardings.params))
     else:
         reference = None
+    forward_graphdef = model_lib.abstract_model(model_lib.forward_config(config.model))[0]
+    # The eval step runs the stage's loss without a gradient: on the forward graphdef, unless the caller
+    # passed its own loss (bound to its own graphdef).
+    eval_loss = loss_fn or stage.loss(config, forward_graphdef)
     loss_fn = loss_fn or stage.loss(config, graphdef)
     return StepBuild(config, mesh, stage, graphdef, optimizer, heads, abstract_params, base_abstract, abstract_state,
                      shardings, reference, steps_lib.build_train_step(config, graphdef, optimizer, loss_fn),
-                     steps_lib.build_eval_step(config, graphdef, loss_fn))
+                     steps_lib.build_eval_step(config, forward_graphdef, eval_loss), forward_graphdef)

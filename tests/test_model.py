@@ -132,6 +132,26 @@ def test_scan_layers_auto_unrolls_on_cpu_and_yaml_booleans_still_choose():
     assert load_config(None, ["model.scan_layers=True"]).model.scan_layers == "true"
 
 
+def test_forward_only_programs_scan_the_layers_the_train_step_unrolls():
+    """forward_config: scan_layers auto -> one scan (forward-only programs compile faster and run as fast
+    on CPU); an explicit choice is kept. A stage's eval step runs on it; its train step does not."""
+    from jaxllm import sharding as sharding_lib
+    from jaxllm import step_builder
+    from jaxllm.config import load_config
+
+    assert model_lib.scans_layers(model_lib.forward_config(dataclasses.replace(CONFIG, scan_layers="auto")))
+    assert not model_lib.scans_layers(model_lib.forward_config(dataclasses.replace(CONFIG, scan_layers="false")))
+    for stage in ("pretrain", "dpo"):
+        config = load_config(None, ["model.preset=micro", "model.vocab_size=64", "data.seq_len=16",
+                                    "train.batch_size=2", f"train.stage={stage}"])
+        built = step_builder.build(config, sharding_lib.make_mesh(config.mesh))
+        batch = built.stage.update_batch_spec(config)
+        train = str(jax.make_jaxpr(built.train_step)(built.abstract_state, batch, built.reference_abstract,
+                                                     jnp.float32(jnp.inf)))
+        evaluate = str(jax.make_jaxpr(built.eval_step)(built.abstract_state.params, batch, built.reference_abstract))
+        assert " scan[" not in train and " scan[" in evaluate, stage
+
+
 def test_init_compiled_for_compile_speed_gives_the_same_params_to_float32_rounding():
     from jaxllm.train import compile_once_run
 

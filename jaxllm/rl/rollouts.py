@@ -172,7 +172,7 @@ class RLStage:
         started = time.perf_counter()
         placed = sharding_lib.place_batch(rows, context.mesh)
         reference = lora.reference_params(self.config.model, context.state.params, context.reference_params)
-        scores = _rollout_scores_jit(context.graphdef, params, reference, placed, with_values=self.ppo)
+        scores = _rollout_scores_jit(context.built.forward_graphdef, params, reference, placed, with_values=self.ppo)
         scores = {k: generate_lib.host_rows(v, context.mesh) for k, v in scores.items()}
         advantages, equal_groups = group_advantages(jnp.asarray(rewards), algorithm="reinforce" if self.ppo
                                                     else rl.algorithm, group_size=rl.group_size)
