@@ -134,14 +134,15 @@ def test_scan_layers_auto_unrolls_on_cpu_and_yaml_booleans_still_choose():
 
 def test_forward_only_programs_scan_the_layers_the_train_step_unrolls():
     """forward_config: scan_layers auto -> one scan (forward-only programs compile faster and run as fast
-    on CPU); an explicit choice is kept. A stage's eval step runs on it; its train step does not."""
+    on CPU); an explicit choice is kept. A stage's eval step runs on it (DPO's: the policy's and the
+    reference's forward); its train step does not."""
     from jaxllm import sharding as sharding_lib
     from jaxllm import step_builder
     from jaxllm.config import load_config
 
     assert model_lib.scans_layers(model_lib.forward_config(dataclasses.replace(CONFIG, scan_layers="auto")))
     assert not model_lib.scans_layers(model_lib.forward_config(dataclasses.replace(CONFIG, scan_layers="false")))
-    for stage in ("pretrain", "dpo"):
+    for stage, train_scans, eval_scans in (("pretrain", 0, 1), ("dpo", 0, 2)):  # dpo eval: policy + reference
         config = load_config(None, ["model.preset=micro", "model.vocab_size=64", "data.seq_len=16",
                                     "train.batch_size=2", f"train.stage={stage}"])
         built = step_builder.build(config, sharding_lib.make_mesh(config.mesh))
@@ -149,7 +150,7 @@ def test_forward_only_programs_scan_the_layers_the_train_step_unrolls():
         train = str(jax.make_jaxpr(built.train_step)(built.abstract_state, batch, built.reference_abstract,
                                                      jnp.float32(jnp.inf)))
         evaluate = str(jax.make_jaxpr(built.eval_step)(built.abstract_state.params, batch, built.reference_abstract))
-        assert " scan[" not in train and " scan[" in evaluate, stage
+        assert (train.count(" scan["), evaluate.count(" scan[")) == (train_scans, eval_scans), stage
 
 
 def test_init_compiled_for_compile_speed_gives_the_same_params_to_float32_rounding():
