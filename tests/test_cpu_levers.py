@@ -88,6 +88,12 @@ def test_each_process_lever_switches_only_its_own_settings():
     assert levers["malloc"].env["XLA_FLAGS"] == reference["XLA_FLAGS"]
     assert levers["ynn_dot"].env["XLA_FLAGS"] == "--a" and levers["ynn_dot"].env["MALLOC_ARENA_MAX"] == "1"
     assert levers["tcmalloc"].env["LD_PRELOAD"] == "/lib/libtcmalloc.so" and not levers["tcmalloc"].on_in_reference
+    assert "host_devices" not in levers  # opt-in: only measured when asked for (cores that split the batch)
+    split = {lever.name: lever for lever in bench_levers.process_levers(reference, None, host_devices=2)}
+    assert split["host_devices"].env["XLA_FLAGS"] == reference["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
+    assert not split["host_devices"].on_in_reference and split["host_devices"].env["MALLOC_ARENA_MAX"] == "1"
+    assert bench_levers.host_devices_flags("--a --xla_force_host_platform_device_count=8", 2) == \
+        "--a --xla_force_host_platform_device_count=2"
     # A jaxlib without the YNN flag: the flag is neither set nor measured.
     assert "ynn_dot" not in {lever.name for lever in bench_levers.process_levers(
         bench_levers.reference_env({}, "0.9.0"), None)}

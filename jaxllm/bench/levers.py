@@ -71,8 +71,20 @@ def reference_env(environ: dict[str, str], jaxlib_version: str) -> dict[str, str
     return {**cpu_levers.MALLOC_ENV, "XLA_FLAGS": flags or None, "LD_PRELOAD": None}
 
 
-def process_levers(reference: dict[str, str | None], tcmalloc: str | None) -> list[Lever]:
-    """Each process lever as the reference's environment with that lever switched."""
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def host_devices_flags(flags: str, count: int) -> str:
+    """XLA_FLAGS with the CPU split into `count` XLA devices (any earlier count replaced)."""
+    kept = [f for f in flags.split() if not f.startswith(HOST_DEVICES_FLAG)]
+    return " ".join(kept + [f"{HOST_DEVICES_FLAG}={count}"])
+
+
+def process_levers(reference: dict[str, str | None], tcmalloc: str | None, host_devices: int = 0) -> list[Lever]:
+    """Each process lever as the reference's environment with that lever switched. `host_devices` > 1 adds
+    the opt-in split of the CPU into that many XLA devices (the default mesh then runs data-parallel over
+    them: the batch must divide). The CLI never applies it (PERFORMANCE.md, tenth session: it moves the
+    numbers and costs compile time); the study measures it so a user can decide on their CPU."""
     no_malloc = {key: None for key in cpu_levers.MALLOC_ENV}
     flags = reference.get("XLA_FLAGS") or ""
     levers = [Lever("malloc", "glibc malloc without mmap churn (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 ...)",
@@ -82,6 +94,11 @@ def process_levers(reference: dict[str, str | None], tcmalloc: str | None) -> li
                             env={**reference, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
     levers.append(Lever("none", "all process levers (a plain Python process)", "process",
                         env={**reference, **no_malloc, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
+    if host_devices > 1:
+        levers.append(Lever("host_devices", f"the CPU as {host_devices} XLA devices, data-parallel "
+                            f"({HOST_DEVICES_FLAG}={host_devices}; opt-in, never applied by the CLI)", "process",
+                            env={**reference, "XLA_FLAGS": host_devices_flags(flags, host_devices)},
+                            on_in_reference=False))
     if tcmalloc:
         levers.append(Lever("tcmalloc", "tcmalloc (LD_PRELOAD) instead of the no-mmap glibc malloc", "process",
                             env={**reference, **no_malloc, "LD_PRELOAD": tcmalloc}, on_in_reference=False))
@@ -199,6 +216,14 @@ def reference_settings(settings: BenchSettings) -> BenchSettings:
                          overrides=settings.overrides)
 
 
+def _host_device_count(settings: BenchSettings) -> int:
+    """XLA devices for the host-devices lever: one per core, where the batch splits over them (else 0: not
+    measured)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    batch = settings.batch_size or 0
+    return cores if cores > 1 and batch and batch % cores == 0 and not settings.mesh else 0
+
+
 def run_study(settings: BenchSettings, log=print) -> dict:
     """Starts the processes, runs `settings.steps` rounds, and returns every measurement (JSON-ready)."""
     if settings.steps < 1:
@@ -212,7 +237,7 @@ def run_study(settings: BenchSettings, log=print) -> dict:
     study_settings = reference_settings(settings)
     reference_variants = [("reference", [], True)] + [
         (lever.name, list(lever.overrides), lever.donate) for lever in CONFIG_LEVERS]
-    others = process_levers(reference, find_tcmalloc())
+    others = process_levers(reference, find_tcmalloc(), _host_device_count(settings))
     processes: list[_Process] = []
     try:
         log(f"compiling the reference process ({len(reference_variants)} variants) ...")
