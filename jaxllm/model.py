@@ -357,7 +357,7 @@ def forward_config(config: ModelConfig) -> ModelConfig:
     """The model config of programs that run the forward pass without differentiating it (evaluation,
     scoring, rollout log-probs, a loaded model's inference): with scan_layers auto, one scan over the layers
     on CPU too. The unrolled layers pay on CPU where a step differentiates through them (the train step,
-    +2-6%); the forward alone runs as fast scanned and compiles in 30-45% less time (eval step [8, T], CLI
+    +4-13% in `jaxllm bench --levers`); the forward alone runs as fast scanned and compiles in 30-45% less time (eval step [8, T], CLI
     environment, AVX-512: S 114 / 112 ms a batch scanned / unrolled, compile 0.64 / 0.9 s; M 1.50-1.53 /
     1.55 s, compile 0.8-1.1 / 1.6-2.0 s). The params are the same either way (stacked on a layers axis)."""
     if config.scan_layers != "auto":
