@@ -55,10 +55,7 @@ def host_tag(isa: str | None = None, cpus: int | None = None) -> str:
     if isa is None:
         isa = cpu_levers.cpu_info()["isa"]
     if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not Linux
-            cpus = os.cpu_count() or 1
+        cpus = cpu_levers.available_cpus()
     return f"{isa.lower().replace('-', '')}-{cpus}cpu"
 
 

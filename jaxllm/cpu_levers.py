@@ -8,6 +8,7 @@ a gain (an ISA that is not in the table gets no process lever).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def isa_from_flags(flags: set[str]) -> str:
     if "avx2" in flags and "fma" in flags:
         return "AVX2"
     return "SSE"
+
+
+def available_cpus() -> int:
+    """The CPUs this process may be scheduled on (its affinity: `taskset`, a container's cpuset), which XLA
+    CPU sizes its loop partitions by; all CPUs where affinity is unknown (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cpu_info(cpuinfo_path: str | Path = "/proc/cpuinfo") -> dict[str, str]:

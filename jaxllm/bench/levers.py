@@ -219,7 +219,7 @@ def reference_settings(settings: BenchSettings) -> BenchSettings:
 def _host_device_count(settings: BenchSettings) -> int:
     """XLA devices for the host-devices lever: one per core, where the batch splits over them (else 0: not
     measured)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_levers.available_cpus()
     batch = settings.batch_size or 0
     return cores if cores > 1 and batch and batch % cores == 0 and not settings.mesh else 0
 

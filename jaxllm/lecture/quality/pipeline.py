@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jaxllm import cpu_levers
 from jaxllm.data.sources import TEXT_UNITS, Record, expand_paths, iter_documents, record_text
 from jaxllm.errors import DataError
 from jaxllm.lecture.quality.classifier import QualityClassifier
@@ -137,13 +138,6 @@ class StepCounts:
                 "rejected": dict(self.rejected.most_common())}
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def start_method() -> str:
     """"fork" when it is safe (no JAX threads in this process yet), else "spawn".
 
@@ -206,7 +200,7 @@ def filter_documents(inputs: Sequence[str | Path], output: str | Path, options: 
     steps = {name: StepCounts(name) for name in options.active_steps()}
     exact = ExactDeduplicator() if options.exact_dedup else None
     near = NearDeduplicator(options.minhash.bands) if options.near_dedup else None
-    workers = options.workers or available_cores()
+    workers = options.workers or cpu_levers.available_cpus()
     totals = {"documents": 0, "words": 0, "bytes": 0, "malformed_skipped": 0}
 
     output.parent.mkdir(parents=True, exist_ok=True)
