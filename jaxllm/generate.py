@@ -13,7 +13,9 @@ a token, writes it at slot P + i and runs one decode step, until every row has s
 are out. Shapes depend only on (batch bucket, prompt bucket, N), and the sampling settings are
 traced values, not constants, so a handful of compilations serve every prompt and every setting.
 Under a mesh (`jax.set_mesh`, or the mesh of sharded params) the same jitted function runs sharded
-like training: batch over (data, fsdp), heads over tensor.
+like training: batch over (data, fsdp), heads over tensor. On a CPU with the model on one device, the batch
+runs as row groups side by side, one host thread (and core) each (`host_row_groups`); every row draws the
+same random numbers whatever the grouping.
 
 Each step picks its token with `jaxllm.sampling.next_token` (the settings, the logits processors, greedy
 argmax or a draw by inverse transform; re-exported here).
@@ -21,17 +23,19 @@ argmax or a draw by inverse transform; re-exported here).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt
+from jaxllm import cpu_levers
 from jaxllm import lora
 from jaxllm import model as model_lib
 from jaxllm import sharding as sharding_lib
@@ -98,11 +102,14 @@ def prefill(graphdef, params: Params, prompt_tokens: jax.Array, prompt_segments:
 
 
 def decode_step(graphdef, params: Params, sampling: SamplingParams, state: DecodeState, *,
-                pad_id: int = PAD_ID, layers=None) -> DecodeState:
+                pad_id: int = PAD_ID, layers=None, row_offset: jax.Array | int = 0,
+                total_rows: int | None = None) -> DecodeState:
     """Samples one token per row from state.logits, records it, and runs it through the model.
-    `layers`: model.layer_params(params), split once outside a decode loop."""
+    `layers`: model.layer_params(params), split once outside a decode loop. `row_offset`, `total_rows`: the
+    state holds rows [row_offset, row_offset + B) of a batch of total_rows (a row group): each row draws
+    the random number it would draw in the whole batch."""
     rng, sample_rng = jax.random.split(state.rng)
-    token = next_token(state.logits, state.seen, sample_rng, sampling)
+    token = next_token(state.logits, state.seen, sample_rng, sampling, row_offset=row_offset, total_rows=total_rows)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
     active = ~state.done
     token = jnp.where(active, token, pad_id)
@@ -120,23 +127,25 @@ def decode_step(graphdef, params: Params, sampling: SamplingParams, state: Decod
 
 
 def decode_loop(graphdef, params: Params, sampling: SamplingParams, state: DecodeState, *, max_new_tokens: int,
-                pad_id: int = PAD_ID) -> DecodeState:
+                pad_id: int = PAD_ID, row_offset: jax.Array | int = 0, total_rows: int | None = None) -> DecodeState:
     """Decode steps in one `lax.while_loop` from a prefilled state until every row has stopped or
-    max_new_tokens are out. The per-layer weights are split once, before the loop."""
+    max_new_tokens are out. The per-layer weights are split once, before the loop. `row_offset`,
+    `total_rows`: see `decode_step`."""
     def keep_going(state):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
     step = functools.partial(decode_step, graphdef, params, sampling, pad_id=pad_id,
-                             layers=model_lib.layer_params(params))
+                             layers=model_lib.layer_params(params), row_offset=row_offset, total_rows=total_rows)
     return jax.lax.while_loop(keep_going, step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id"))
-def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, sampling, *, model_config, max_new_tokens,
-                  pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "model_config", "max_new_tokens", "pad_id", "total_rows"))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_segments, rng, sampling, row_offset, *, model_config,
+                  max_new_tokens, pad_id, total_rows):
     state = prefill(graphdef, params, prompt_tokens, prompt_segments, rng, model_config=model_config,
                     max_new_tokens=max_new_tokens, pad_id=pad_id)
-    state = decode_loop(graphdef, params, sampling, state, max_new_tokens=max_new_tokens, pad_id=pad_id)
+    state = decode_loop(graphdef, params, sampling, state, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                        row_offset=row_offset, total_rows=total_rows)
     return state.tokens, state.logprobs, state.lengths, state.done
 
 
@@ -248,17 +257,55 @@ def _as_key(rng: jax.Array | int) -> jax.Array:
     return rng
 
 
+# Smaller groups lose more to a call's fixed costs than the second core wins back (tiny model, 2 cores, prompt
+# bucket 64 + 16 tokens: 4 rows in two groups 0.94x, 8 rows 1.01x, 16 rows 1.13x, 64 rows 1.35x).
+MIN_GROUP_ROWS = 8
+
+
+def host_row_groups(rows: int, mesh: jax.sharding.Mesh | None = None) -> int:
+    """How many groups of rows `generate` runs side by side, one host thread each: on a CPU that holds the
+    model on one device, one group per CPU this process may use (the most, up to that, that divide `rows`
+    into groups of at least MIN_GROUP_ROWS); 1 on accelerators, on sharded meshes and with several processes.
+
+    Why: XLA CPU runs a decode step's ~130 small ops one after another on one core (a batch-64 step of the
+    tiny model: ~2 ms at one process CPU), while calls from separate threads run at the same time, each
+    on its own core (PERFORMANCE.md, eleventh session)."""
+    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
+        return 1
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    if device.platform != "cpu":
+        return 1
+    most = max(min(cpu_levers.available_cpus(), rows // MIN_GROUP_ROWS), 1)
+    return next(groups for groups in range(most, 0, -1) if rows % groups == 0)
+
+
+def map_row_groups(call: Callable[[int], Any], groups: int, mesh: jax.sharding.Mesh | None = None) -> list:
+    """[call(0), ..., call(groups - 1)], each on its own host thread (one group runs inline), under `mesh`
+    (a mesh context is per thread)."""
+    def run(group: int):
+        with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+            return call(group)
+
+    if groups == 1:
+        return [run(0)]
+    with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix="jaxllm-rows") as pool:
+        return list(pool.map(run, range(groups)))
+
+
 def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Sequence[Sequence[int]],
              settings: SamplingSettings = SamplingSettings(), rng: jax.Array | int = 0, *, pad_id: int = PAD_ID,
              prompt_width: int | None = None, bucket_batch: bool = True, min_rows: int = 1,
-             mesh: jax.sharding.Mesh | None = None) -> GenerationOutput:
+             mesh: jax.sharding.Mesh | None = None, row_groups: int | None = None) -> GenerationOutput:
     """Generates continuations of token-id prompts (different lengths allowed) in one batched call.
 
     The batch is padded to a power of two (unless bucket_batch is False), at least `min_rows` (a caller
     generating in batches passes its batch size, so a short batch reuses the full batches' program) and a
     multiple of the data-parallel size, the prompt width to a bucket (or `prompt_width`), so repeated calls
     reuse a few compilations. `mesh`: default the params' mesh; the batch is sharded over (data, fsdp) when
-    it divides. With several processes, `prompts` are this process's share and so are the outputs."""
+    it divides. With several processes, `prompts` are this process's share and so are the outputs.
+    `row_groups`: the padded batch runs as that many equal groups of rows side by side on host threads
+    (default `host_row_groups`: one per CPU core on a one-device CPU, else 1); every row samples the same
+    random numbers whatever the grouping."""
     _check_prompts(prompts, model_config, settings)
     mesh = mesh if mesh is not None else mesh_of(params)
     multiple = 1
@@ -269,11 +316,22 @@ def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Seque
     longest = max(len(p) for p in prompts)
     width = prompt_width if prompt_width is not None and prompt_width >= longest else bucket(longest)
     tokens, segments = left_pad(prompts, width, rows, pad_id)
-    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        out = _generate_jit(graphdef, params, place_rows(tokens, mesh), place_rows(segments, mesh), _as_key(rng),
-                            settings.arrays(model_config.vocab_size), model_config=model_config,
-                            max_new_tokens=settings.max_new_tokens, pad_id=pad_id)
-        out_tokens, logprobs, lengths, finished = (host_rows(x, mesh) for x in out)
+    groups = host_row_groups(rows, mesh) if row_groups is None else row_groups
+    if groups < 1 or rows % groups:
+        raise UsageError(f"row_groups={groups} must divide the batch of {rows} rows (the prompts padded); pass a "
+                         "divisor of it, or None for the default")
+    size = rows // groups
+    key, sampling = _as_key(rng), settings.arrays(model_config.vocab_size)
+
+    def run(group: int) -> list[np.ndarray]:
+        part = slice(group * size, (group + 1) * size)
+        out = _generate_jit(graphdef, params, place_rows(tokens[part], mesh), place_rows(segments[part], mesh), key,
+                            sampling, np.int32(group * size), model_config=model_config,
+                            max_new_tokens=settings.max_new_tokens, pad_id=pad_id, total_rows=rows)
+        return [host_rows(x, mesh) for x in out]
+
+    parts = map_row_groups(run, groups, mesh)
+    out_tokens, logprobs, lengths, finished = (np.concatenate(field) for field in zip(*parts))
     count = len(prompts)
     return GenerationOutput(np.asarray(out_tokens[:count]), np.asarray(logprobs[:count]),
                             np.asarray(lengths[:count]), np.asarray(finished[:count]))

@@ -8,6 +8,7 @@ import pytest
 
 from jaxllm.bench import cases, profile, report, run
 from jaxllm.cli import main
+from jaxllm import generate as generate_lib
 from jaxllm import model as model_lib
 from jaxllm.config import load_config
 from jaxllm.hardware import device_peak
@@ -72,6 +73,7 @@ def test_generate_bench_reports_prefill_and_decode(tmp_path):
     # Decode against prefill and against the train step's forward pass at the same batch, per round.
     assert record["forward_seq_len"] == 16 + 8 and record["forward_tokens_per_second"] > 0
     assert record["sampled_decode_tokens_per_second"] > 0
+    assert record["row_groups"] == generate_lib.host_row_groups(8)  # as `generate` splits a batch of 8
     assert record["decode_step_seconds"] == pytest.approx(record["decode_seconds_median"] / 8)
     for key in ("decode_vs_prefill", "decode_vs_forward", "sampled_decode_vs_forward"):
         assert 0 < record[key] < 100, key
@@ -83,13 +85,14 @@ def test_generate_bench_ratios_are_medians_of_per_round_ratios():
     case = types.SimpleNamespace(
         tokens_per_step=10, times=[1.0, 2.0, 4.0], prefill_times=[9.0, 0.5, 1.0, 2.0],
         forward_times=[9.0, 0.25, 1.0, 4.0], sampled_times=[9.0, 2.0, 2.0, 8.0], prompt_len=5, new_tokens=10,
-        prefill_tokens=10, forward_tokens=15, bytes_per_decode_step=1)
+        prefill_tokens=10, forward_tokens=15, bytes_per_decode_step=1, groups=2)
     fields = report.generate_fields(case, bandwidth=None, chips=1, platform="cpu")
     # decode 10, 5, 2.5 tokens/s; prefill 20, 10, 5; forward 60, 15, 3.75; sampled 5, 5, 1.25
     assert fields["decode_vs_prefill"] == pytest.approx(0.5)
     assert fields["decode_vs_forward"] == pytest.approx(1 / 3)
     assert fields["sampled_decode_vs_forward"] == pytest.approx(1 / 3)
     assert fields["decode_tokens_per_second"] == pytest.approx(5.0) and fields["decode_step_seconds"] == 0.2
+    assert fields["row_groups"] == 2
 
 
 def test_bad_arguments_are_sentences_and_exit_2(tmp_path, capsys):

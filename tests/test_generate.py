@@ -19,6 +19,7 @@ from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
 from jaxllm.cli import main
 from jaxllm.config import MeshConfig, save_config
+from jaxllm.errors import UsageError
 
 from helpers import assert_greedy_choices_are_decided, random_params, tiny_config
 
@@ -108,6 +109,45 @@ def test_a_short_batch_padded_to_min_rows_gives_the_same_answers_with_the_full_b
     assert short.tokens.shape[0] == 3
     for row in range(3):
         assert short.completion(row, keep_stop=True) == full.completion(row, keep_stop=True), row
+
+
+@pytest.mark.parametrize("settings", [GREEDY, gen.SamplingSettings(max_new_tokens=8, temperature=1.0, top_p=0.95)],
+                         ids=["greedy", "sampled"])
+def test_row_groups_side_by_side_give_the_tokens_of_one_batch(model, settings):
+    graphdef, params = model
+    prompts = [prompt + [row] for row in range(4) for prompt in PROMPTS]  # 16 rows
+    whole = gen.generate(CONFIG.model, graphdef, params, prompts, settings, rng=3, row_groups=1)
+    for groups in (2, 4):
+        split = gen.generate(CONFIG.model, graphdef, params, prompts, settings, rng=3, row_groups=groups)
+        # Each row draws the uniform it draws in the whole batch; the logits of a smaller batch may differ in
+        # the last bits (another matmul blocking), which moves a sampled token only if its uniform falls within
+        # ~1e-6 of an interval's end.
+        np.testing.assert_array_equal(split.tokens, whole.tokens)
+        np.testing.assert_array_equal(split.lengths, whole.lengths)
+        np.testing.assert_array_equal(split.finished, whole.finished)
+        np.testing.assert_allclose(split.logprobs, whole.logprobs, atol=1e-5)
+    with pytest.raises(UsageError, match="row_groups=3 must divide the batch of 16 rows"):
+        gen.generate(CONFIG.model, graphdef, params, prompts, settings, row_groups=3)
+
+
+def test_row_uniforms_of_a_group_are_its_rows_of_the_whole_draw():
+    key = jax.random.key(5)
+    whole = sampling.row_uniforms(key, 12)
+    assert whole.shape == (12, 1)
+    for offset in (0, 4, 8):
+        part = jax.jit(sampling.row_uniforms, static_argnums=(1, 3))(key, 4, np.int32(offset), 12)
+        np.testing.assert_array_equal(part, whole[offset:offset + 4])
+
+
+def test_host_row_groups_one_per_core_on_a_cpu_device_with_enough_rows(monkeypatch):
+    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 3)
+    assert [gen.host_row_groups(rows) for rows in (1, 8, 15, 16, 24, 32, 64)] == [1, 1, 1, 2, 3, 2, 2]
+    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 1)
+    assert gen.host_row_groups(64) == 1
+    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 16)
+    assert gen.host_row_groups(64) == 8  # groups of at least MIN_GROUP_ROWS rows
+    mesh = sharding_lib.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])
+    assert gen.host_row_groups(64, mesh) == 1  # sharded over devices: the mesh parallelises
 
 
 # ----------------------------------------------------------------------------------------------

@@ -209,7 +209,8 @@ class TrainCase:
 class GenerateCase:
     """KV-cache generation as `jaxllm.generate` runs it: prefill `prompt_len` tokens, then decode
     `new_tokens` in its one compiled `while_loop` (no stop token, so every step runs), greedily and
-    sampled at temperature 1 (the rl rollouts' setting). Every round also times the forward pass of
+    sampled at temperature 1 (the rl rollouts' setting), in `generate`'s row groups side by side (one host
+    thread each; `generate_lib.host_row_groups`). Every round also times the forward pass of
     the train step at the same batch ([batch, prompt_len + new_tokens], the rollout rows the update
     scores), so that decode is compared with prefill and with that forward pass within each round.
     `run_once()` returns the greedy decode time; the others are kept beside it."""
@@ -237,7 +238,12 @@ class GenerateCase:
             self.params = jax.jit(init_for_serving, out_shardings=param_shardings)()
         rng = np.random.default_rng(seed)
         tokens = rng.integers(4, config.model.vocab_size, (batch, max_length)).astype(np.int32)
-        prompt, segments = jnp.asarray(tokens[:, :prompt_len]), jnp.ones((batch, prompt_len), jnp.int32)
+        self.groups = generate_lib.host_row_groups(batch, mesh)
+        group_rows = batch // self.groups
+        self.prompts = [jnp.asarray(tokens[g * group_rows:(g + 1) * group_rows, :prompt_len])
+                        for g in range(self.groups)]
+        self.row_offsets = [np.int32(g * group_rows) for g in range(self.groups)]
+        segments = jnp.ones((group_rows, prompt_len), jnp.int32)
         rows = jnp.asarray(tokens)
         positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
         key = jax.random.key(seed)
@@ -245,21 +251,23 @@ class GenerateCase:
         self.greedy = generate_lib.SamplingSettings(new_tokens, temperature=0.0, stop_ids=()).arrays(vocab)
         self.sampled = generate_lib.SamplingSettings(new_tokens, temperature=1.0, stop_ids=()).arrays(vocab)
 
-        def prefill(params):
+        def prefill(params, prompt):
             return generate_lib.prefill(graphdef, params, prompt, segments, key, model_config=config.model,
                                         max_new_tokens=new_tokens)
 
-        def decode(params, sampling, state):  # the whole state out, so that the donated cache is updated in place
-            return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens)
+        def decode(params, sampling, state, row_offset):  # the whole state out: the donated cache updates in place
+            return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens,
+                                            row_offset=row_offset, total_rows=batch)
 
         def forward(params):
             return model_lib.apply(graphdef, params, rows, positions, jnp.ones_like(rows))
 
         began = time.perf_counter()
         with jax.set_mesh(mesh):
-            self.prefill = jax.jit(prefill).lower(self.params).compile()
-            state = self.prefill(self.params)
-            self.decode = jax.jit(decode, donate_argnums=2).lower(self.params, self.greedy, state).compile()
+            self.prefill = jax.jit(prefill).lower(self.params, self.prompts[0]).compile()
+            state = self.prefill(self.params, self.prompts[0])
+            self.decode = jax.jit(decode, donate_argnums=2).lower(self.params, self.greedy, state,
+                                                                  self.row_offsets[0]).compile()
             self.forward = jax.jit(forward).lower(self.params).compile()
         self.compile_seconds = time.perf_counter() - began
         self.memory = _memory_analysis(self.decode)
@@ -288,17 +296,28 @@ class GenerateCase:
         _block(fn(*args))
         return time.perf_counter() - began
 
+    def _prefilled(self) -> list:
+        return generate_lib.map_row_groups(lambda g: self.prefill(self.params, self.prompts[g]), self.groups,
+                                           self.mesh)
+
+    def _grouped(self, call) -> float:
+        """Seconds for call(group) on every row group, side by side as `generate` runs them."""
+        began = time.perf_counter()
+        generate_lib.map_row_groups(lambda g: _block(call(g)), self.groups, self.mesh)
+        return time.perf_counter() - began
+
     def run_once(self) -> float:
+        self.prefill_times.append(self._grouped(lambda g: self.prefill(self.params, self.prompts[g])))
         with jax.set_mesh(self.mesh):
-            self.prefill_times.append(self._timed(self.prefill, self.params))
             self.forward_times.append(self._timed(self.forward, self.params))
-            state = self.prefill(self.params)
-            _block(state)
-            self.sampled_times.append(self._timed(self.decode, self.params, self.sampled, state))
-            state = self.prefill(self.params)
-            _block(state)
-            cpu_began = time.process_time()
-            elapsed = self._timed(self.decode, self.params, self.greedy, state)
+        states = self._prefilled()
+        _block(states)
+        self.sampled_times.append(self._grouped(
+            lambda g: self.decode(self.params, self.sampled, states[g], self.row_offsets[g])))
+        states = self._prefilled()
+        _block(states)
+        cpu_began = time.process_time()
+        elapsed = self._grouped(lambda g: self.decode(self.params, self.greedy, states[g], self.row_offsets[g]))
         self.last_cpu_seconds = time.process_time() - cpu_began
         return elapsed
 

@@ -195,7 +195,7 @@ def generate_fields(case, bandwidth: float | None, chips: int, platform: str) ->
                                  for d, o in zip(decode_times, other_times))
 
     return {
-        "prompt_len": case.prompt_len, "new_tokens": case.new_tokens,
+        "prompt_len": case.prompt_len, "new_tokens": case.new_tokens, "row_groups": case.groups,
         "prefill_seconds_median": prefill,
         "prefill_tokens_per_second": case.prefill_tokens / prefill,
         "forward_seq_len": case.prompt_len + case.new_tokens,
@@ -271,6 +271,7 @@ def describe(records: list[dict]) -> str:
                  f"{r['decode_tokens_per_second']:,.0f} tokens/s greedy ({1e3 * r['decode_step_seconds']:.2f} ms "
                  f"a step), {r['sampled_decode_tokens_per_second']:,.0f} sampled, "
                  f"{r['decode_memory_gbps']:.1f} GB/s of weights+cache"
+                 + (f", {r['row_groups']} row groups side by side" if r.get("row_groups", 1) > 1 else "") +
                  f"\ndecode tokens/s per prefill token/s x{r['decode_vs_prefill']:.2f}, per forward token/s "
                  f"x{r['decode_vs_forward']:.2f} (sampled x{r['sampled_decode_vs_forward']:.2f}); medians of "
                  "per-round ratios, 1.00 = a decoded token costs a token of the forward pass")
