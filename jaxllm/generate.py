@@ -23,21 +23,20 @@ argmax or a draw by inverse transform; re-exported here).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt
-from jaxllm import cpu_levers
 from jaxllm import lora
 from jaxllm import model as model_lib
+from jaxllm import row_groups as row_groups_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
 from jaxllm.config import Config, MeshConfig, ModelConfig, load_config
@@ -263,33 +262,11 @@ MIN_GROUP_ROWS = 8
 
 
 def host_row_groups(rows: int, mesh: jax.sharding.Mesh | None = None) -> int:
-    """How many groups of rows `generate` runs side by side, one host thread each: on a CPU that holds the
-    model on one device, one group per CPU this process may use (the most, up to that, that divide `rows`
-    into groups of at least MIN_GROUP_ROWS); 1 on accelerators, on sharded meshes and with several processes.
-
-    Why: XLA CPU runs a decode step's ~130 small ops one after another on one core (a batch-64 step of the
-    tiny model: ~2 ms at one process CPU), while calls from separate threads run at the same time, each
-    on its own core (PERFORMANCE.md, eleventh session)."""
-    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-        return 1
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    if device.platform != "cpu":
-        return 1
-    most = max(min(cpu_levers.available_cpus(), rows // MIN_GROUP_ROWS), 1)
-    return next(groups for groups in range(most, 0, -1) if rows % groups == 0)
-
-
-def map_row_groups(call: Callable[[int], Any], groups: int, mesh: jax.sharding.Mesh | None = None) -> list:
-    """[call(0), ..., call(groups - 1)], each on its own host thread (one group runs inline), under `mesh`
-    (a mesh context is per thread)."""
-    def run(group: int):
-        with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-            return call(group)
-
-    if groups == 1:
-        return [run(0)]
-    with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix="jaxllm-rows") as pool:
-        return list(pool.map(run, range(groups)))
+    """How many groups of rows `generate` runs side by side, one host thread each (`jaxllm.row_groups`): on a
+    CPU that holds the model on one device, one group per CPU this process may use, each of at least
+    MIN_GROUP_ROWS rows; 1 on accelerators, on sharded meshes and with several processes. A decode step's
+    ~130 small ops run one after another on one core; groups decode on every core."""
+    return row_groups_lib.cpu_row_groups(rows, mesh, min_rows=MIN_GROUP_ROWS)
 
 
 def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Sequence[Sequence[int]],
@@ -330,7 +307,7 @@ def generate(model_config: ModelConfig, graphdef, params: Params, prompts: Seque
                             max_new_tokens=settings.max_new_tokens, pad_id=pad_id, total_rows=rows)
         return [host_rows(x, mesh) for x in out]
 
-    parts = map_row_groups(run, groups, mesh)
+    parts = row_groups_lib.map_row_groups(run, groups, mesh)
     out_tokens, logprobs, lengths, finished = (np.concatenate(field) for field in zip(*parts))
     count = len(prompts)
     return GenerationOutput(np.asarray(out_tokens[:count]), np.asarray(logprobs[:count]),

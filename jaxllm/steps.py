@@ -167,8 +167,17 @@ def train_step(state: TrainState, batch: Batch, reference_params=None, loss_limi
     """One update. Skips (keeps params and optimizer state) when the loss or gradient norm is
     non-finite or the loss exceeds `loss_limit`; the step counter always advances, so the data
     order stays a function of the step."""
-    loss_sum, denominator, sums, grads = accumulate_gradients(loss_fn, state.params, batch, reference_params,
-                                                              micro_batches)
+    totals = accumulate_gradients(loss_fn, state.params, batch, reference_params, micro_batches)
+    return apply_gradients(state, totals, loss_limit, optimizer=optimizer)
+
+
+def apply_gradients(state: TrainState, totals, loss_limit=jnp.inf, *, optimizer: optax.GradientTransformation):
+    """The update from `accumulate_gradients`' (loss sum, denominator, metric sums, gradient sums), or from a
+    list of them (row groups: summed in order first): gradients divided by the denominator once, the
+    optimizer step, and the skip of a non-finite or over-limit update (see `train_step`)."""
+    if isinstance(totals, list):
+        totals = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), totals)
+    loss_sum, denominator, sums, grads = totals
     grads = jax.tree.map(lambda g: g / jnp.maximum(denominator, 1e-9), grads)
     metrics = summarize(loss_sum, denominator, sums)
     grad_norm = optax.tree.norm(grads)
@@ -225,8 +234,14 @@ def build_train_step(config: Config, graphdef, optimizer, loss_fn: LossFn | None
     next-token loss (pretraining, SFT); other stages pass theirs (`jaxllm.stages.build_train_step(config,
     ...)` does it for the configured stage). With LoRA (model.lora_rank > 0) state.params are the
     adapters and reference_params the frozen base."""
-    return functools.partial(train_step, loss_fn=_maybe_lora(config, loss_fn or next_token_loss(config, graphdef)),
-                             optimizer=optimizer, micro_batches=config.train.grad_accum_steps)
+    return functools.partial(train_step, loss_fn=build_train_loss(config, graphdef, loss_fn), optimizer=optimizer,
+                             micro_batches=config.train.grad_accum_steps)
+
+
+def build_train_loss(config: Config, graphdef, loss_fn: LossFn | None = None) -> LossFn:
+    """The loss the train step differentiates: `loss_fn` (default the next-token loss), on the LoRA adapters
+    when model.lora_rank > 0."""
+    return _maybe_lora(config, loss_fn or next_token_loss(config, graphdef))
 
 
 def build_eval_step(config: Config, graphdef, loss_fn: LossFn | None = None):

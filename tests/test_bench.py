@@ -85,14 +85,13 @@ def test_generate_bench_ratios_are_medians_of_per_round_ratios():
     case = types.SimpleNamespace(
         tokens_per_step=10, times=[1.0, 2.0, 4.0], prefill_times=[9.0, 0.5, 1.0, 2.0],
         forward_times=[9.0, 0.25, 1.0, 4.0], sampled_times=[9.0, 2.0, 2.0, 8.0], prompt_len=5, new_tokens=10,
-        prefill_tokens=10, forward_tokens=15, bytes_per_decode_step=1, groups=2)
+        prefill_tokens=10, forward_tokens=15, bytes_per_decode_step=1)
     fields = report.generate_fields(case, bandwidth=None, chips=1, platform="cpu")
     # decode 10, 5, 2.5 tokens/s; prefill 20, 10, 5; forward 60, 15, 3.75; sampled 5, 5, 1.25
     assert fields["decode_vs_prefill"] == pytest.approx(0.5)
     assert fields["decode_vs_forward"] == pytest.approx(1 / 3)
     assert fields["sampled_decode_vs_forward"] == pytest.approx(1 / 3)
     assert fields["decode_tokens_per_second"] == pytest.approx(5.0) and fields["decode_step_seconds"] == 0.2
-    assert fields["row_groups"] == 2
 
 
 def test_bad_arguments_are_sentences_and_exit_2(tmp_path, capsys):

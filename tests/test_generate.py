@@ -14,6 +14,7 @@ from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
 from jaxllm import losses
 from jaxllm import model as model_lib
+from jaxllm import row_groups as row_groups_lib
 from jaxllm import sampling
 from jaxllm import sharding as sharding_lib
 from jaxllm import state as state_lib
@@ -140,11 +141,11 @@ def test_row_uniforms_of_a_group_are_its_rows_of_the_whole_draw():
 
 
 def test_host_row_groups_one_per_core_on_a_cpu_device_with_enough_rows(monkeypatch):
-    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 3)
+    monkeypatch.setattr(row_groups_lib.cpu_levers, "available_cpus", lambda: 3)
     assert [gen.host_row_groups(rows) for rows in (1, 8, 15, 16, 24, 32, 64)] == [1, 1, 1, 2, 3, 2, 2]
-    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 1)
+    monkeypatch.setattr(row_groups_lib.cpu_levers, "available_cpus", lambda: 1)
     assert gen.host_row_groups(64) == 1
-    monkeypatch.setattr(gen.cpu_levers, "available_cpus", lambda: 16)
+    monkeypatch.setattr(row_groups_lib.cpu_levers, "available_cpus", lambda: 16)
     assert gen.host_row_groups(64) == 8  # groups of at least MIN_GROUP_ROWS rows
     mesh = sharding_lib.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])
     assert gen.host_row_groups(64, mesh) == 1  # sharded over devices: the mesh parallelises

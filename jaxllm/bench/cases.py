@@ -16,6 +16,7 @@ import numpy as np
 from jaxllm import generate as generate_lib
 from jaxllm import lora as lora_lib
 from jaxllm import model as model_lib
+from jaxllm import row_groups as row_groups_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm import stages
 from jaxllm import state as state_lib
@@ -177,6 +178,7 @@ class TrainCase:
             self.batch = sharding_lib.place_batch(host, mesh)
         self.limit = np.float32(np.inf)
         jitted = built.jit_train_step(donate)
+        self.groups = built.row_groups  # > 1: a step_builder.RowGroupedStep (one gradient program per row group)
         began = time.perf_counter()
         with jax.set_mesh(mesh):
             lowered = jitted.lower(self.state, self.batch, self.reference, self.limit)
@@ -297,13 +299,13 @@ class GenerateCase:
         return time.perf_counter() - began
 
     def _prefilled(self) -> list:
-        return generate_lib.map_row_groups(lambda g: self.prefill(self.params, self.prompts[g]), self.groups,
+        return row_groups_lib.map_row_groups(lambda g: self.prefill(self.params, self.prompts[g]), self.groups,
                                            self.mesh)
 
     def _grouped(self, call) -> float:
         """Seconds for call(group) on every row group, side by side as `generate` runs them."""
         began = time.perf_counter()
-        generate_lib.map_row_groups(lambda g: _block(call(g)), self.groups, self.mesh)
+        row_groups_lib.map_row_groups(lambda g: _block(call(g)), self.groups, self.mesh)
         return time.perf_counter() - began
 
     def run_once(self) -> float:

@@ -2,8 +2,8 @@
 
 The reference is the jaxllm default step in a process with every process lever on (the no-mmap malloc
 settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt-in ones, on) alone:
-- config levers (attention kind, fused loss, unrolled layers, donation) are variants of the reference
-  process, interleaved step by step with the reference;
+- config levers (attention kind, fused loss, unrolled layers, donation, row groups) are variants of the
+  reference process, interleaved step by step with the reference;
 - process levers (environment variables read at process start: malloc, XLA flags, tcmalloc) need a
   process each. Every process compiles once and then waits; the parent runs them in rounds (one step
   of each variant per process per round, bracketed by a float32 matmul ceiling measured in the same
@@ -56,6 +56,8 @@ CONFIG_LEVERS = (
     Lever("unrolled", "unrolled layers (model.scan_layers=auto on CPU) vs one scan over them", "config",
           ("model.scan_layers=true",)),
     Lever("donation", "donating the train state to the step", "config", (), donate=False),
+    Lever("row_groups", "the batch's rows in groups side by side on host threads, one per core "
+          "(train.row_groups=0 on one CPU device) vs one program", "config", ("train.row_groups=1",)),
 )
 
 

@@ -10,7 +10,6 @@ import platform as platform_lib
 import resource
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +137,7 @@ def summarize_case(case, ceilings: list[float], peak_tflops_override: float | No
         "batch_size": config.train.batch_size,
         "seq_len": config.data.seq_len,
         "grad_accum_steps": config.train.grad_accum_steps,
+        "row_groups": getattr(case, "groups", 1),  # train: the step's row groups; generate: generate's
         "donate": case.donate,
         "platform": device.platform,
         "device_kind": device.device_kind,
@@ -195,7 +195,7 @@ def generate_fields(case, bandwidth: float | None, chips: int, platform: str) ->
                                  for d, o in zip(decode_times, other_times))
 
     return {
-        "prompt_len": case.prompt_len, "new_tokens": case.new_tokens, "row_groups": case.groups,
+        "prompt_len": case.prompt_len, "new_tokens": case.new_tokens,
         "prefill_seconds_median": prefill,
         "prefill_tokens_per_second": case.prefill_tokens / prefill,
         "forward_seq_len": case.prompt_len + case.new_tokens,
@@ -258,6 +258,9 @@ def describe(records: list[dict]) -> str:
     if r["platform"] == "cpu":
         text += (f"\nCPU: {r['cpu_model'] or 'unknown model'}, {r['cpu_count']} cores, ISA {r['isa']}"
                  + (f" (emulated by --xla_cpu_max_isa; hardware {r['hardware_isa']})" if r["isa_emulated"] else ""))
+        if any(record.get("row_groups", 1) > 1 for record in records):
+            text += "; row groups side by side on host threads: " + ", ".join(
+                f"{record['name']} {record.get('row_groups', 1)}" for record in records)
     if r["matmul_ceiling_tflops"]:
         text += f"\nmeasured matmul ceiling (median over rounds): {r['matmul_ceiling_tflops']:.3f} TFLOP/s per device"
         if r["fraction_of_matmul_ceiling"]:
@@ -271,7 +274,6 @@ def describe(records: list[dict]) -> str:
                  f"{r['decode_tokens_per_second']:,.0f} tokens/s greedy ({1e3 * r['decode_step_seconds']:.2f} ms "
                  f"a step), {r['sampled_decode_tokens_per_second']:,.0f} sampled, "
                  f"{r['decode_memory_gbps']:.1f} GB/s of weights+cache"
-                 + (f", {r['row_groups']} row groups side by side" if r.get("row_groups", 1) > 1 else "") +
                  f"\ndecode tokens/s per prefill token/s x{r['decode_vs_prefill']:.2f}, per forward token/s "
                  f"x{r['decode_vs_forward']:.2f} (sampled x{r['sampled_decode_vs_forward']:.2f}); medians of "
                  "per-round ratios, 1.00 = a decoded token costs a token of the forward pass")

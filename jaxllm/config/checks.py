@@ -15,7 +15,7 @@ INT_MINIMUMS: dict[str, int] = {
     "model.vocab_size": 0, "model.d_model": 1,  # vocab_size 0: from the tokenizer (load_config)
     "model.num_layers": 1, "model.num_heads": 1, "model.num_kv_heads": 1,
     "model.max_seq_len": 1, "model.attention_block_size": 1, "data.seq_len": 1,
-    "train.steps": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_every": 1,
+    "train.steps": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.row_groups": 0, "train.log_every": 1,
     "train.checkpoint_every": 1, "train.keep_checkpoints": 1,  # keep >= 1: the newest checkpoint is never deleted
     "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1,  # mesh.data=-1: every remaining device
     "rl.group_size": 1, "rl.prompts_per_step": 1, "rl.max_new_tokens": 1, "rl.updates_per_batch": 1,

@@ -157,6 +157,9 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 16  # global, in sequences (pairs for DPO)
     grad_accum_steps: int = 1
+    # CPU, model on one device: the batch's rows in this many groups whose gradients run side by side on host
+    # threads (jaxllm.row_groups); 0 = one per core where the rows divide, 1 = one program
+    row_groups: int = 0
     seed: int = 0
     init_from: str = ""  # workdir (or checkpoint dir) of an earlier stage: params only
     log_every: int = 10

@@ -56,5 +56,9 @@ def release(manager, lock: WorkdirLock | None) -> None:
 
 
 def jit_step(context: RunContext, step_fn):
-    """`step_fn` (e.g. the stage's, or one built with another loss) jitted like the run's step."""
-    return dataclasses.replace(context.built, train_step=step_fn).jit_train_step()
+    """`step_fn` (e.g. the stage's, or one built with another loss) jitted like the run's step. Row groups split
+    the built step's own loss: another step_fn runs as one program."""
+    built = context.built
+    if step_fn is not built.train_step:
+        built = dataclasses.replace(built, train_step=step_fn, row_groups=1)
+    return built.jit_train_step()

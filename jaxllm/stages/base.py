@@ -38,7 +38,9 @@ class Stage:
     given, describes the update batch for stages whose batches are not packed rows of their data format
     (on-policy RL builds them from rollouts). validate(config, **options) raises ConfigError for settings
     the stage cannot train with. rollouts(context, batch_iterator, log, **options) ->
-    RolloutHooks makes the on-policy loop's hooks; None for stages that train on fixed data."""
+    RolloutHooks makes the on-policy loop's hooks; None for stages that train on fixed data.
+    rows_independent: the loss is a sum over the batch's rows (no statistic of the whole batch), so the
+    rows may be split into groups whose gradients are summed (row groups, micro-batches)."""
 
     name: str
     summary: str
@@ -49,6 +51,7 @@ class Stage:
     validate: Callable[..., None] = _no_checks  # (config, **rollout options) -> None; raises ConfigError
     batch_spec: Callable[[Config, int], dict[str, jax.ShapeDtypeStruct]] | None = None
     rollouts: Callable[..., "RolloutHooks"] | None = None
+    rows_independent: bool = True
 
     def __post_init__(self):
         if self.data_format not in DATA_FORMATS:

@@ -35,4 +35,5 @@ def _loss(config: Config, graphdef) -> LossFn:
 
 
 STAGE = register(Stage(name="kto", summary="KTO on answers labelled desirable or undesirable",
-                       data_format="feedback", loss=_loss, needs_reference=True))
+                       data_format="feedback", loss=_loss, needs_reference=True,
+                       rows_independent=False))  # z0 is a mean over the whole batch
