@@ -17,7 +17,7 @@ RESUME_FREE_KEYS = {
     "data.allow_change", "model.attention", "model.attention_block_size", "model.loss_chunk_size", "model.remat",
     "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
     "train.best_metric", "train.best_mode", "train.async_checkpointing", "train.tensorboard", "train.progress",
-    "train.grad_accum_steps", "train.max_bad_steps_in_a_row", "train.rollback_on_halt",
+    "train.grad_accum_steps", "train.row_groups", "train.max_bad_steps_in_a_row", "train.rollback_on_halt",
 }
 RESUME_FREE_SECTIONS = ("mesh",)  # checkpoints restore onto any mesh
 # The learning-rate schedule is a function of (these settings, step): a change bends it at the resume step.
