@@ -214,7 +214,8 @@ class GenerateCase:
     sampled at temperature 1 (the rl rollouts' setting), in `generate`'s row groups side by side (one host
     thread each; `generate_lib.host_row_groups`). Every round also times the forward pass of
     the train step at the same batch ([batch, prompt_len + new_tokens], the rollout rows the update
-    scores), so that decode is compared with prefill and with that forward pass within each round.
+    scores; in the train step's row groups, `jaxllm.row_groups.cpu_row_groups`), so that decode is compared
+    with prefill and with that forward pass within each round.
     `run_once()` returns the greedy decode time; the others are kept beside it."""
 
     def __init__(self, name: str, config, mesh, prompt_len: int, new_tokens: int, seed: int = 0):
@@ -246,8 +247,11 @@ class GenerateCase:
                         for g in range(self.groups)]
         self.row_offsets = [np.int32(g * group_rows) for g in range(self.groups)]
         segments = jnp.ones((group_rows, prompt_len), jnp.int32)
-        rows = jnp.asarray(tokens)
-        positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
+        self.forward_groups = row_groups_lib.cpu_row_groups(batch, mesh)  # as the train step splits the batch
+        forward_rows = batch // self.forward_groups
+        self.forward_inputs = [jnp.asarray(tokens[g * forward_rows:(g + 1) * forward_rows])
+                               for g in range(self.forward_groups)]
+        positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (forward_rows, max_length))
         key = jax.random.key(seed)
         vocab = config.model.vocab_size
         self.greedy = generate_lib.SamplingSettings(new_tokens, temperature=0.0, stop_ids=()).arrays(vocab)
@@ -261,7 +265,7 @@ class GenerateCase:
             return generate_lib.decode_loop(graphdef, params, sampling, state, max_new_tokens=new_tokens,
                                             row_offset=row_offset, total_rows=batch)
 
-        def forward(params):
+        def forward(params, rows):
             return model_lib.apply(graphdef, params, rows, positions, jnp.ones_like(rows))
 
         began = time.perf_counter()
@@ -270,7 +274,7 @@ class GenerateCase:
             state = self.prefill(self.params, self.prompts[0])
             self.decode = jax.jit(decode, donate_argnums=2).lower(self.params, self.greedy, state,
                                                                   self.row_offsets[0]).compile()
-            self.forward = jax.jit(forward).lower(self.params).compile()
+            self.forward = jax.jit(forward).lower(self.params, self.forward_inputs[0]).compile()
         self.compile_seconds = time.perf_counter() - began
         self.memory = _memory_analysis(self.decode)
         self.xla_flops = _xla_flops(self.decode)
@@ -302,16 +306,17 @@ class GenerateCase:
         return row_groups_lib.map_row_groups(lambda g: self.prefill(self.params, self.prompts[g]), self.groups,
                                            self.mesh)
 
-    def _grouped(self, call) -> float:
-        """Seconds for call(group) on every row group, side by side as `generate` runs them."""
+    def _grouped(self, call, groups: int | None = None) -> float:
+        """Seconds for call(group) on every row group, side by side as `generate` (or, with `groups`, the train
+        step) runs them."""
         began = time.perf_counter()
-        row_groups_lib.map_row_groups(lambda g: _block(call(g)), self.groups, self.mesh)
+        row_groups_lib.map_row_groups(lambda g: _block(call(g)), groups or self.groups, self.mesh)
         return time.perf_counter() - began
 
     def run_once(self) -> float:
         self.prefill_times.append(self._grouped(lambda g: self.prefill(self.params, self.prompts[g])))
-        with jax.set_mesh(self.mesh):
-            self.forward_times.append(self._timed(self.forward, self.params))
+        self.forward_times.append(self._grouped(lambda g: self.forward(self.params, self.forward_inputs[g]),
+                                                self.forward_groups))
         states = self._prefilled()
         _block(states)
         self.sampled_times.append(self._grouped(
