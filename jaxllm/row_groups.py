@@ -29,13 +29,13 @@ def on_one_cpu_device(mesh: jax.sharding.Mesh | None = None) -> bool:
 
 
 def cpu_row_groups(rows: int, mesh: jax.sharding.Mesh | None = None, *, min_rows: int = 1,
-                   multiple: int = 1) -> int:
+                   multiple: int = 1, most: int | None = None) -> int:
     """How many groups `rows` split into: on one CPU device, the most groups (up to one per CPU this process
-    may use) such that each has at least `min_rows` rows and the groups divide `rows` into parts that
-    `multiple` divides (e.g. micro-batches); 1 elsewhere."""
+    may use, and up to `most`) such that each has at least `min_rows` rows and the groups divide `rows` into
+    parts that `multiple` divides (e.g. micro-batches); 1 elsewhere."""
     if not on_one_cpu_device(mesh):
         return 1
-    most = max(min(cpu_levers.available_cpus(), rows // max(min_rows, 1)), 1)
+    most = max(min(cpu_levers.available_cpus(), rows // max(min_rows, 1), most or rows), 1)
     return next(groups for groups in range(most, 0, -1) if rows % (groups * multiple) == 0)
 
 

@@ -94,6 +94,10 @@ class StepBuild:
                                                self.reference_abstract, jax.ShapeDtypeStruct((), jnp.float32))
 
 
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
 def _leading_rows(batch: dict) -> int:
     return next(value.shape[0] for value in batch.values() if np.ndim(value))
 
@@ -158,12 +162,24 @@ class _LoweredRowGroupedStep:
         return dataclasses.replace(self.step, gradients=self.gradients.compile(), update=self.update.compile())
 
 
-def train_row_groups(config: Config, mesh: jax.sharding.Mesh, stage: stages_lib.Stage) -> int:
+# The default's limits: measured on 2 cores only (+3 to +19% at d256 x 4 layers); every group holds a gradient
+# of all trained params until the update sums them.
+MAX_AUTO_ROW_GROUPS = 8
+MAX_AUTO_GRADIENT_BYTES = 4 << 30
+
+
+def train_row_groups(config: Config, mesh: jax.sharding.Mesh, stage: stages_lib.Stage,
+                     gradient_bytes: int = 0) -> int:
     """The train step's row groups: `train.row_groups`, where 0 (the default) is one group per CPU core on a
-    model held by one CPU device, for stages whose loss is a sum over rows; 1 elsewhere."""
+    model held by one CPU device, for stages whose loss is a sum over rows (at most MAX_AUTO_ROW_GROUPS, and
+    as many as keep the groups' gradients, `gradient_bytes` each, within MAX_AUTO_GRADIENT_BYTES); 1
+    elsewhere."""
     asked, rows, micro = config.train.row_groups, config.train.batch_size, config.train.grad_accum_steps
     if asked == 0:
-        return row_groups_lib.cpu_row_groups(rows, mesh, multiple=micro) if stage.rows_independent else 1
+        if not stage.rows_independent:
+            return 1
+        most = min(MAX_AUTO_ROW_GROUPS, MAX_AUTO_GRADIENT_BYTES // max(gradient_bytes, 1))
+        return row_groups_lib.cpu_row_groups(rows, mesh, multiple=micro, most=max(most, 1))
     if asked > 1:
         if not stage.rows_independent:
             raise ConfigError(f"train.row_groups={asked}: the {stage.name} loss is not a sum over rows (it uses "
@@ -207,4 +223,4 @@ def build(config: Config, mesh: jax.sharding.Mesh, loss_fn: stages_lib.LossFn | 
     return StepBuild(config, mesh, stage, graphdef, optimizer, heads, abstract_params, base_abstract, abstract_state,
                      shardings, reference, train_step, steps_lib.build_eval_step(config, forward_graphdef, eval_loss),
                      forward_graphdef, steps_lib.build_train_loss(config, graphdef, loss_fn),
-                     train_row_groups(config, mesh, stage))
+                     train_row_groups(config, mesh, stage, _nbytes(abstract_params)))

@@ -86,6 +86,12 @@ def test_train_row_groups_defaults_to_one_per_core_where_the_loss_is_a_sum_over_
     assert groups(eight_devices, "train.batch_size=8") == 1  # the mesh splits the batch already
     assert groups(one_device, "train.batch_size=8", "train.stage=kto") == 1  # z0: a mean over the whole batch
     assert groups(one_device, "train.batch_size=8", "train.row_groups=4") == 4
+    monkeypatch.setattr(row_groups.cpu_levers, "available_cpus", lambda: 64)
+    assert groups(one_device, "train.batch_size=64") == step_builder.MAX_AUTO_ROW_GROUPS
+    config = tiny_config("train.batch_size=64")  # groups whose gradients would pass the memory limit: fewer
+    assert step_builder.train_row_groups(config, one_device, stages.get("pretrain"),
+                                         gradient_bytes=step_builder.MAX_AUTO_GRADIENT_BYTES // 3) == 2
+    monkeypatch.setattr(row_groups.cpu_levers, "available_cpus", lambda: 2)
     with pytest.raises(ConfigError, match="the kto loss is not a sum over rows"):
         groups(one_device, "train.batch_size=8", "train.stage=kto", "train.row_groups=2")
     with pytest.raises(ConfigError, match="spreads it over devices already"):
@@ -99,6 +105,7 @@ def test_cpu_row_groups_and_map_row_groups(monkeypatch):
     monkeypatch.setattr(row_groups.cpu_levers, "available_cpus", lambda: 4)
     assert [row_groups.cpu_row_groups(rows) for rows in (1, 2, 3, 6, 8, 9)] == [1, 2, 3, 3, 4, 3]
     assert row_groups.cpu_row_groups(8, min_rows=4) == 2 and row_groups.cpu_row_groups(8, multiple=4) == 2
+    assert row_groups.cpu_row_groups(8, most=3) == 2
     mesh = sharding_lib.make_mesh(MeshConfig(num_devices=1))
     seen = row_groups.map_row_groups(lambda group: (group, jax.sharding.get_abstract_mesh().size), 3, mesh)
     assert seen == [(0, 1), (1, 1), (2, 1)]  # in group order, each thread under the mesh
