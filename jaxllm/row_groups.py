@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 
@@ -43,12 +43,26 @@ def map_row_groups(call: Callable[[int], Any], groups: int, mesh: jax.sharding.M
     """[call(0), ..., call(groups - 1)], each on its own host thread (one group runs inline), under `mesh`
     (a mesh context is per thread). `call` should block until its result is computed: the work then runs
     on that thread."""
-    def run(group: int):
+    return list(map_on_threads(call, groups, groups, mesh))
+
+
+def map_on_threads(call: Callable[[int], Any], count: int, workers: int,
+                   mesh: jax.sharding.Mesh | None = None) -> Iterator[Any]:
+    """call(0), ..., call(count - 1) on `workers` host threads (inline for one), yielded in order as they
+    finish, each under `mesh`: independent calls of compiled programs (e.g. the batches of an evaluation) side
+    by side, with the results exactly those of the calls one after another."""
+    def run(index: int):
         with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-            return call(group)
+            return call(index)
 
-    if groups == 1:
-        return [run(0)]
-    with concurrent.futures.ThreadPoolExecutor(groups, thread_name_prefix="jaxllm-rows") as pool:
-        return list(pool.map(run, range(groups)))
+    if workers <= 1 or count <= 1:
+        yield from map(run, range(count))
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(workers, count), thread_name_prefix="jaxllm-rows") as pool:
+        yield from pool.map(run, range(count))
 
+
+def host_workers(mesh: jax.sharding.Mesh | None = None, most: int = 4) -> int:
+    """Host threads for independent calls: one per CPU this process may use (up to `most`) on one CPU device,
+    1 elsewhere (an accelerator or a mesh runs one call at a time better)."""
+    return max(min(cpu_levers.available_cpus(), most), 1) if on_one_cpu_device(mesh) else 1

@@ -109,3 +109,20 @@ def test_cpu_row_groups_and_map_row_groups(monkeypatch):
     mesh = sharding_lib.make_mesh(MeshConfig(num_devices=1))
     seen = row_groups.map_row_groups(lambda group: (group, jax.sharding.get_abstract_mesh().size), 3, mesh)
     assert seen == [(0, 1), (1, 1), (2, 1)]  # in group order, each thread under the mesh
+
+
+def test_map_on_threads_yields_every_call_in_order_and_host_workers(monkeypatch):
+    import threading
+    import time
+
+    def call(index: int):
+        time.sleep(0.01 * (5 - index))  # the first calls finish last
+        return index, threading.current_thread().name
+
+    results = list(row_groups.map_on_threads(call, 5, 3))
+    assert [index for index, _ in results] == [0, 1, 2, 3, 4]
+    assert len({name for _, name in results}) > 1  # side by side on several threads
+    assert [index for index, _ in row_groups.map_on_threads(call, 3, 1)] == [0, 1, 2]
+    monkeypatch.setattr(row_groups.cpu_levers, "available_cpus", lambda: 16)
+    assert row_groups.host_workers() == 4
+    assert row_groups.host_workers(sharding_lib.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])) == 1

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxllm import row_groups
 from jaxllm import steps as steps_lib
 from jaxllm.config import Config
 from jaxllm.data.chat import prompt_ids as chat_prompt_ids
@@ -47,7 +48,7 @@ from jaxllm.data.pipeline import build_rows
 from jaxllm.data.sources import read_records as read_source_records
 from jaxllm.evaluate.runner import RunSettings, run_task
 from jaxllm.evaluate.scoring import EvalModel, generate_completions
-from jaxllm.generate import SamplingSettings
+from jaxllm.generate import SamplingSettings, mesh_of
 from jaxllm.tasks import Task
 from jaxllm.tasks.metrics import exact_match
 
@@ -109,19 +110,24 @@ def preference_accuracy(config: Config, graphdef, params, tokenizer, source: str
     eval_config = _with(config, train={"stage": "dpo", "batch_size": batch_size},
                         data={"source": source, "eval_source": source})
     rows = build_rows(eval_config, tokenizer, "eval", data_format="pairs", stage="dpo", source=source)
-    wins, margins = [], []
     total = min(max_pairs, rows.num_rows)
+    batches = []
     for start in range(0, total, batch_size):
         indices = np.arange(start, min(start + batch_size, total))
         # A short last batch repeats its last pair up to the full size: one compiled shape for every batch.
-        batch = rows.batch(np.pad(indices, (0, batch_size - len(indices)), mode="edge"))
-        sides = {}
-        for side in ("chosen", "rejected"):
-            sides[side] = np.asarray(_sequence_logprobs(graphdef, params, *(
-                batch[f"{side}_{f}"] for f in ("tokens", "positions", "segment_ids", "loss_mask"))))[:len(indices)]
-        wins.extend(sides["chosen"] > sides["rejected"])
-        margins.extend(sides["chosen"] - sides["rejected"])
-    return {"preference_accuracy": float(np.mean(wins)), "logprob_margin": float(np.mean(margins)), "pairs": total}
+        batches.append((rows.batch(np.pad(indices, (0, batch_size - len(indices)), mode="edge")), len(indices)))
+    sides = ("chosen", "rejected")
+
+    def score(call: int) -> np.ndarray:  # call 2k: batch k's chosen answers, 2k + 1: its rejected ones
+        (batch, count), side = batches[call // 2], sides[call % 2]
+        return np.asarray(_sequence_logprobs(graphdef, params, *(
+            batch[f"{side}_{f}"] for f in ("tokens", "positions", "segment_ids", "loss_mask"))))[:count]
+
+    mesh = mesh_of(params)  # the calls are independent: side by side on the host's cores (CPU)
+    scores = list(row_groups.map_on_threads(score, 2 * len(batches), row_groups.host_workers(mesh), mesh))
+    chosen, rejected = np.concatenate(scores[0::2]), np.concatenate(scores[1::2])
+    return {"preference_accuracy": float(np.mean(chosen > rejected)),
+            "logprob_margin": float(np.mean(chosen - rejected)), "pairs": total}
 
 
 def read_records(source: str, limit: int | None = None) -> list[dict]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxllm import losses
 from jaxllm import model as model_lib
+from jaxllm import row_groups
 from jaxllm import sharding as sharding_lib
 from jaxllm.config import Config, ModelConfig
 from jaxllm.errors import UsageError
@@ -52,11 +53,6 @@ class EvalModel:
     @property
     def max_len(self) -> int:
         return self.config.model.max_seq_len
-
-
-def mesh_context(mesh):
-    """The mesh as the current one (a no-op context without a mesh)."""
-    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -158,22 +154,28 @@ def score_continuations(model_config: ModelConfig, graphdef, params,
     multiple = sharding_lib.data_parallel_size(mesh) if mesh is not None else 1
     per_batch = -(-batch_size // multiple) * multiple
     order = sorted(range(total), key=lambda i: -len(rows[i][0]))
-    with progress_bar(total, desc, progress, "seq") as bar, mesh_context(mesh):
-        for start in range(0, total, per_batch):
-            chosen = order[start:start + per_batch]
-            width = min(bucket(len(rows[chosen[0]][0])), model_config.max_seq_len)
-            batch = {"tokens": np.full((per_batch, width), pad_id, np.int32),
-                     "segment_ids": np.zeros((per_batch, width), np.int32),
-                     "loss_mask": np.zeros((per_batch, width), np.float32)}
-            for slot, index in enumerate(chosen):
-                ids, scored = rows[index]
-                batch["tokens"][slot, :len(ids)] = ids
-                batch["segment_ids"][slot, :len(ids)] = 1
-                batch["loss_mask"][slot, len(ids) - scored:len(ids)] = 1.0
-            placed = sharding_lib.place_batch(batch, mesh) if mesh is not None else batch
-            out = _score_batch(graphdef, params, placed["tokens"], placed["segment_ids"], placed["loss_mask"],
-                               block=_logits_block(per_batch, width - 1, model_config.vocab_size))
-            sums, all_greedy, counts = (host_rows(x, mesh) for x in out)
+    starts = range(0, total, per_batch)
+
+    def score(number: int):
+        chosen = order[starts[number]:starts[number] + per_batch]
+        width = min(bucket(len(rows[chosen[0]][0])), model_config.max_seq_len)
+        batch = {"tokens": np.full((per_batch, width), pad_id, np.int32),
+                 "segment_ids": np.zeros((per_batch, width), np.int32),
+                 "loss_mask": np.zeros((per_batch, width), np.float32)}
+        for slot, index in enumerate(chosen):
+            ids, scored = rows[index]
+            batch["tokens"][slot, :len(ids)] = ids
+            batch["segment_ids"][slot, :len(ids)] = 1
+            batch["loss_mask"][slot, len(ids) - scored:len(ids)] = 1.0
+        placed = sharding_lib.place_batch(batch, mesh) if mesh is not None else batch
+        out = _score_batch(graphdef, params, placed["tokens"], placed["segment_ids"], placed["loss_mask"],
+                           block=_logits_block(per_batch, width - 1, model_config.vocab_size))
+        return chosen, [host_rows(x, mesh) for x in out]
+
+    # The batches are independent calls: side by side on the host's cores (one CPU device), results as one by one.
+    workers = row_groups.host_workers(mesh)
+    with progress_bar(total, desc, progress, "seq") as bar:
+        for chosen, (sums, all_greedy, counts) in row_groups.map_on_threads(score, len(starts), workers, mesh):
             for slot, index in enumerate(chosen):
                 logprob[index], greedy[index], tokens[index] = sums[slot], all_greedy[slot], counts[slot]
             if bar is not None:
