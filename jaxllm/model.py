@@ -559,6 +559,11 @@ def count_params(params: Params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+def param_bytes(params: Params) -> int:
+    """Bytes of a params tree (arrays or ShapeDtypeStructs) in its own dtypes."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, num_params: int | None = None) -> float:
     """Training FLOPs per token: 6 * (non-embedding matmul params + output head) + attention
     12 * L * T * (N * H) (QK^T and AV, forward + backward, full causal T x T as XLA computes it)."""

@@ -94,10 +94,6 @@ class StepBuild:
                                                self.reference_abstract, jax.ShapeDtypeStruct((), jnp.float32))
 
 
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
-
-
 def _leading_rows(batch: dict) -> int:
     return next(value.shape[0] for value in batch.values() if np.ndim(value))
 
@@ -223,4 +219,4 @@ def build(config: Config, mesh: jax.sharding.Mesh, loss_fn: stages_lib.LossFn | 
     return StepBuild(config, mesh, stage, graphdef, optimizer, heads, abstract_params, base_abstract, abstract_state,
                      shardings, reference, train_step, steps_lib.build_eval_step(config, forward_graphdef, eval_loss),
                      forward_graphdef, steps_lib.build_train_loss(config, graphdef, loss_fn),
-                     train_row_groups(config, mesh, stage, _nbytes(abstract_params)))
+                     train_row_groups(config, mesh, stage, model_lib.param_bytes(abstract_params)))
