@@ -214,7 +214,7 @@ class GenerateCase:
     sampled at temperature 1 (the rl rollouts' setting), in `generate`'s row groups side by side (one host
     thread each; `generate_lib.host_row_groups`). Every round also times the forward pass of
     the train step at the same batch ([batch, prompt_len + new_tokens], the rollout rows the update
-    scores; in the train step's row groups, `jaxllm.row_groups.cpu_row_groups`), so that decode is compared
+    scores; in the train step's row groups, `step_builder.train_row_groups`), so that decode is compared
     with prefill and with that forward pass within each round.
     `run_once()` returns the greedy decode time; the others are kept beside it."""
 
@@ -247,7 +247,8 @@ class GenerateCase:
                         for g in range(self.groups)]
         self.row_offsets = [np.int32(g * group_rows) for g in range(self.groups)]
         segments = jnp.ones((group_rows, prompt_len), jnp.int32)
-        self.forward_groups = row_groups_lib.cpu_row_groups(batch, mesh)  # as the train step splits the batch
+        self.forward_groups = step_builder.train_row_groups(  # as the train step splits the batch
+            config, mesh, stages.get(config.train.stage), model_lib.param_bytes(abstract_params))
         forward_rows = batch // self.forward_groups
         self.forward_inputs = [jnp.asarray(tokens[g * forward_rows:(g + 1) * forward_rows])
                                for g in range(self.forward_groups)]
@@ -284,7 +285,7 @@ class GenerateCase:
         self.flops_per_token = model_lib.flops_per_token(config.model, int(mean_context)) / 3
         self.flops_per_step = self.tokens_per_step * self.flops_per_token
         itemsize = jnp.dtype(config.model.dtype).itemsize
-        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        param_bytes = model_lib.param_bytes(self.params)
         m = config.model
         kv_bytes = 2 * m.num_layers * batch * max_length * m.num_kv_heads * m.resolved_head_dim * itemsize
         self.bytes_per_decode_step = param_bytes + kv_bytes  # weights + the whole cache, read once per token
