@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Mapping
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -28,20 +30,49 @@ class TrainState:
     rng: jax.Array
 
 
-def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    peak = config.learning_rate
+def optimizer_values(config: OptimizerConfig, total_steps: int) -> dict[str, float]:
+    """The numbers of an optimizer config that the update may take as program inputs (`make_optimizer`'s
+    `values`): the learning-rate schedule's, the weight decay and the clipping norm. The Adam betas and
+    epsilon stay constants of the program: optax computes 1 - beta inside it, which in float32 would change
+    the updates. The schedule's products of constants are folded here, in float32, as XLA folds them in
+    optax's schedules (a division by a step count becomes a product with its reciprocal), so the learning
+    rate is bitwise the same whether these numbers are constants or inputs."""
+    peak, ratio = config.learning_rate, config.min_lr_ratio
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
-    end = peak * config.min_lr_ratio
-    if config.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
-    elif config.schedule == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
+    end = peak * ratio
+    f32 = np.float32
+    return {"peak": peak, "warmup": warmup, "inverse_warmup": float(f32(1) / f32(warmup)) if warmup else 0.0,
+            "decay_steps": decay_steps, "inverse_decay_steps": float(f32(1) / f32(decay_steps)),
+            "angle_per_step": float(f32(np.pi) * (f32(1) / f32(decay_steps))),
+            "alpha": ratio, "half_one_minus_alpha": float(f32(0.5) * f32(1 - ratio)), "end": end,
+            "peak_minus_end": peak - end, "weight_decay": config.weight_decay,
+            "grad_clip_norm": config.grad_clip_norm}
+
+
+def learning_rate_at(count: jax.Array, kind: str, values: Mapping[str, Any]) -> jax.Array:
+    """[] learning rate after `count` updates: linear warmup from 0 to values['peak'] over values['warmup']
+    updates, then `kind` ("cosine" to peak * alpha, "linear" to values['end'], or "constant") over
+    values['decay_steps']. optax's join_schedules(linear_schedule, cosine_decay_schedule / linear_schedule /
+    constant_schedule) on `optimizer_values`, which may be traced arrays (optax's constructors need concrete
+    step counts); tests/test_steps.py checks it against optax bit for bit."""
+    peak, warmup, decay_steps = values["peak"], values["warmup"], values["decay_steps"]
+    warm = (-peak) * (1 - jnp.clip(count, 0, warmup) * values["inverse_warmup"]) + peak
+    decay_count = count - warmup
+    if kind == "cosine":
+        cosine = jnp.cos(jnp.minimum(decay_count, decay_steps) * values["angle_per_step"])
+        decayed = ((cosine + 1) * values["half_one_minus_alpha"] + values["alpha"]) * peak
+    elif kind == "linear":
+        remaining = 1 - jnp.clip(decay_count, 0, decay_steps) * values["inverse_decay_steps"]
+        decayed = values["peak_minus_end"] * remaining + values["end"]
     else:
-        decay = optax.constant_schedule(peak)
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+        decayed = jnp.broadcast_to(jnp.asarray(peak, jnp.float32), jnp.shape(count))
+    return jnp.where(count < warmup, warm, decayed)
+
+
+def learning_rate(config: OptimizerConfig, total_steps: int, count: int) -> float:
+    """The learning rate of the update after `count` updates, on the host."""
+    return float(learning_rate_at(jnp.int32(count), config.schedule, optimizer_values(config, total_steps)))
 
 
 def weight_decay_mask(params: Params, decay_embeddings: bool) -> Params:
@@ -58,11 +89,17 @@ def weight_decay_mask(params: Params, decay_embeddings: bool) -> Params:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(config, total_steps)
+def make_optimizer(config: OptimizerConfig, total_steps: int,
+                   values: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping (when config.grad_clip_norm > 0) and AdamW with the config's schedule. `values`:
+    `optimizer_values` as arrays, given where the update is traced with them as inputs, so that one compiled
+    update serves every stage whose optimizers differ only in these numbers (the persistent compilation
+    cache then finds it); the same state and the same arithmetic as with the config's numbers."""
+    values = optimizer_values(config, total_steps) if values is None else values
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=config.beta1, b2=config.beta2, eps=config.eps, weight_decay=config.weight_decay,
+        optax.clip_by_global_norm(values["grad_clip_norm"]) if config.grad_clip_norm > 0 else optax.identity(),
+        optax.adamw(functools.partial(learning_rate_at, kind=config.schedule, values=values), b1=config.beta1,
+                    b2=config.beta2, eps=config.eps, weight_decay=values["weight_decay"],
                     mask=lambda p: weight_decay_mask(p, config.decay_embeddings)),
     )
 

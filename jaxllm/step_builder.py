@@ -74,9 +74,11 @@ class StepBuild:
         if self.row_groups > 1:
             gradients = jax.jit(functools.partial(steps_lib.accumulate_gradients, self.loss_fn,
                                                   micro_batches=self.config.train.grad_accum_steps))
-            update = jax.jit(functools.partial(steps_lib.apply_gradients, optimizer=self.optimizer),
+            update = jax.jit(functools.partial(_update_with_values, self.config.optimizer, self.config.train.steps),
                              out_shardings=(self.state_shardings, replicated), donate_argnums=(0,) if donate else ())
-            return RowGroupedStep(gradients, update, self.row_groups, self.mesh)
+            values = jax.device_put({k: np.float32(v) for k, v in state_lib.optimizer_values(
+                self.config.optimizer, self.config.train.steps).items()}, replicated)
+            return RowGroupedStep(gradients, update, jax.jit(_summarize_parts), self.row_groups, values, self.mesh)
         return jax.jit(self.train_step,
                        in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
                                      self.reference_shardings, replicated),
@@ -98,16 +100,35 @@ def _leading_rows(batch: dict) -> int:
     return next(value.shape[0] for value in batch.values() if np.ndim(value))
 
 
+def _update_with_values(optimizer_config, total_steps: int, state, grads: list, losses: list, loss_limit,
+                        optimizer_values: dict):
+    """`steps.update_state` on row groups' parts with the optimizer's numbers as inputs: the program is the
+    same for every stage with the same params, optimizer kind, betas and epsilon (pretraining, SFT and DPO
+    of the default pipeline compile it once; the persistent cache serves the rest)."""
+    optimizer = state_lib.make_optimizer(optimizer_config, total_steps, values=optimizer_values)
+    return steps_lib.update_state(state, grads, [loss for loss, _ in losses], [den for _, den in losses], loss_limit,
+                                  optimizer=optimizer)
+
+
+def _summarize_parts(parts: list) -> dict:
+    """Row groups' (loss sum, denominator, metric sums) -> the step's loss metrics (`steps.summarize`)."""
+    return steps_lib.summarize(*steps_lib.sum_parts(parts))
+
+
 @dataclasses.dataclass
 class RowGroupedStep:
     """The train step `(state, batch, reference_params, loss_limit) -> (state, metrics)` as one gradient
-    program per group of the batch's rows, run side by side on host threads (`jaxllm.row_groups`), and one
-    update program that sums their parts in group order (`steps.apply_gradients`). The same update as the
-    one-program step up to the order of the float sums; `lower(...).compile()` compiles both programs."""
+    program per group of the batch's rows, run side by side on host threads (`jaxllm.row_groups`), then one
+    update program that sums their gradients in group order (`steps.update_state`, the optimizer's numbers
+    as inputs: `state.optimizer_values`) and a small program that sums their loss metrics (`steps.summarize`).
+    The same update as the one-program step up to the order of the float sums; `lower(...).compile()`
+    compiles all three programs."""
 
     gradients: Any  # jitted or compiled (params, a group's batch, reference_params) -> accumulate_gradients' sums
-    update: Any  # jitted or compiled (state, [parts], loss_limit) -> (state, metrics)
+    update: Any  # jitted or compiled (state, [grads], [(loss sum, denominator)], loss_limit, values) -> (state, metrics)
+    metrics: Any  # jitted or compiled [(loss sum, denominator, metric sums)] -> metrics
     groups: int
+    optimizer_values: dict  # [] float32 arrays: `state.optimizer_values`
     mesh: jax.sharding.Mesh | None = None
 
     def __call__(self, state, batch, reference_params, loss_limit):
@@ -118,7 +139,10 @@ class RowGroupedStep:
             return jax.block_until_ready(self.gradients(state.params, rows_of_group, reference_params))
 
         parts = row_groups_lib.map_row_groups(part, self.groups, self.mesh)
-        return self.update(state, parts, loss_limit)
+        loss_metrics = self.metrics([part[:3] for part in parts])
+        new_state, update_metrics = self.update(state, [part[3] for part in parts], [part[:2] for part in parts],
+                                                loss_limit, self.optimizer_values)
+        return new_state, {**loss_metrics, **update_metrics}
 
     def memory_analysis(self):
         """After compile(): the update program's arguments, outputs and aliases (the state and every group's
@@ -144,8 +168,11 @@ class RowGroupedStep:
         group_batch = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) if np.ndim(v) else v
                        for k, v in batch.items()}
         part = jax.eval_shape(self.gradients, state.params, group_batch, reference_params)
-        return _LoweredRowGroupedStep(self, self.gradients.lower(state.params, group_batch, reference_params),
-                                      self.update.lower(state, [part] * self.groups, loss_limit))
+        return _LoweredRowGroupedStep(
+            self, self.gradients.lower(state.params, group_batch, reference_params),
+            self.update.lower(state, [part[3]] * self.groups, [part[:2]] * self.groups, loss_limit,
+                              self.optimizer_values),
+            self.metrics.lower([part[:3]] * self.groups))
 
 
 @dataclasses.dataclass
@@ -153,9 +180,11 @@ class _LoweredRowGroupedStep:
     step: RowGroupedStep
     gradients: Any
     update: Any
+    metrics: Any
 
     def compile(self) -> RowGroupedStep:
-        return dataclasses.replace(self.step, gradients=self.gradients.compile(), update=self.update.compile())
+        return dataclasses.replace(self.step, gradients=self.gradients.compile(), update=self.update.compile(),
+                                   metrics=self.metrics.compile())
 
 
 # The default's limits: measured on 2 cores only (+3 to +19% at d256 x 4 layers); every group holds a gradient

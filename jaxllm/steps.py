@@ -173,27 +173,38 @@ def train_step(state: TrainState, batch: Batch, reference_params=None, loss_limi
 
 def apply_gradients(state: TrainState, totals, loss_limit=jnp.inf, *, optimizer: optax.GradientTransformation):
     """The update from `accumulate_gradients`' (loss sum, denominator, metric sums, gradient sums), or from a
-    list of them (row groups: summed in order first): gradients divided by the denominator once, the
-    optimizer step, and the skip of a non-finite or over-limit update (see `train_step`)."""
-    if isinstance(totals, list):
-        totals = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), totals)
-    loss_sum, denominator, sums, grads = totals
+    list of them (row groups: summed in order first): the metrics (`summarize`) and `update_state`."""
+    loss_sum, denominator, sums, grads = sum_parts(totals) if isinstance(totals, list) else totals
+    new_state, update_metrics = update_state(state, grads, loss_sum, denominator, loss_limit, optimizer=optimizer)
+    return new_state, {**summarize(loss_sum, denominator, sums), **update_metrics}
+
+
+def sum_parts(parts: list) -> Any:
+    """The elementwise sum of equally structured trees, in list order (row groups' partial sums)."""
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
+
+
+def update_state(state: TrainState, grads, loss_sum: jax.Array, denominator: jax.Array, loss_limit=jnp.inf, *,
+                 optimizer: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+    """The optimizer step on the gradient sums divided once by the denominator, skipped (params and optimizer
+    state kept) when the loss (loss_sum / denominator) or the gradient norm is non-finite or the loss exceeds
+    `loss_limit` (see `train_step`). Each input may be a list of row groups' parts (summed in order first).
+    Metrics: grad_norm, skipped, nonfinite_update."""
+    grads, loss_sum, denominator = (sum_parts(x) if isinstance(x, list) else x for x in (grads, loss_sum, denominator))
     grads = jax.tree.map(lambda g: g / jnp.maximum(denominator, 1e-9), grads)
-    metrics = summarize(loss_sum, denominator, sums)
+    loss = losses.safe_mean(loss_sum, denominator)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     # The updated params must be finite too: a non-finite learning rate or optimizer setting turns a finite
     # gradient into a non-finite update, which must be skipped (and blamed on the update, not the data).
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
-    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
-          & params_finite)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_limit) & params_finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                               opt_state=keep(new_opt_state, state.opt_state))
-    metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32),
-                   nonfinite_update=1.0 - params_finite.astype(jnp.float32))
-    return new_state, metrics
+    return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
+                       "nonfinite_update": 1.0 - params_finite.astype(jnp.float32)}
 
 
 def eval_step(params, batch: Batch, reference_params=None, *, loss_fn: LossFn) -> Metrics:

@@ -120,9 +120,8 @@ def _learning_rates_at(saved: dict, config: Config, step: int) -> tuple[float, f
     saved_optimizer = dataclasses.replace(config.optimizer, **{k: v for k, v in (saved.get("optimizer") or {}).items()
                                                                if k in names})
     saved_steps = int((saved.get("train") or {}).get("steps", config.train.steps))
-    old = state_lib.learning_rate_schedule(saved_optimizer, saved_steps)(step)
-    new = state_lib.learning_rate_schedule(config.optimizer, config.train.steps)(step)
-    return float(old), float(new)
+    return (state_lib.learning_rate(saved_optimizer, saved_steps, step),
+            state_lib.learning_rate(config.optimizer, config.train.steps, step))
 
 
 def setup(config: Config, workdir: str | Path, mesh: jax.sharding.Mesh | None = None, tokenizer=None,

@@ -126,3 +126,21 @@ def test_map_on_threads_yields_every_call_in_order_and_host_workers(monkeypatch)
     monkeypatch.setattr(row_groups.cpu_levers, "available_cpus", lambda: 16)
     assert row_groups.host_workers() == 4
     assert row_groups.host_workers(sharding_lib.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])) == 1
+
+
+def _update_program_text(*overrides) -> str:
+    config = tiny_config("train.batch_size=8", "mesh.num_devices=1", "train.row_groups=2", *overrides)
+    built = step_builder.build(config, sharding_lib.make_mesh(config.mesh))
+    return built.lower().update.as_text()
+
+
+def test_stages_whose_optimizers_differ_only_in_their_numbers_share_one_update_program():
+    """The update takes the learning-rate schedule, weight decay and clipping norm as inputs, so pretraining,
+    SFT and DPO with the default recipes' optimizers lower to the same program (one compile, then the
+    persistent cache); a different kind of schedule is another program."""
+    pretrain = _update_program_text("train.stage=pretrain", "train.steps=600", "optimizer.learning_rate=3e-3",
+                                    "optimizer.warmup_steps=20", "optimizer.weight_decay=0.1")
+    dpo = _update_program_text("train.stage=dpo", "train.steps=120", "optimizer.learning_rate=1e-4",
+                               "optimizer.warmup_steps=5", "optimizer.weight_decay=0.0", "optimizer.grad_clip_norm=0.5")
+    assert dpo == pretrain
+    assert _update_program_text("train.stage=pretrain", "optimizer.schedule=linear") != pretrain

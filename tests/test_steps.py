@@ -13,7 +13,7 @@ from jaxllm import stages
 from jaxllm import state as state_lib
 from jaxllm import steps as steps_lib
 from jaxllm import train as train_lib
-from jaxllm.config import MeshConfig
+from jaxllm.config import MeshConfig, OptimizerConfig
 
 from helpers import SyntheticIterator, assert_adam_trained_params_close, assert_gradients_close, tiny_config
 
@@ -179,3 +179,36 @@ def test_adam_params_comparison_allows_a_flipped_near_zero_gradient_but_catches_
     lost = train(lambda g: {**tiny_first_element(g, 1.0), "embed": g["embed"].at[: g["embed"].shape[0] // 2].set(0)})
     with pytest.raises(AssertionError):
         assert_adam_trained_params_close(lost, expected, params, config, 3)
+
+
+def _optax_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The schedule built from optax's own constructors (what state.make_optimizer used before its numbers
+    could be program inputs)."""
+    peak = config.learning_rate
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    decay = {"cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio),
+             "linear": lambda: optax.linear_schedule(peak, peak * config.min_lr_ratio, decay_steps),
+             "constant": lambda: optax.constant_schedule(peak)}[config.schedule]()
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("learning_rate, warmup, ratio, total_steps",
+                         [(3e-3, 20, 0.1, 600), (1e-4, 5, 0.1, 120), (1e-3, 0, 0.0, 50), (7e-4, 10, 0.37, 1)])
+def test_learning_rate_schedule_is_optax_bit_for_bit_as_constants_and_as_program_inputs(
+        kind, learning_rate, warmup, ratio, total_steps):
+    """Each count's learning rate from a scalar program, as the update computes it: optax's schedule (whose
+    constant products XLA folds), ours on the numbers as constants, and ours on them as inputs."""
+    config = OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup, schedule=kind, min_lr_ratio=ratio)
+    values = state_lib.optimizer_values(config, total_steps)
+    inputs = {key: np.float32(value) for key, value in values.items()}
+    optax_program = jax.jit(_optax_schedule(config, total_steps))
+    as_constants = jax.jit(lambda count: state_lib.learning_rate_at(count, kind, values))
+    as_inputs = jax.jit(lambda count, v: state_lib.learning_rate_at(count, kind, v))
+    for count in map(np.int32, range(total_steps + 5)):
+        expected = np.asarray(optax_program(count))
+        assert np.asarray(as_constants(count)) == expected, count
+        assert np.asarray(as_inputs(count, inputs)) == expected, count
