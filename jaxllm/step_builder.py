@@ -74,8 +74,11 @@ class StepBuild:
         if self.row_groups > 1:
             gradients = jax.jit(functools.partial(steps_lib.accumulate_gradients, self.loss_fn,
                                                   micro_batches=self.config.train.grad_accum_steps))
+            # The state is not donated: where the update is skipped the step returns it (`RowGroupedStep`); the
+            # groups' gradients are, and their buffers take the new state.
             update = jax.jit(functools.partial(_update_with_values, self.config.optimizer, self.config.train.steps),
-                             out_shardings=(self.state_shardings, replicated), donate_argnums=(0,) if donate else ())
+                             out_shardings=(self.state_shardings, replicated, replicated),
+                             donate_argnums=(1,) if donate else ())
             values = jax.device_put({k: np.float32(v) for k, v in state_lib.optimizer_values(
                 self.config.optimizer, self.config.train.steps).items()}, replicated)
             return RowGroupedStep(gradients, update, jax.jit(_summarize_parts), self.row_groups, values, self.mesh)
@@ -102,12 +105,12 @@ def _leading_rows(batch: dict) -> int:
 
 def _update_with_values(optimizer_config, total_steps: int, state, grads: list, losses: list, loss_limit,
                         optimizer_values: dict):
-    """`steps.update_state` on row groups' parts with the optimizer's numbers as inputs: the program is the
+    """`steps.propose_update` on row groups' parts with the optimizer's numbers as inputs: the program is the
     same for every stage with the same params, optimizer kind, betas and epsilon (pretraining, SFT and DPO
     of the default pipeline compile it once; the persistent cache serves the rest)."""
     optimizer = state_lib.make_optimizer(optimizer_config, total_steps, values=optimizer_values)
-    return steps_lib.update_state(state, grads, [loss for loss, _ in losses], [den for _, den in losses], loss_limit,
-                                  optimizer=optimizer)
+    return steps_lib.propose_update(state, grads, [loss for loss, _ in losses], [den for _, den in losses],
+                                    loss_limit, optimizer=optimizer)
 
 
 def _summarize_parts(parts: list) -> dict:
@@ -119,13 +122,17 @@ def _summarize_parts(parts: list) -> dict:
 class RowGroupedStep:
     """The train step `(state, batch, reference_params, loss_limit) -> (state, metrics)` as one gradient
     program per group of the batch's rows, run side by side on host threads (`jaxllm.row_groups`), then one
-    update program that sums their gradients in group order (`steps.update_state`, the optimizer's numbers
+    update program that sums their gradients in group order (`steps.propose_update`, the optimizer's numbers
     as inputs: `state.optimizer_values`) and a small program that sums their loss metrics (`steps.summarize`).
-    The same update as the one-program step up to the order of the float sums; `lower(...).compile()`
-    compiles all three programs."""
+    The skip is decided here, on the host: the step returns the update program's state where it is ok, else
+    the state it was given (one step further), instead of a select over the whole state inside the program
+    (a second pass over params and optimizer state: 15.3 -> 7.9 ms at d256 x 4 layers). The same update
+    as the one-program step up to the order of the float sums; `lower(...).compile()` compiles all three
+    programs."""
 
     gradients: Any  # jitted or compiled (params, a group's batch, reference_params) -> accumulate_gradients' sums
-    update: Any  # jitted or compiled (state, [grads], [(loss sum, denominator)], loss_limit, values) -> (state, metrics)
+    update: Any  # jitted or compiled (state, [grads], [(loss sum, denominator)], loss_limit, values)
+    #              -> (updated state, ok, metrics)
     metrics: Any  # jitted or compiled [(loss sum, denominator, metric sums)] -> metrics
     groups: int
     optimizer_values: dict  # [] float32 arrays: `state.optimizer_values`
@@ -140,8 +147,9 @@ class RowGroupedStep:
 
         parts = row_groups_lib.map_row_groups(part, self.groups, self.mesh)
         loss_metrics = self.metrics([part[:3] for part in parts])
-        new_state, update_metrics = self.update(state, [part[3] for part in parts], [part[:2] for part in parts],
-                                                loss_limit, self.optimizer_values)
+        candidate, ok, update_metrics = self.update(state, [part[3] for part in parts], [part[:2] for part in parts],
+                                                    loss_limit, self.optimizer_values)
+        new_state = candidate if bool(ok) else state.replace(step=candidate.step)
         return new_state, {**loss_metrics, **update_metrics}
 
     def memory_analysis(self):

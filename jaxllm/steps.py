@@ -190,6 +190,17 @@ def update_state(state: TrainState, grads, loss_sum: jax.Array, denominator: jax
     state kept) when the loss (loss_sum / denominator) or the gradient norm is non-finite or the loss exceeds
     `loss_limit` (see `train_step`). Each input may be a list of row groups' parts (summed in order first).
     Metrics: grad_norm, skipped, nonfinite_update."""
+    candidate, ok, metrics = propose_update(state, grads, loss_sum, denominator, loss_limit, optimizer=optimizer)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    return state.replace(step=candidate.step, params=keep(candidate.params, state.params),
+                         opt_state=keep(candidate.opt_state, state.opt_state)), metrics
+
+
+def propose_update(state: TrainState, grads, loss_sum: jax.Array, denominator: jax.Array, loss_limit=jnp.inf, *,
+                   optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array, Metrics]:
+    """`update_state` before its skip: (the updated state, ok: [] bool, whether to keep it, metrics). Keeping the
+    old params and optimizer state where not ok is the caller's (a select over the whole state inside the program
+    costs a second pass over it: on CPU the row-grouped step decides on the host)."""
     grads, loss_sum, denominator = (sum_parts(x) if isinstance(x, list) else x for x in (grads, loss_sum, denominator))
     grads = jax.tree.map(lambda g: g / jnp.maximum(denominator, 1e-9), grads)
     loss = losses.safe_mean(loss_sum, denominator)
@@ -200,11 +211,9 @@ def update_state(state: TrainState, grads, loss_sum: jax.Array, denominator: jax
     # gradient into a non-finite update, which must be skipped (and blamed on the update, not the data).
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_limit) & params_finite
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt_state, state.opt_state))
-    return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
-                       "nonfinite_update": 1.0 - params_finite.astype(jnp.float32)}
+    candidate = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state)
+    return candidate, ok, {"grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
+                           "nonfinite_update": 1.0 - params_finite.astype(jnp.float32)}
 
 
 def eval_step(params, batch: Batch, reference_params=None, *, loss_fn: LossFn) -> Metrics:

@@ -144,3 +144,24 @@ def test_stages_whose_optimizers_differ_only_in_their_numbers_share_one_update_p
                                "optimizer.warmup_steps=5", "optimizer.weight_decay=0.0", "optimizer.grad_clip_norm=0.5")
     assert dpo == pretrain
     assert _update_program_text("train.stage=pretrain", "optimizer.schedule=linear") != pretrain
+
+
+def test_the_row_grouped_step_keeps_the_state_where_the_update_is_skipped():
+    """The skip is decided on the host: a loss over the limit returns the given params and optimizer state
+    (one step further), and the next ok update goes on from them."""
+    config = tiny_config("train.batch_size=4", "mesh.num_devices=1", "train.row_groups=2")
+    mesh = sharding_lib.make_mesh(config.mesh)
+    built = step_builder.build(config, mesh)
+    state = state_lib.create_state(model_lib.init_model(config.model, 0)[1], built.optimizer, 0)
+    before = jax.device_get((state.params, state.opt_state))
+    data = SyntheticIterator("pretrain", 4, config.data.seq_len, config.model.vocab_size)
+    step = built.jit_train_step()
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, sharding_lib.place_batch(data.batch_at(0), mesh), None, np.float32(-np.inf))
+        assert float(metrics["skipped"]) == 1.0 and int(state.step) == 1
+        for a, b in zip(jax.tree.leaves(jax.device_get((state.params, state.opt_state))), jax.tree.leaves(before)):
+            np.testing.assert_array_equal(a, b)
+        state, metrics = step(state, sharding_lib.place_batch(data.batch_at(1), mesh), None, np.float32(np.inf))
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 2
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                                                        jax.tree.leaves(before[0])))
