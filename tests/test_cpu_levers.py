@@ -1,6 +1,7 @@
 """CPU ISA detection, the per-ISA lever table the CLI reads, and the lever study's worker protocol."""
 
 import os
+import sys
 
 import jax
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from jaxllm import cli, cpu_levers
 from jaxllm.bench import levers as bench_levers
 from jaxllm.bench.cases import BenchSettings
+from jaxllm.errors import UsageError
 
 AVX2_FLAGS = "fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx avx2 bmi2"
 CPUINFO = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
@@ -116,3 +118,28 @@ def test_a_lever_process_compiles_once_and_answers_one_interleaved_round_per_req
     for result in (first, second):
         assert len(result["times"]) == 2 and min(result["times"]) > 0 and result["ceiling_tflops"] > 0
         assert result["tokens_per_step"] == [2 * 16, 2 * 16] and min(result["fractions"]) > 0
+
+
+def test_the_study_measures_only_the_levers_asked_for():
+    reference = bench_levers.reference_env({}, "0.10.2")
+    process = bench_levers.process_levers(reference, None)
+    config, others = bench_levers.select_levers(bench_levers.CONFIG_LEVERS, process, ("malloc", "attention"))
+    assert [lever.name for lever in config] == ["attention"] and [lever.name for lever in others] == ["malloc"]
+    config, others = bench_levers.select_levers(bench_levers.CONFIG_LEVERS, process, ())
+    assert len(config) == len(bench_levers.CONFIG_LEVERS) and len(others) == len(process)
+    with pytest.raises(UsageError, match="--lever malloc_typo: not a lever .*choose from attention, .*malloc"):
+        bench_levers.select_levers(bench_levers.CONFIG_LEVERS, process, ("malloc_typo",))
+
+
+def test_a_lever_process_that_dies_mid_study_is_named_with_the_signal_that_killed_it():
+    # A stand-in worker: answers "ready", then is killed (as the out-of-memory killer would) on its first round.
+    worker = ("import json, os, signal, sys; print('LEVERS ' + json.dumps({'ready': True}), flush=True); "
+              "sys.stdin.readline(); os.kill(os.getpid(), signal.SIGKILL)")
+    settings = BenchSettings(preset="micro", batch_size=2, seq_len=16)
+    process = bench_levers._Process("malloc", {}, settings, [], command=[sys.executable, "-c", worker])
+    assert process.ready == {"ready": True}
+    with pytest.raises(RuntimeError, match="'malloc' was killed by SIGKILL .*out-of-memory.*--lever NAME"):
+        process.round()
+    process.close()
+    with pytest.raises(RuntimeError, match="'exits' exited \\(code 3\\) before answering"):
+        bench_levers._Process("exits", {}, settings, [], command=[sys.executable, "-c", "raise SystemExit(3)"])

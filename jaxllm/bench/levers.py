@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,7 @@ class _Process:
     """A worker process of the study: started with its environment, asked for one round at a time."""
 
     def __init__(self, tag: str, env_changes: dict[str, str | None], settings: BenchSettings,
-                 variants: list[tuple[str, list[str], bool]]):
+                 variants: list[tuple[str, list[str], bool]], command: list[str] | None = None):
         env = dict(os.environ)
         env["JAXLLM_NO_REEXEC"] = "1"
         for key, value in env_changes.items():
@@ -184,8 +185,8 @@ class _Process:
                 env[key] = value
         self.tag = tag
         spec = json.dumps({"settings": dataclasses.asdict(settings), "variants": variants})
-        self.process = subprocess.Popen([sys.executable, "-m", "jaxllm.bench.levers", "--worker", spec], env=env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        command = command or [sys.executable, "-m", "jaxllm.bench.levers", "--worker", spec]
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
         self.rounds: list[dict] = []
 
@@ -193,20 +194,38 @@ class _Process:
         for line in self.process.stdout:
             if line.startswith("LEVERS "):
                 return json.loads(line[len("LEVERS "):])
+        raise self._died()
+
+    def _died(self) -> RuntimeError:
         code = self.process.wait()
-        raise RuntimeError(f"the lever process '{self.tag}' exited (code {code}) before answering; "
-                           "its error is printed above")
+        if code < 0:  # killed by a signal
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            cause = (" (SIGKILL: most often the out-of-memory killer; every process of the study holds its "
+                     "compiled variants at once: measure fewer levers with --lever NAME, or a smaller model)"
+                     if -code == signal.SIGKILL else "")
+            return RuntimeError(f"the lever process '{self.tag}' was killed by {name}{cause}")
+        return RuntimeError(f"the lever process '{self.tag}' exited (code {code}) before answering; "
+                            "its error is printed above")
 
     def round(self) -> dict:
-        self.process.stdin.write("round\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("round\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
         result = self._read()
         self.rounds.append(result)
         return result
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.close()
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:  # it died meanwhile
+                pass
             self.process.wait(timeout=60)
 
 
@@ -226,8 +245,23 @@ def _host_device_count(settings: BenchSettings) -> int:
     return cores if cores > 1 and batch and batch % cores == 0 and not settings.mesh else 0
 
 
-def run_study(settings: BenchSettings, log=print) -> dict:
-    """Starts the processes, runs `settings.steps` rounds, and returns every measurement (JSON-ready)."""
+def select_levers(config_levers: tuple[Lever, ...], process_levers_: list[Lever], only: tuple[str, ...]
+                  ) -> tuple[list[Lever], list[Lever]]:
+    """The config and process levers named in `only` (all where it is empty); an unknown name is a usage
+    error that lists the levers this run can measure."""
+    known = [lever.name for lever in (*config_levers, *process_levers_)]
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise UsageError(f"--lever {', '.join(unknown)}: not a lever this run can measure; choose from "
+                         f"{', '.join(known)}")
+    keep = lambda lever: not only or lever.name in only  # noqa: E731
+    return [lever for lever in config_levers if keep(lever)], [lever for lever in process_levers_ if keep(lever)]
+
+
+def run_study(settings: BenchSettings, log=print, only: tuple[str, ...] = ()) -> dict:
+    """Starts the processes, runs `settings.steps` rounds, and returns every measurement (JSON-ready).
+    `only`: the names of the levers to measure (default: every lever; fewer levers, fewer processes and
+    less memory: each process holds its compiled variants for the whole study)."""
     if settings.steps < 1:
         raise UsageError("--steps must be at least 1 (rounds of the lever study)")
     import importlib.metadata
@@ -237,9 +271,10 @@ def run_study(settings: BenchSettings, log=print) -> dict:
     cpu = cpu_levers.cpu_info()
     isa = cpu_levers.effective_isa(cpu["isa"], reference.get("XLA_FLAGS") or "")
     study_settings = reference_settings(settings)
+    config_levers, others = select_levers(
+        CONFIG_LEVERS, process_levers(reference, find_tcmalloc(), _host_device_count(settings)), only)
     reference_variants = [("reference", [], True)] + [
-        (lever.name, list(lever.overrides), lever.donate) for lever in CONFIG_LEVERS]
-    others = process_levers(reference, find_tcmalloc(), _host_device_count(settings))
+        (lever.name, list(lever.overrides), lever.donate) for lever in config_levers]
     processes: list[_Process] = []
     try:
         log(f"compiling the reference process ({len(reference_variants)} variants) ...")
@@ -271,7 +306,7 @@ def run_study(settings: BenchSettings, log=print) -> dict:
 
     reference_times = column(reference_process, "times", 0)
     rows = []
-    for index, lever in enumerate(CONFIG_LEVERS, start=1):
+    for index, lever in enumerate(config_levers, start=1):
         variant = column(reference_process, "times", index)
         with_, without = (reference_times, variant) if lever.on_in_reference else (variant, reference_times)
         rows.append({"lever": lever.name, "description": lever.description, "kind": lever.kind,

@@ -15,6 +15,7 @@ from jaxllm.bench.levers import format_study, run_study
 from jaxllm.bench.profile import format_profile
 from jaxllm.bench.report import append_history, describe, format_table, process_index
 from jaxllm.bench.run import run_bench
+from jaxllm.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="", help="write a jax.profiler trace of the timed steps here")
     parser.add_argument("--levers", action="store_true",
                         help="measure the CPU speed levers A/B (several processes) and print the table")
+    parser.add_argument("--lever", action="append", default=[], metavar="NAME",
+                        help="with --levers: measure only this lever (repeatable; default: every lever)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every variant, e.g. model.remat=full")
     return parser
@@ -58,9 +61,9 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def lever_study(settings: BenchSettings, json_path: str, log) -> int:
-    """Runs the study, prints the table and writes the JSON to --json (if given)."""
-    study = run_study(settings, log=log)
+def lever_study(settings: BenchSettings, json_path: str, log, only: tuple[str, ...] = ()) -> int:
+    """Runs the study (of the levers in `only`, or all), prints the table and writes the JSON to --json."""
+    study = run_study(settings, log=log, only=only)
     print(format_study(study))
     if json_path:
         with open(json_path, "w") as handle:
@@ -72,8 +75,10 @@ def bench_command(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     settings = settings_from_args(args)
     log = (lambda *_: None) if args.quiet else _log
+    if args.lever and not args.levers:
+        raise UsageError("--lever NAME chooses what --levers measures: add --levers")
     if args.levers:
-        return lever_study(settings, args.json, log)
+        return lever_study(settings, args.json, log, tuple(args.lever))
     records = run_bench(settings, log=log)
     if process_index() != 0:
         return 0
