@@ -97,6 +97,8 @@ def test_generate_bench_ratios_are_medians_of_per_round_ratios():
 def test_bad_arguments_are_sentences_and_exit_2(tmp_path, capsys):
     assert main(["bench", *TINY, "--batch-size", "3", "--no-history"]) == 2
     assert "divisible" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--lever", "malloc", "--no-history"]) == 2  # chooses what --levers measures
+    assert "add --levers" in capsys.readouterr().err
     with pytest.raises(cases.BenchError, match="NAME:key=value"):
         run.parse_variant("model.attention=xla")
 
