@@ -203,7 +203,7 @@ class _Process:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
-            cause = (" (SIGKILL: most often the out-of-memory killer; every process of the study holds its "
+            cause = (" (most often the out-of-memory killer: every process of the study holds its "
                      "compiled variants at once: measure fewer levers with --lever NAME, or a smaller model)"
                      if -code == signal.SIGKILL else "")
             return RuntimeError(f"the lever process '{self.tag}' was killed by {name}{cause}")
