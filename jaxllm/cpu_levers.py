@@ -39,12 +39,14 @@ YNN_DOT_FLAG_JAXLIB = ("0.10.",)
 #     code only; the matmul libraries still dispatch on AVX-512): malloc +12.2%, YNN dots +23.5%, both
 #     +16.0%. On a real AVX2-only EPYC (issue 21, idle) the two together: +29% at S, +21% at d512 L8.
 #   AMX (Intel Xeon with AMX and AVX-512, 2 cores, jaxlib 0.10.2), `--levers` on the idle machine, thirteenth
-#     session: size S, 10 rounds: malloc +68.2% (80.2k minor page faults per step without it, 2 with it), YNN
-#     dots -8.0%, both +22.9%; size M, 5 rounds (`--lever malloc --lever ynn_dot --lever none`: all the levers
-#     at once do not fit 24 GiB at M): malloc +46.5% (729k faults per step without it), YNN dots -11.1%, both
-#     +36.9%. Before this entry the CLI applied nothing on AMX: the main job ran without the malloc settings.
+#     session, the reference being the CLI's process (malloc on, YNN flag off): size S, 10 rounds: malloc +12.3%
+#     (84.5k minor page faults per step without it, 2 with it), YNN dots -2.9%; size M, 5 rounds (`--lever malloc
+#     --lever ynn_dot --lever bf16`: all the levers at once do not fit 24 GiB at M): malloc +64.2% (754k faults
+#     per step without it), YNN dots -11.3%. With both on in the reference (the earlier study): S malloc +68.2%,
+#     YNN dots -8.0%; M +46.5%, -11.1%. Before this entry the CLI applied nothing on AMX.
+#   The AVX-512 and AVX2 entries were measured with every process lever on in the reference.
 LEVER_GAINS: dict[str, dict[str, float]] = {
-    "AMX": {"malloc": 0.682, "ynn_dot": -0.08},
+    "AMX": {"malloc": 0.123, "ynn_dot": -0.029},
     "AVX-512": {"malloc": 0.156, "ynn_dot": -0.002},
     "AVX2": {"malloc": 0.122, "ynn_dot": 0.235},
 }

@@ -143,3 +143,21 @@ def test_a_lever_process_that_dies_mid_study_is_named_with_the_signal_that_kille
     process.close()
     with pytest.raises(RuntimeError, match="'exits' exited \\(code 3\\) before answering"):
         bench_levers._Process("exits", {}, settings, [], command=[sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_the_reference_is_the_process_the_cli_runs_and_each_lever_is_switched_from_it():
+    # AVX-512 / AMX today: the CLI applies the malloc settings, not the YNN flag.
+    reference = bench_levers.reference_env({"XLA_FLAGS": "--a"}, "0.10.2", applied=("malloc",))
+    assert reference["XLA_FLAGS"] == "--a" and reference["MALLOC_ARENA_MAX"] == "1"
+    levers = {lever.name: lever for lever in bench_levers.process_levers(reference, None, ynn_known=True)}
+    assert levers["malloc"].on_in_reference and levers["malloc"].env["MALLOC_ARENA_MAX"] is None
+    assert not levers["ynn_dot"].on_in_reference  # measured by turning it on
+    assert levers["ynn_dot"].env["XLA_FLAGS"] == "--a " + cpu_levers.YNN_DOT_FLAG
+    assert levers["ynn_dot"].env["MALLOC_ARENA_MAX"] == "1"
+    assert "none" not in levers  # one lever on: turning "all" off is the malloc lever itself
+    # An ISA the table does not know: nothing applied, every process lever measured by turning it on.
+    bare = bench_levers.reference_env({}, "0.10.2", applied=())
+    assert bare["XLA_FLAGS"] is None and bare["MALLOC_ARENA_MAX"] is None
+    levers = {lever.name: lever for lever in bench_levers.process_levers(bare, None, ynn_known=True)}
+    assert not levers["malloc"].on_in_reference and levers["malloc"].env["MALLOC_MMAP_MAX_"] == "0"
+    assert not levers["ynn_dot"].on_in_reference and "none" not in levers

@@ -1,9 +1,10 @@
 """`jaxllm bench --levers`: every CPU speed lever measured on *this* CPU, interleaved in one run.
 
-The reference is the jaxllm default step in a process with every process lever on (the no-mmap malloc
-settings, YNNPACK for dots only). Each lever is then turned off (or, for the opt-in ones, on) alone:
-- config levers (attention kind, fused loss, unrolled layers, donation, row groups) are variants of the
-  reference process, interleaved step by step with the reference;
+The reference is the jaxllm default step in the process `jaxllm` runs on this CPU: the process levers that
+`jaxllm.cpu_levers.LEVER_GAINS` applies on its ISA (the no-mmap malloc settings, YNNPACK for dots only), the
+others off. Each lever is then switched alone (off where the reference has it, on where it does not):
+- config levers (attention kind, fused loss, bf16 compute, unrolled layers, donation, row groups) are variants
+  of the reference process, interleaved step by step with the reference;
 - process levers (environment variables read at process start: malloc, XLA flags, tcmalloc) need a
   process each. Every process compiles once and then waits; the parent runs them in rounds (one step
   of each variant per process per round, bracketed by a float32 matmul ceiling measured in the same
@@ -54,6 +55,8 @@ CONFIG_LEVERS = (
           "config", ("model.attention=xla",)),
     Lever("fused_loss", "fused chunked lm head + loss (model.loss_chunk_size=128)", "config",
           ("model.loss_chunk_size=128",), on_in_reference=False),
+    Lever("bf16", "bfloat16 compute with float32 master weights (model.dtype=bfloat16; opt-in: other numerics)",
+          "config", ("model.dtype=bfloat16",), on_in_reference=False),
     Lever("unrolled", "unrolled layers (model.scan_layers=auto on CPU) vs one scan over them", "config",
           ("model.scan_layers=true",)),
     Lever("donation", "donating the train state to the step", "config", (), donate=False),
@@ -66,12 +69,24 @@ def _flags_without_ynn(flags: str) -> str:
     return " ".join(f for f in flags.split() if "ynn_fusion_type" not in f)
 
 
-def reference_env(environ: dict[str, str], jaxlib_version: str) -> dict[str, str | None]:
-    """Every process lever on: no-mmap malloc, YNN for dots only (where this jaxlib knows the flag)."""
+PROCESS_LEVERS = ("malloc", "ynn_dot")
+
+
+def ynn_flag_known(jaxlib_version: str) -> bool:
+    """Whether this jaxlib knows the YNN flag (an unknown XLA flag aborts the process)."""
+    return jaxlib_version.startswith(cpu_levers.YNN_DOT_FLAG_JAXLIB)
+
+
+def reference_env(environ: dict[str, str], jaxlib_version: str,
+                  applied: tuple[str, ...] | list[str] = PROCESS_LEVERS) -> dict[str, str | None]:
+    """The reference process's environment: the process levers in `applied` on ('malloc': the no-mmap malloc
+    settings; 'ynn_dot': YNN for dots only, where this jaxlib knows the flag), the others off. The study passes
+    the levers the CLI applies on this CPU's ISA, so the config levers are measured in the process `jaxllm` runs."""
     flags = _flags_without_ynn(environ.get("XLA_FLAGS", ""))
-    if jaxlib_version.startswith(cpu_levers.YNN_DOT_FLAG_JAXLIB):
+    if "ynn_dot" in applied and ynn_flag_known(jaxlib_version):
         flags = (flags + " " + cpu_levers.YNN_DOT_FLAG).strip()
-    return {**cpu_levers.MALLOC_ENV, "XLA_FLAGS": flags or None, "LD_PRELOAD": None}
+    malloc = cpu_levers.MALLOC_ENV if "malloc" in applied else {key: None for key in cpu_levers.MALLOC_ENV}
+    return {**malloc, "XLA_FLAGS": flags or None, "LD_PRELOAD": None}
 
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -83,20 +98,30 @@ def host_devices_flags(flags: str, count: int) -> str:
     return " ".join(kept + [f"{HOST_DEVICES_FLAG}={count}"])
 
 
-def process_levers(reference: dict[str, str | None], tcmalloc: str | None, host_devices: int = 0) -> list[Lever]:
-    """Each process lever as the reference's environment with that lever switched. `host_devices` > 1 adds
-    the opt-in split of the CPU into that many XLA devices (the default mesh then runs data-parallel over
-    them: the batch must divide). The CLI never applies it (PERFORMANCE.md, tenth session: it moves the
+def process_levers(reference: dict[str, str | None], tcmalloc: str | None, host_devices: int = 0,
+                   ynn_known: bool = False) -> list[Lever]:
+    """Each process lever as the reference's environment with that lever switched: off where the reference
+    has it, on where it does not (`ynn_dot` only where this jaxlib knows the flag: `ynn_known`, or the flag is
+    in the reference); 'none' turns every lever of the reference off at once (where it has two). `host_devices`
+    > 1 adds the opt-in split of the CPU into that many XLA devices (the default mesh then runs data-parallel
+    over them: the batch must divide). The CLI never applies it (PERFORMANCE.md, tenth session: it moves the
     numbers and costs compile time); the study measures it so a user can decide on their CPU."""
     no_malloc = {key: None for key in cpu_levers.MALLOC_ENV}
     flags = reference.get("XLA_FLAGS") or ""
+    has_malloc = all(reference.get(key) for key in cpu_levers.MALLOC_ENV)
+    has_ynn = cpu_levers.YNN_DOT_FLAG in flags
+    without_ynn = _flags_without_ynn(flags) or None
     levers = [Lever("malloc", "glibc malloc without mmap churn (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 ...)",
-                    "process", env={**reference, **no_malloc})]
-    if cpu_levers.YNN_DOT_FLAG in flags:
+                    "process", env={**reference, **(no_malloc if has_malloc else cpu_levers.MALLOC_ENV)},
+                    on_in_reference=has_malloc)]
+    if has_ynn or ynn_known:
         levers.append(Lever("ynn_dot", f"XLA flag {cpu_levers.YNN_DOT_FLAG}", "process",
-                            env={**reference, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
-    levers.append(Lever("none", "all process levers (a plain Python process)", "process",
-                        env={**reference, **no_malloc, "XLA_FLAGS": _flags_without_ynn(flags) or None}))
+                            env={**reference, "XLA_FLAGS": without_ynn if has_ynn
+                                 else (flags + " " + cpu_levers.YNN_DOT_FLAG).strip()},
+                            on_in_reference=has_ynn))
+    if has_malloc and has_ynn:
+        levers.append(Lever("none", "all process levers (a plain Python process)", "process",
+                            env={**reference, **no_malloc, "XLA_FLAGS": without_ynn}))
     if host_devices > 1:
         levers.append(Lever("host_devices", f"the CPU as {host_devices} XLA devices, data-parallel "
                             f"({HOST_DEVICES_FLAG}={host_devices}; opt-in, never applied by the CLI)", "process",
@@ -267,12 +292,14 @@ def run_study(settings: BenchSettings, log=print, only: tuple[str, ...] = ()) ->
     import importlib.metadata
 
     jaxlib_version = importlib.metadata.version("jaxlib")
-    reference = reference_env(dict(os.environ), jaxlib_version)
     cpu = cpu_levers.cpu_info()
-    isa = cpu_levers.effective_isa(cpu["isa"], reference.get("XLA_FLAGS") or "")
+    isa = cpu_levers.effective_isa(cpu["isa"], os.environ.get("XLA_FLAGS", ""))
+    applied = cpu_levers.levers_for(isa)  # the reference is the process the CLI runs on this ISA
+    reference = reference_env(dict(os.environ), jaxlib_version, applied)
     study_settings = reference_settings(settings)
     config_levers, others = select_levers(
-        CONFIG_LEVERS, process_levers(reference, find_tcmalloc(), _host_device_count(settings)), only)
+        CONFIG_LEVERS, process_levers(reference, find_tcmalloc(), _host_device_count(settings),
+                                      ynn_known=ynn_flag_known(jaxlib_version)), only)
     reference_variants = [("reference", [], True)] + [
         (lever.name, list(lever.overrides), lever.donate) for lever in config_levers]
     processes: list[_Process] = []
@@ -330,7 +357,7 @@ def run_study(settings: BenchSettings, log=print, only: tuple[str, ...] = ()) ->
         "reference": summary(reference_process, 0),
         "levers": rows,
         "lever_gains_entry": {isa: measured},
-        "cli_applies": cpu_levers.levers_for(isa),
+        "cli_applies": applied,
     }
 
 
@@ -341,7 +368,8 @@ def format_study(study: dict) -> str:
              f"{study['preset']}, batch {study['batch_size']}, {study['rounds']} interleaved rounds; in-run f32 matmul "
              f"ceiling {study['matmul_ceiling_tflops'] * 1e3:.0f} GFLOP/s; load average "
              f"{', '.join(f'{x:.1f}' for x in study['load_average'])}",
-             f"reference (every process lever on, default config): {study['reference']['tokens_per_second']:,.0f} "
+             f"reference (the CLI's process levers on {study['isa']}: {', '.join(study['cli_applies']) or 'none'}; "
+             f"default config): {study['reference']['tokens_per_second']:,.0f} "
              f"tokens/s, {100 * study['reference']['fraction_of_matmul_ceiling']:.1f}% of the ceiling", ""]
     header = ["lever", "kind", "variant", "tokens/s", "% ceiling", "faults/step", "gain of the lever"]
     body = []
