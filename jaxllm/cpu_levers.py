@@ -27,6 +27,11 @@ MALLOC_ENV = {
 YNN_DOT_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 YNN_DOT_FLAG_JAXLIB = ("0.10.",)
 
+
+def ynn_flag_known(jaxlib_version: str) -> bool:
+    """Whether this jaxlib version knows `YNN_DOT_FLAG` (an unknown XLA flag aborts the process)."""
+    return jaxlib_version.startswith(YNN_DOT_FLAG_JAXLIB)
+
 # Measured gain of the train step with each lever (step time without it / with it - 1), per ISA, and
 # where it comes from. `jaxllm bench --levers` prints the entry its run supports.
 #   AVX-512 (AMD EPYC Zen 4, 2 cores, jaxlib 0.10.2), `--levers` on the idle machine, ninth session (the

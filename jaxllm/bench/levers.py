@@ -72,18 +72,13 @@ def _flags_without_ynn(flags: str) -> str:
 PROCESS_LEVERS = ("malloc", "ynn_dot")
 
 
-def ynn_flag_known(jaxlib_version: str) -> bool:
-    """Whether this jaxlib knows the YNN flag (an unknown XLA flag aborts the process)."""
-    return jaxlib_version.startswith(cpu_levers.YNN_DOT_FLAG_JAXLIB)
-
-
 def reference_env(environ: dict[str, str], jaxlib_version: str,
                   applied: tuple[str, ...] | list[str] = PROCESS_LEVERS) -> dict[str, str | None]:
     """The reference process's environment: the process levers in `applied` on ('malloc': the no-mmap malloc
     settings; 'ynn_dot': YNN for dots only, where this jaxlib knows the flag), the others off. The study passes
     the levers the CLI applies on this CPU's ISA, so the config levers are measured in the process `jaxllm` runs."""
     flags = _flags_without_ynn(environ.get("XLA_FLAGS", ""))
-    if "ynn_dot" in applied and ynn_flag_known(jaxlib_version):
+    if "ynn_dot" in applied and cpu_levers.ynn_flag_known(jaxlib_version):
         flags = (flags + " " + cpu_levers.YNN_DOT_FLAG).strip()
     malloc = cpu_levers.MALLOC_ENV if "malloc" in applied else {key: None for key in cpu_levers.MALLOC_ENV}
     return {**malloc, "XLA_FLAGS": flags or None, "LD_PRELOAD": None}
@@ -299,7 +294,7 @@ def run_study(settings: BenchSettings, log=print, only: tuple[str, ...] = ()) ->
     study_settings = reference_settings(settings)
     config_levers, others = select_levers(
         CONFIG_LEVERS, process_levers(reference, find_tcmalloc(), _host_device_count(settings),
-                                      ynn_known=ynn_flag_known(jaxlib_version)), only)
+                                      ynn_known=cpu_levers.ynn_flag_known(jaxlib_version)), only)
     reference_variants = [("reference", [], True)] + [
         (lever.name, list(lever.overrides), lever.donate) for lever in config_levers]
     processes: list[_Process] = []

@@ -16,7 +16,7 @@ from jaxllm import cpu_levers  # JAX-free: read before JAX starts, to set the pr
 from jaxllm.compile_cache import enable_compile_cache, repair_enabled_cache  # JAX-free
 from jaxllm.cpu_levers import MALLOC_ENV as _CPU_MALLOC_ENV
 from jaxllm.cpu_levers import YNN_DOT_FLAG as _CPU_XLA_FLAG
-from jaxllm.cpu_levers import YNN_DOT_FLAG_JAXLIB as _CPU_XLA_FLAG_JAXLIB
+from jaxllm.cpu_levers import ynn_flag_known as _ynn_flag_known
 from jaxllm.errors import RUNTIME_ERRORS, USAGE_ERRORS, DataError  # imports nothing
 
 # Every command: "name" or "group name" -> "module:function(argv) -> int", the module imported only when its
@@ -68,7 +68,7 @@ def _add_cpu_xla_flag(env) -> None:
     try:
         from importlib.metadata import version
 
-        if not version("jaxlib").startswith(_CPU_XLA_FLAG_JAXLIB):
+        if not _ynn_flag_known(version("jaxlib")):
             return
     except Exception:  # noqa: BLE001 - no jaxlib metadata: leave the flags alone
         return
