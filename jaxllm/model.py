@@ -135,11 +135,20 @@ def _cpu_matmuls(out_dtype, rows: jax.Array, matrices: tuple[jax.Array, ...]) ->
     as its slower generic matmul or (from [B,T,...] einsums) after copying the large [N, O] cotangent into a
     transposed layout. Here one operand is transposed explicitly and each product is a plain [I, N] x [N, O]
     (rows^T, shared by all the matrices) or, for a single matrix with O < I, [O, N] x [N, I] with the small
-    result transposed; optimization barriers keep XLA from folding the transposes back into the matmuls.
-    The S-sized step (d256, 4 layers, 2 cores, AVX-512): 6% faster than the einsums' backward."""
+    result transposed (`_row_major_transpose`); optimization barriers keep XLA from folding the transposes back
+    into the matmuls. The S-sized step (d256, 4 layers, 2 cores, AVX-512): 6% faster than the einsums' backward."""
     if jnp.dtype(rows.dtype).itemsize < 4:  # 16-bit operands with a float32 result: the bf16 kernels (AMX)
         return tuple(jnp.matmul(rows, m, preferred_element_type=jnp.float32).astype(out_dtype) for m in matrices)
     return tuple(jnp.matmul(rows, m, preferred_element_type=out_dtype) for m in matrices)
+
+
+def _row_major_transpose(a: jax.Array) -> jax.Array:
+    """a [N, I] -> a^T [I, N] that XLA CPU lays out row-major, as its matmul library (YNNPACK) takes a left operand.
+
+    A plain 2-D transpose enters XLA with a column-major layout (a free bitcast of `a`), so a bf16 matmul on it
+    is refused by the library and upcast to float32 (on AMX: 3.8x slower than the bf16 kernels, the transpose
+    included). Through a 3-D transpose the result is a row-major copy. float32: the same program time."""
+    return jnp.transpose(a[:, :, None], (2, 1, 0)).reshape(a.shape[1], a.shape[0])
 
 
 def _cpu_matmuls_forward(out_dtype, rows, matrices):
@@ -150,11 +159,17 @@ def _cpu_matmuls_backward(out_dtype, residuals, d_outs):
     del out_dtype
     rows, matrices = residuals
     accumulate, barrier = jnp.float32, jax.lax.optimization_barrier
-    d_rows = sum(jnp.matmul(d, m.T, preferred_element_type=accumulate) for d, m in zip(d_outs, matrices))
+    if jnp.dtype(rows.dtype).itemsize < 4:  # a float32 cotangent (the logits') meets 16-bit operands in their dtype
+        d_outs = tuple(d.astype(rows.dtype) for d in d_outs)
+    # d . m^T as a dot contracting both operands' last dim: a `m.T` op would enter XLA column-major (see
+    # `_row_major_transpose`), which its matmul library refuses for bf16
+    d_rows = sum(jax.lax.dot_general(d, m, (((1,), (1,)), ((), ())), preferred_element_type=accumulate)
+                 for d, m in zip(d_outs, matrices))
     if len(matrices) == 1 and matrices[0].shape[1] < matrices[0].shape[0]:  # O < I: transpose the cotangent
-        d_matrices = (barrier(jnp.matmul(barrier(d_outs[0].T), rows, preferred_element_type=accumulate)).T,)
+        d_matrices = (barrier(jnp.matmul(barrier(_row_major_transpose(d_outs[0])), rows,
+                                         preferred_element_type=accumulate)).T,)
     else:
-        rows_t = barrier(rows.T)
+        rows_t = barrier(_row_major_transpose(rows))
         d_matrices = tuple(barrier(jnp.matmul(rows_t, d, preferred_element_type=accumulate)) for d in d_outs)
     return d_rows.astype(rows.dtype), tuple(d.astype(m.dtype) for d, m in zip(d_matrices, matrices))
 
@@ -454,15 +469,20 @@ class Transformer(nnx.Module):
                      "index": cache_index + length}
         return self.final_norm(x), new_cache
 
-    def unembedding(self) -> jax.Array:
-        """[D, V] output projection (the transposed embedding when tied)."""
-        if self.config.tie_embeddings:
-            return self.embed[...].T
-        return self.lm_head[...]
+    def unembedding(self, dtype=None) -> jax.Array:
+        """[D, V] output projection (the transposed embedding when tied), cast to `dtype` (default: the params')."""
+        if not self.config.tie_embeddings:
+            head = self.lm_head[...]
+            return head.astype(dtype or head.dtype)
+        embed = self.embed[...]
+        embed = embed.astype(dtype or embed.dtype)
+        if jnp.dtype(embed.dtype).itemsize < 4 and on_cpu():
+            return _row_major_transpose(embed)  # as `embed.T`, XLA CPU would upcast the 16-bit matmuls
+        return embed.T
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B,T,D] -> float32 logits [B,T,V]."""
-        unembed = self.unembedding().astype(hidden.dtype)
+        unembed = self.unembedding(hidden.dtype)
         logits = matmul_rows(hidden, unembed, 1, preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
@@ -525,8 +545,9 @@ def apply_hidden(graphdef, params: Params, tokens, positions, segment_ids) -> ja
     return hidden
 
 
-def unembedding(graphdef, params: Params) -> jax.Array:
-    return _transformer(graphdef, params).unembedding()
+def unembedding(graphdef, params: Params, dtype=None) -> jax.Array:
+    """[D, V] output projection in `dtype` (default: the params'; `Transformer.unembedding`)."""
+    return _transformer(graphdef, params).unembedding(dtype)
 
 
 def apply_with_cache(graphdef, params: Params, tokens, positions, segment_ids, cache: KVCache, layers=None):

@@ -43,7 +43,7 @@ def lm_loss(graphdef, params, batch: Batch, reference_params=None, *, z_loss: fl
     weights = losses.target_weights(batch["loss_mask"], batch["segment_ids"])
     if loss_chunk_size:
         hidden = model_lib.apply_hidden(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-        unembedding = model_lib.unembedding(graphdef, params).astype(hidden.dtype)
+        unembedding = model_lib.unembedding(graphdef, params, hidden.dtype)
         return losses.chunked_cross_entropy(hidden, unembedding, batch["tokens"], weights, z_loss, loss_chunk_size)
     logits = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
     return losses.cross_entropy(logits, batch["tokens"], weights, z_loss)

@@ -2,6 +2,7 @@
 """Peer comparison on CPU: nanoGPT (PyTorch, float32 eager, its own AdamW) vs jaxllm's default train step.
 
     python tools/compare_nanogpt.py --nanogpt PATH/TO/nanoGPT [--sizes S,M] [--rounds 3] [--json out.json]
+    python tools/compare_nanogpt.py --nanogpt PATH/TO/nanoGPT --dtype bfloat16   # both in mixed precision
 
 nanoGPT's `model.py` is imported from the path given (a checkout of github.com/karpathy/nanoGPT, or
 the file itself); it is read, never copied into this repository. PyTorch must be installed (CPU build:
@@ -17,6 +18,11 @@ Sizes (GPT-style, tied embeddings, batch 8): S = d256 L4 H4 seq256 V4096, M = d5
 Model FLOPs per token for both: 6 * (matmul params incl. the output head) + 12 * L * T * d (nanoGPT's
 `estimate_mfu` convention); jaxllm's SwiGLU (3 matrices of d x 8/3 d) and nanoGPT's GELU MLP (2 of
 d x 4d) have the same matmul FLOPs. The JSON has per-round tokens/s, the ceiling, and the ratio.
+
+`--dtype bfloat16`: mixed precision on both sides, float32 weights and optimizer: nanoGPT's forward under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (its train.py's recipe on GPUs; on CPU it trains in float32),
+jaxllm with `model.dtype=bfloat16`; the ceilings are then bf16 x bf16 -> float32 matmuls (AMX CPUs run these
+several times faster than float32).
 """
 
 from __future__ import annotations
@@ -68,11 +74,14 @@ def load_nanogpt(path: str):
 class NanoGPTCase:
     """nanoGPT's GPT (bias=False, dropout 0) with its configure_optimizers AdamW, float32 eager."""
 
-    def __init__(self, nanogpt, size: dict, seed: int = 0):
+    def __init__(self, nanogpt, size: dict, seed: int = 0, dtype: str = "float32"):
         import contextlib
         import io
 
         import torch
+
+        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" \
+            else contextlib.nullcontext
 
         torch.manual_seed(seed)
         config = nanogpt.GPTConfig(block_size=size["seq_len"], vocab_size=size["vocab_size"],
@@ -90,7 +99,8 @@ class NanoGPTCase:
 
     def run_once(self) -> float:
         began = time.perf_counter()
-        _, loss = self.model(self.tokens, self.targets)
+        with self.autocast():
+            _, loss = self.model(self.tokens, self.targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -114,18 +124,19 @@ def jaxllm_case(size: dict, overrides: list[str]):
 
 
 class Ceilings:
-    """Float32 2048^3 matmuls through JAX (the ceiling jaxllm's bench uses) and through PyTorch."""
+    """2048^3 matmuls through JAX (float32: the ceiling jaxllm's bench uses) and through PyTorch; bfloat16:
+    bf16 operands, float32 results in JAX (what jaxllm's bf16 matmuls ask for), bf16 under autocast in PyTorch."""
 
-    def __init__(self, repeats: int = 3):
+    def __init__(self, repeats: int = 3, dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
         import torch
 
         self.n, self.repeats = 2048, repeats
-        self.a = jax.random.normal(jax.random.key(0), (self.n, self.n), jnp.float32)
-        self.jax_matmul = jax.jit(lambda a: a @ a)
+        self.a = jax.random.normal(jax.random.key(0), (self.n, self.n), jnp.dtype(dtype))
+        self.jax_matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
         self.jax_matmul(self.a).block_until_ready()
-        self.ta = torch.randn(self.n, self.n)
+        self.ta = torch.randn(self.n, self.n, dtype=getattr(torch, dtype))
         torch.mm(self.ta, self.ta)
 
     def measure(self) -> tuple[float, float]:
@@ -151,7 +162,7 @@ def compare(args, log) -> dict:
     from jaxllm import cpu_levers
 
     nanogpt = load_nanogpt(args.nanogpt)
-    ceilings = Ceilings()
+    ceilings = Ceilings(dtype=args.dtype)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -159,8 +170,9 @@ def compare(args, log) -> dict:
     cases = {}
     for name in sizes:
         log(f"building {name}: nanoGPT and jaxllm (compiling) ...")
-        jax_case = jaxllm_case(SIZES[name], args.jaxllm_overrides)
-        cases[name] = (NanoGPTCase(nanogpt, SIZES[name]), jax_case)
+        overrides = [f"model.dtype={args.dtype}", *args.jaxllm_overrides]
+        jax_case = jaxllm_case(SIZES[name], overrides)
+        cases[name] = (NanoGPTCase(nanogpt, SIZES[name], dtype=args.dtype), jax_case)
         for case in cases[name]:
             for _ in range(args.warmup):
                 case.run_once()
@@ -206,7 +218,7 @@ def compare(args, log) -> dict:
             "cpu_count": os.cpu_count(), "load_average_end": list(os.getloadavg()),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "python": platform.python_version(), "nanogpt_commit": commit,
-            "jaxllm_overrides": args.jaxllm_overrides, "cli_env": not args.no_cli_env,
+            "dtype": args.dtype, "jaxllm_overrides": args.jaxllm_overrides, "cli_env": not args.no_cli_env,
             "env": {k: os.environ[k] for k in ("XLA_FLAGS", "MALLOC_ARENA_MAX", "LD_PRELOAD") if k in os.environ},
             "rounds": args.rounds, "steps_per_round": args.steps, "sizes": results}
 
@@ -228,6 +240,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per framework per round (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before timing")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: mixed precision on both sides (nanoGPT under autocast, jaxllm model.dtype)")
     parser.add_argument("--jaxllm-overrides", nargs="*", default=[], help="config overrides for jaxllm's step")
     parser.add_argument("--no-cli-env", action="store_true", help="do not apply the CLI's process levers")
     parser.add_argument("--json", default="", help="write the results here")
@@ -238,7 +252,7 @@ def main(argv: list[str]) -> int:
     if not args.no_cli_env:
         _apply_cli_env(argv)
     result = compare(args, log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(f"{result['cpu_model']} ({result['isa']}, {result['cpu_count']} cores), torch {result['torch']} "
+    print(f"{result['cpu_model']} ({result['isa']}, {result['cpu_count']} cores, {result['dtype']}), torch {result['torch']} "
           f"({result['torch_threads']} threads), jax {result['jax']}, load average {result['load_average_end']}")
     for name, r in result["sizes"].items():
         print(f"{name}: nanoGPT {r['nanogpt_tokens_per_second']:,.0f} tok/s "

@@ -96,7 +96,7 @@ def _score_batch(graphdef, params, tokens, segment_ids, loss_mask, *, block: int
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
     hidden = model_lib.apply_hidden(graphdef, params, tokens, positions, segment_ids)[:, :-1]  # t predicts t+1
-    unembedding = model_lib.unembedding(graphdef, params).astype(hidden.dtype)
+    unembedding = model_lib.unembedding(graphdef, params, hidden.dtype)
     targets = tokens[:, 1:]
     weights = losses.target_weights(loss_mask, segment_ids)[:, 1:]
     count = length - 1

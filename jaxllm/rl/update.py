@@ -40,7 +40,7 @@ def build_rows(prompts: Sequence[Sequence[int]], output: generate_lib.Generation
 def forward(graphdef, params, tokens, positions, segment_ids) -> tuple[jax.Array, jax.Array]:
     """(float32 logits [B,T,V], final hidden states [B,T,D]) from one pass."""
     hidden = model_lib.apply_hidden(graphdef, params, tokens, positions, segment_ids)
-    unembedding = model_lib.unembedding(graphdef, params).astype(hidden.dtype)
+    unembedding = model_lib.unembedding(graphdef, params, hidden.dtype)
     logits = jnp.einsum("btd,dv->btv", hidden, unembedding, preferred_element_type=jnp.float32)
     return sharding_lib.constrain(logits, ("batch", "seq", "vocab")), hidden
 
