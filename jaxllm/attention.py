@@ -134,14 +134,17 @@ def cached_attention(q, k_cache, v_cache, mask) -> jax.Array:
     [B,S,K,H] layout copied the whole cache into [B,K,H,S] in every layer of every step)."""
     batch, length, heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
+    # The wider of q's and the cache's dtypes: a float32 cache of a bf16 model (on CPU) is read as it is.
+    compute = jnp.promote_types(q.dtype, k_cache.dtype)
     # Head-major [B,K,G,T,H] (a free reshape when T = 1): both matmuls then have batch dims (b, k) first
     # and the operand order XLA CPU hands to its fast matmul library.
-    qg = _grouped(q, num_kv).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bkhs->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * head_dim**-0.5
+    qg = _grouped(q, num_kv).transpose(0, 2, 3, 1, 4).astype(compute)
+    scores = jnp.einsum("bkgth,bkhs->bkgts", qg, k_cache.astype(compute),
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", weights, v_cache)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+    weights = jax.nn.softmax(scores, axis=-1).astype(compute)
+    out = jnp.einsum("bkgts,bksh->bkgth", weights, v_cache.astype(compute), preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
 def cache_mask(q_index, q_segment, kv_segment) -> jax.Array:

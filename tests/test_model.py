@@ -213,6 +213,31 @@ def test_kv_cache_decode_matches_full_forward_with_unscanned_layers_and_padding(
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5)
 
 
+def test_bfloat16_model_on_cpu_decodes_over_a_float32_cache_holding_its_bf16_keys(params):
+    """On CPU a 16-bit model's cache is float32 (XLA CPU converted a bf16 cache to float32 in every layer of every
+    decode step): the cached keys are exactly the model's bf16 keys, and decoding over it gives the logits a bf16
+    cache gives, within bf16 rounding of the attention weights."""
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    assert model_lib.default_cache_dtype(config) == "float32" and model_lib.default_cache_dtype(CONFIG) == "float32"
+    graphdef, _ = model_lib.abstract_model(config)
+    tokens, positions, segments = _inputs(length=12)
+    step = jax.jit(model_lib.apply_with_cache, static_argnums=0)
+    caches = {dtype: model_lib.init_cache(config, 2, 12, dtype) for dtype in (None, "bfloat16")}
+    assert caches[None]["k"][0].dtype == jnp.float32
+    outputs = {}
+    for dtype, cache in caches.items():
+        logits, cache = step(graphdef, params, tokens[:, :8], positions[:, :8], segments[:, :8], cache)
+        steps = [logits[:, -1]]
+        for t in range(8, 12):
+            logits, cache = step(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1], segments[:, t:t + 1],
+                                 cache)
+            steps.append(logits[:, 0])
+        outputs[dtype] = (np.stack(steps), cache)
+    np.testing.assert_array_equal(outputs[None][1]["k"][0], outputs["bfloat16"][1]["k"][0].astype(jnp.float32))
+    # 1e-3 apart here (logits up to 0.63): the bf16 cache rounds the attention weights to bf16
+    np.testing.assert_allclose(outputs[None][0], outputs["bfloat16"][0], atol=1e-2)
+
+
 def test_untied_embeddings_and_bfloat16_compute_run():
     config = dataclasses.replace(CONFIG, tie_embeddings=False, dtype="bfloat16")
     graphdef, params = model_lib.init_model(config, 0)
