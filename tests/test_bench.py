@@ -34,7 +34,7 @@ def test_train_bench_reports_speed_flops_mfu_memory_and_appends_history(tmp_path
     assert record["tokens_per_second"] == pytest.approx(8 * 32 / record["step_seconds_median"])
     # On CPU the peak is the float32 matmul ceiling measured in the same run.
     assert record["platform"] == "cpu" and record["matmul_ceiling_tflops"] > 0
-    assert record["peak_source"].startswith("float32 matmul ceiling")
+    assert record["peak_source"].startswith("float32 matmul ceiling") and record["matmul_ceiling_dtype"] == "float32"
     assert 0 < record["mfu"] and 0 < record["fraction_of_matmul_ceiling"]
     assert record["hardware_isa"] in ("AVX2", "AVX-512", "AMX", "SSE", "unknown") and "isa_emulated" in record
     assert record["memory"]["host_peak_rss_bytes"] > 0 and "temp_bytes" in record["memory"]["compiled"]
@@ -42,6 +42,15 @@ def test_train_bench_reports_speed_flops_mfu_memory_and_appends_history(tmp_path
     assert record["loss_first"] > 0 and record["git_commit"] is not None and record["jax"]
     lines = history.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["name"] == "default"
+
+
+def test_the_cpu_ceiling_is_a_bf16_matmul_when_every_case_computes_in_bf16():
+    """A bf16 run on CPU is compared with bf16 x bf16 -> float32 matmuls (AMX CPUs: several times float32's),
+    a float32 or mixed run with float32 ones."""
+    for dtypes, expected in ((("bfloat16",), "bfloat16"), (("bfloat16", "float32"), "float32"), ((), "float32")):
+        probe = cases.MatmulProbe("cpu", dtypes)
+        assert probe.dtype == expected and probe.a.dtype == expected
+        assert probe.fn(probe.a[:8], probe.b[:, :8]).dtype == "float32"
 
 
 def test_variants_run_interleaved_in_one_process_and_peak_can_be_overridden(tmp_path):

@@ -335,13 +335,20 @@ class MatmulProbe:
     `calibrate` sizes it to a share of the round, `measure` runs half before and half after the
     steps, and `close_round` turns the round's samples into one ceiling (median matmul time)."""
 
-    def __init__(self, platform: str):
-        self.n, self.dtype = (2048, "float32") if platform == "cpu" else (8192, "bfloat16")
+    def __init__(self, platform: str, compute_dtypes: tuple[str, ...] = ()):
+        """CPU: a float32 2048^3 matmul, or bf16 operands with a float32 result (what a bf16 model's matmuls ask
+        for; AMX CPUs run these several times faster) when every case computes in bf16 (`compute_dtypes`).
+        Accelerators: bf16 8192^3."""
+        if platform == "cpu":
+            self.n, self.dtype = 2048, "bfloat16" if compute_dtypes and set(compute_dtypes) == {"bfloat16"} else "float32"
+        else:
+            self.n, self.dtype = 8192, "bfloat16"
         self.repeats = 2 if platform == "cpu" else 5  # per half-round until calibrated
         keys = jax.random.split(jax.random.key(0), 2)
         self.a = jax.random.normal(keys[0], (self.n, self.n), self.dtype)
         self.b = jax.random.normal(keys[1], (self.n, self.n), self.dtype)
-        self.fn = jax.jit(lambda a, b: a @ b)
+        result = jnp.float32 if platform == "cpu" else None
+        self.fn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
         _block(self.fn(self.a, self.b))
         self.round_times: list[float] = []
         self.round_cpu_times: list[float] = []

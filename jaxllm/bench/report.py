@@ -100,7 +100,8 @@ def process_index() -> int:
 
 
 def summarize_case(case, ceilings: list[float], peak_tflops_override: float | None, environment: dict,
-                   overrides: list[str], cpu_ceilings: list[float] | None = None) -> dict[str, Any]:
+                   overrides: list[str], cpu_ceilings: list[float] | None = None,
+                   ceiling_dtype: str = "float32") -> dict[str, Any]:
     config, mesh = case.config, case.mesh
     device = mesh.devices.flat[0]
     m = config.model
@@ -113,7 +114,7 @@ def summarize_case(case, ceilings: list[float], peak_tflops_override: float | No
         peak_per_chip, peak_source = peak_tflops_override, "--peak-tflops"
     ceiling = statistics.median(ceilings) if ceilings else None
     if device.platform == "cpu" and not peak_tflops_override:
-        peak_per_chip, peak_source = ceiling, "float32 matmul ceiling measured in this run"
+        peak_per_chip, peak_source = ceiling, f"{ceiling_dtype} matmul ceiling measured in this run"
     # Per-round ratio to the ceiling measured in the same round (robust to machine load drifting).
     per_round = [case.flops_per_step / t / 1e12 / c for t, c in zip(case.times, ceilings)] if ceilings else []
     # Contention-robust companion (shared CPU machines): model FLOPs per CPU-second of this process over
@@ -160,6 +161,7 @@ def summarize_case(case, ceilings: list[float], peak_tflops_override: float | No
         "peak_source": peak_source,
         "mfu": achieved_tflops / (peak_per_chip * chips) if peak_per_chip else None,
         "matmul_ceiling_tflops": ceiling,
+        "matmul_ceiling_dtype": ceiling_dtype if ceiling else None,
         "fraction_of_matmul_ceiling": (statistics.median(per_round) / chips if per_round else None),
         "fraction_of_matmul_ceiling_cpu_time": statistics.median(per_round_cpu) if per_round_cpu else None,
         "cpu_seconds_median": statistics.median(case.cpu_times) if case.cpu_times else None,
@@ -262,10 +264,11 @@ def describe(records: list[dict]) -> str:
             text += "; row groups side by side on host threads: " + ", ".join(
                 f"{record['name']} {record.get('row_groups', 1)}" for record in records)
     if r["matmul_ceiling_tflops"]:
-        text += f"\nmeasured matmul ceiling (median over rounds): {r['matmul_ceiling_tflops']:.3f} TFLOP/s per device"
+        text += (f"\nmeasured matmul ceiling ({r.get('matmul_ceiling_dtype') or 'float32'} operands, median over rounds): "
+                 f"{r['matmul_ceiling_tflops']:.3f} TFLOP/s per device")
         if r["fraction_of_matmul_ceiling"]:
             text += f"; the step reaches {100 * r['fraction_of_matmul_ceiling']:.1f}% of it"
-    if r["peak_source"] != "float32 matmul ceiling measured in this run" and r["peak_tflops_per_device"]:
+    if not r["peak_source"].endswith("matmul ceiling measured in this run") and r["peak_tflops_per_device"]:
         text += f"; MFU peak {r['peak_tflops_per_device']} TFLOP/s per device ({r['peak_source']})"
     if r["stage"] == "generate":
         text += (f"\ngenerate: prompt {r['prompt_len']}, {r['new_tokens']} new tokens, prefill "

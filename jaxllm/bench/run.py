@@ -48,11 +48,12 @@ def run_bench(settings: BenchSettings, log=print) -> list[dict]:
         log(f"  compiled in {case.compile_seconds:.1f}s")
         cases.append(case)
     platform = mesh.devices.flat[0].platform
-    probe = MatmulProbe(platform) if settings.ceiling else None
+    probe = MatmulProbe(platform, tuple(case.config.model.dtype for case in cases)) if settings.ceiling else None
     ceilings = run_interleaved(cases, settings.warmup, settings.steps, probe, log=log)
     environment = bench_environment()
     cpu_ceilings = probe.cpu_samples if probe is not None else []
-    records = [summarize_case(case, ceilings, settings.peak_tflops, environment, case.overrides, cpu_ceilings)
+    records = [summarize_case(case, ceilings, settings.peak_tflops, environment, case.overrides, cpu_ceilings,
+                              probe.dtype if probe is not None else "float32")
                for case in cases]
     if settings.profile:  # a few more steps under the profiler, apart from the timed ones
         jax.profiler.start_trace(settings.profile, create_perfetto_trace=True)
