@@ -134,8 +134,9 @@ def cached_attention(q, k_cache, v_cache, mask) -> jax.Array:
     [B,S,K,H] layout copied the whole cache into [B,K,H,S] in every layer of every step)."""
     batch, length, heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
-    # The wider of q's and the cache's dtypes: a float32 cache of a bf16 model (on CPU) is read as it is.
-    compute = jnp.promote_types(q.dtype, k_cache.dtype)
+    # Decode: the wider of q's and the cache's dtypes (a float32 cache of a bf16 model, on CPU, is read as it is);
+    # prefill: q's (its products have many rows, and XLA CPU's bf16 kernels take them).
+    compute = q.dtype if length > 1 else jnp.promote_types(q.dtype, k_cache.dtype)
     # Head-major [B,K,G,T,H] (a free reshape when T = 1): both matmuls then have batch dims (b, k) first
     # and the operand order XLA CPU hands to its fast matmul library.
     qg = _grouped(q, num_kv).transpose(0, 2, 3, 1, 4).astype(compute)
