@@ -252,8 +252,9 @@ def main(argv: list[str]) -> int:
     if not args.no_cli_env:
         _apply_cli_env(argv)
     result = compare(args, log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(f"{result['cpu_model']} ({result['isa']}, {result['cpu_count']} cores, {result['dtype']}), torch {result['torch']} "
-          f"({result['torch_threads']} threads), jax {result['jax']}, load average {result['load_average_end']}")
+    print(f"{result['cpu_model']} ({result['isa']}, {result['cpu_count']} cores, {result['dtype']}), "
+          f"torch {result['torch']} ({result['torch_threads']} threads), jax {result['jax']}, "
+          f"load average {result['load_average_end']}")
     for name, r in result["sizes"].items():
         print(f"{name}: nanoGPT {r['nanogpt_tokens_per_second']:,.0f} tok/s "
               f"({100 * r['nanogpt_fraction_of_torch_ceiling']:.0f}% of its own ceiling), jaxllm "

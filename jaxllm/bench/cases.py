@@ -340,7 +340,8 @@ class MatmulProbe:
         for; AMX CPUs run these several times faster) when every case computes in bf16 (`compute_dtypes`).
         Accelerators: bf16 8192^3."""
         if platform == "cpu":
-            self.n, self.dtype = 2048, "bfloat16" if compute_dtypes and set(compute_dtypes) == {"bfloat16"} else "float32"
+            all_bf16 = bool(compute_dtypes) and set(compute_dtypes) == {"bfloat16"}
+            self.n, self.dtype = 2048, "bfloat16" if all_bf16 else "float32"
         else:
             self.n, self.dtype = 8192, "bfloat16"
         self.repeats = 2 if platform == "cpu" else 5  # per half-round until calibrated

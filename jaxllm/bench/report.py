@@ -264,7 +264,8 @@ def describe(records: list[dict]) -> str:
             text += "; row groups side by side on host threads: " + ", ".join(
                 f"{record['name']} {record.get('row_groups', 1)}" for record in records)
     if r["matmul_ceiling_tflops"]:
-        text += (f"\nmeasured matmul ceiling ({r.get('matmul_ceiling_dtype') or 'float32'} operands, median over rounds): "
+        dtype = r.get("matmul_ceiling_dtype") or "float32"
+        text += (f"\nmeasured matmul ceiling ({dtype} operands, median over rounds): "
                  f"{r['matmul_ceiling_tflops']:.3f} TFLOP/s per device")
         if r["fraction_of_matmul_ceiling"]:
             text += f"; the step reaches {100 * r['fraction_of_matmul_ceiling']:.1f}% of it"
