@@ -90,7 +90,8 @@ def prefill(graphdef, params: Params, prompt_tokens: jax.Array, prompt_segments:
     batch, width = prompt_tokens.shape
     cache = _constrain_cache(model_lib.init_cache(model_config, batch, width + max_new_tokens))
     positions = jnp.maximum(jnp.cumsum(prompt_segments, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model_lib.apply_with_cache(graphdef, params, prompt_tokens, positions, prompt_segments, cache)
+    logits, cache = model_lib.apply_with_cache(graphdef, params, prompt_tokens, positions, prompt_segments, cache,
+                                               last_only=True)
     rows = jnp.arange(batch)[:, None]
     seen = jnp.zeros((batch, model_config.vocab_size), bool).at[rows, prompt_tokens].max(prompt_segments > 0)
     return DecodeState(

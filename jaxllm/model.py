@@ -489,9 +489,10 @@ class Transformer(nnx.Module):
             logits = cap * jnp.tanh(logits / cap)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, layers=None):
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, layers=None,
+                 last_only: bool = False):
         hidden, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
-        return self.logits(hidden), new_cache
+        return self.logits(hidden[:, -1:] if last_only else hidden), new_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,11 +551,13 @@ def unembedding(graphdef, params: Params, dtype=None) -> jax.Array:
     return _transformer(graphdef, params).unembedding(dtype)
 
 
-def apply_with_cache(graphdef, params: Params, tokens, positions, segment_ids, cache: KVCache, layers=None):
+def apply_with_cache(graphdef, params: Params, tokens, positions, segment_ids, cache: KVCache, layers=None,
+                     last_only: bool = False):
     """One prefill or decode call: writes the new keys/values at cache['index'] and attends over
-    the cache. Returns (float32 logits [B,T,V], new cache). `layers`: `layer_params(params)`, when the
-    caller has split them once outside its decode loop."""
-    return _transformer(graphdef, params)(tokens, positions, segment_ids, cache, layers)
+    the cache. Returns (float32 logits [B,T,V], new cache); `last_only`: the last position's [B,1,V] alone
+    (a prefill that samples from it skips the lm head over the prompt: XLA does not move the slice before it).
+    `layers`: `layer_params(params)`, when the caller has split them once outside its decode loop."""
+    return _transformer(graphdef, params)(tokens, positions, segment_ids, cache, layers, last_only)
 
 
 def layer_params(params: Params) -> tuple[Params, ...]:

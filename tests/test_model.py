@@ -176,6 +176,19 @@ def test_kv_cache_prefill_and_decode_match_full_forward(params):
     assert int(cache["index"]) == 16
 
 
+def test_prefill_of_the_last_position_alone_gives_its_logits_and_the_same_cache(params):
+    """generate's prefill samples from the last position only (`last_only`): the lm head skips the prompt."""
+    tokens, positions, segments = _inputs(length=12)
+    graphdef, _ = model_lib.abstract_model(CONFIG)
+    step = jax.jit(model_lib.apply_with_cache, static_argnums=(0, 7))
+    full, full_cache = step(graphdef, params, tokens, positions, segments, model_lib.init_cache(CONFIG, 2, 16))
+    last, last_cache = step(graphdef, params, tokens, positions, segments, model_lib.init_cache(CONFIG, 2, 16), None,
+                            True)
+    chex.assert_shape(last, (2, 1, CONFIG.vocab_size))
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, last_cache, full_cache)
+
+
 def test_decode_with_layers_split_once_equals_slicing_them_in_the_step(params):
     """generate splits the stacked layer params once before its loop (model.layer_params); the logits
     and the cache must be exactly those of the default path, which slices them inside the call."""
