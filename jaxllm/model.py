@@ -102,6 +102,11 @@ def on_cpu() -> bool:
     return jax.devices()[0].platform == "cpu"
 
 
+def _is_16bit(dtype) -> bool:
+    """bf16/fp16: the dtypes XLA CPU upcasts around its matmul library unless the operands are laid out for it."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
 def matmul_rows(x: jax.Array, weight: jax.Array, contract: int = 1, preferred_element_type=None) -> jax.Array:
     """tensordot(x, weight, contract): x's last `contract` dims against weight's first, as one 2-D matmul
     [rows, in] x [in, out] with every leading dim of x folded into the rows (free reshapes). On CPU its
@@ -137,7 +142,7 @@ def _cpu_matmuls(out_dtype, rows: jax.Array, matrices: tuple[jax.Array, ...]) ->
     (rows^T, shared by all the matrices) or, for a single matrix with O < I, [O, N] x [N, I] with the small
     result transposed (`_row_major_transpose`); optimization barriers keep XLA from folding the transposes back
     into the matmuls. The S-sized step (d256, 4 layers, 2 cores, AVX-512): 6% faster than the einsums' backward."""
-    if jnp.dtype(rows.dtype).itemsize < 4:  # 16-bit operands with a float32 result: the bf16 kernels (AMX)
+    if _is_16bit(rows.dtype):  # 16-bit operands with a float32 result: the bf16 kernels (AMX)
         return tuple(jnp.matmul(rows, m, preferred_element_type=jnp.float32).astype(out_dtype) for m in matrices)
     return tuple(jnp.matmul(rows, m, preferred_element_type=out_dtype) for m in matrices)
 
@@ -159,7 +164,7 @@ def _cpu_matmuls_backward(out_dtype, residuals, d_outs):
     del out_dtype
     rows, matrices = residuals
     accumulate, barrier = jnp.float32, jax.lax.optimization_barrier
-    if jnp.dtype(rows.dtype).itemsize < 4:  # a float32 cotangent (the logits') meets 16-bit operands in their dtype
+    if _is_16bit(rows.dtype):  # a float32 cotangent (the logits') meets 16-bit operands in their dtype
         d_outs = tuple(d.astype(rows.dtype) for d in d_outs)
     # d . m^T as a dot contracting both operands' last dim: a `m.T` op would enter XLA column-major (see
     # `_row_major_transpose`), which its matmul library refuses for bf16
@@ -476,7 +481,7 @@ class Transformer(nnx.Module):
             return head.astype(dtype or head.dtype)
         embed = self.embed[...]
         embed = embed.astype(dtype or embed.dtype)
-        if jnp.dtype(embed.dtype).itemsize < 4 and on_cpu():
+        if _is_16bit(embed.dtype) and on_cpu():
             return _row_major_transpose(embed)  # as `embed.T`, XLA CPU would upcast the 16-bit matmuls
         return embed.T
 
@@ -574,7 +579,7 @@ def default_cache_dtype(config: ModelConfig) -> str:
     step's batched matrix-vector products over the cache, and converted the whole cache to float32 in every layer
     of every step (25m, MHA, batch 8, 1,024 slots: the key products 17.2 ms a step in bf16, 5.4 ms in float32).
     The cached keys and values are the bf16 ones, held exactly; the cache takes twice the memory."""
-    if jnp.dtype(_dtype(config.dtype)).itemsize < 4 and on_cpu():
+    if _is_16bit(_dtype(config.dtype)) and on_cpu():
         return "float32"
     return config.dtype
 

@@ -72,7 +72,8 @@ def load_nanogpt(path: str):
 
 
 class NanoGPTCase:
-    """nanoGPT's GPT (bias=False, dropout 0) with its configure_optimizers AdamW, float32 eager."""
+    """nanoGPT's GPT (bias=False, dropout 0) with its configure_optimizers AdamW, float32 eager (bfloat16: its
+    forward under autocast, float32 weights and optimizer)."""
 
     def __init__(self, nanogpt, size: dict, seed: int = 0, dtype: str = "float32"):
         import contextlib
@@ -125,7 +126,7 @@ def jaxllm_case(size: dict, overrides: list[str]):
 
 class Ceilings:
     """2048^3 matmuls through JAX (float32: the ceiling jaxllm's bench uses) and through PyTorch; bfloat16:
-    bf16 operands, float32 results in JAX (what jaxllm's bf16 matmuls ask for), bf16 under autocast in PyTorch."""
+    bf16 operands, float32 results in JAX (what jaxllm's bf16 matmuls ask for), bf16 tensors in PyTorch."""
 
     def __init__(self, repeats: int = 3, dtype: str = "float32"):
         import jax
